@@ -1,0 +1,73 @@
+//! One error type for every handler: each variant maps to the contract's
+//! status code and `{"error":{"code","message"}}` body; internals are logged
+//! here, once, and never leak into the body.
+
+use axum::Json;
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use flashsale_engine::domain::InvalidField;
+use serde_json::json;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("{0}")]
+    Invalid(#[from] InvalidField),
+    #[error("body is larger than {limit} bytes")]
+    TooLarge { limit: usize },
+    #[error("product {0} does not exist")]
+    UnknownProduct(i64),
+    #[error("order {0} was never accepted")]
+    UnknownOrder(String),
+    #[error("Idempotency-Key was already used with a different body")]
+    KeyReused,
+    /// A backend is unreachable or did not confirm: retry later, same key.
+    #[error("{0}")]
+    Unavailable(String),
+}
+
+impl ApiError {
+    pub fn unavailable(component: &str, cause: impl std::fmt::Display) -> Self {
+        tracing::warn!(component, error = %cause, "answering 503");
+        Self::Unavailable(format!("{component} is unavailable; retry later"))
+    }
+
+    fn status_and_code(&self) -> (StatusCode, &'static str) {
+        match self {
+            Self::Invalid(_) => (StatusCode::BAD_REQUEST, "invalid_request"),
+            Self::TooLarge { .. } => (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large"),
+            Self::UnknownProduct(_) => (StatusCode::NOT_FOUND, "unknown_product"),
+            Self::UnknownOrder(_) => (StatusCode::NOT_FOUND, "unknown_order"),
+            Self::KeyReused => (StatusCode::UNPROCESSABLE_ENTITY, "idempotency_key_reused"),
+            Self::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
+        }
+    }
+
+    /// The `flashsale_order_requests_total` status label of this error.
+    pub fn metric_label(&self) -> &'static str {
+        match self {
+            Self::Invalid(_) => "invalid",
+            Self::TooLarge { .. } => "too_large",
+            Self::UnknownProduct(_) | Self::UnknownOrder(_) => "unknown_product",
+            Self::KeyReused => "idempotency_conflict",
+            Self::Unavailable(_) => "unavailable",
+        }
+    }
+}
+
+/// Seconds a client should wait before retrying a `503`.
+pub const RETRY_AFTER_SECONDS: &str = "1";
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let (status, code) = self.status_and_code();
+        let body = json!({"error": {"code": code, "message": self.to_string()}});
+        let mut response = (status, Json(body)).into_response();
+        if status == StatusCode::SERVICE_UNAVAILABLE {
+            response.headers_mut().insert(
+                header::RETRY_AFTER,
+                HeaderValue::from_static(RETRY_AFTER_SECONDS),
+            );
+        }
+        response
+    }
+}

@@ -1,0 +1,67 @@
+//! `flashsale-api`: the HTTP front door. Validates, de-duplicates by
+//! `Idempotency-Key`, rejects sold-out products without touching the queue,
+//! publishes durably to RabbitMQ and answers `202` only after the confirm.
+
+pub mod catalog;
+pub mod error;
+pub mod routes;
+pub mod state;
+
+use axum::Router;
+use flashsale_engine::BackendUrls;
+use state::AppState;
+use std::net::SocketAddr;
+use tokio::net::TcpListener;
+
+/// The API's configuration: the backends plus where to listen.
+#[derive(Debug, Clone, clap::Parser)]
+#[command(name = "flashsale-api", version, about = "Flash Sale Engine HTTP API")]
+pub struct ApiConfig {
+    #[command(flatten)]
+    pub backends: BackendUrls,
+    /// Address to listen on (`127.0.0.1:0` picks a free port).
+    #[arg(long, env = "API_ADDR", default_value = "0.0.0.0:3000")]
+    pub api_addr: String,
+}
+
+/// A built API, bound to its port, ready to serve.
+pub struct Application {
+    listener: TcpListener,
+    router: Router,
+    state: AppState,
+}
+
+impl Application {
+    /// Binds the port and starts the background connections; the backends
+    /// may be unreachable (requests are answered `503` until they answer).
+    pub async fn build(config: ApiConfig) -> anyhow::Result<Self> {
+        let listener = TcpListener::bind(&config.api_addr)
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", config.api_addr))?;
+        let state = AppState::start(&config.backends)?;
+        Ok(Self {
+            listener,
+            router: routes::router(state.clone()),
+            state,
+        })
+    }
+
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.listener.local_addr()
+    }
+
+    pub fn state(&self) -> &AppState {
+        &self.state
+    }
+
+    /// Serves until `shutdown` resolves, then finishes in-flight requests.
+    pub async fn run_until(
+        self,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> std::io::Result<()> {
+        tracing::info!(addr = %self.listener.local_addr()?, "flashsale-api listening");
+        axum::serve(self.listener, self.router)
+            .with_graceful_shutdown(shutdown)
+            .await
+    }
+}

@@ -1,0 +1,125 @@
+//! Configuration shared by every part: where the three backends live and the
+//! namespace that prefixes every Redis key and RabbitMQ queue.
+
+use clap::Args;
+
+pub const DEFAULT_DATABASE_URL: &str = "postgres://postgres@127.0.0.1:5432/flashsale";
+pub const DEFAULT_REDIS_URL: &str = "redis://127.0.0.1:6379";
+pub const DEFAULT_AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
+pub const DEFAULT_NAMESPACE: &str = "flashsale";
+
+/// The backends and namespace, read from the environment or flags.
+#[derive(Debug, Clone, Args)]
+pub struct BackendUrls {
+    /// PostgreSQL URL; the database is created when missing.
+    #[arg(long, env = "DATABASE_URL", default_value = DEFAULT_DATABASE_URL)]
+    pub database_url: String,
+    /// Redis URL (locks, fencing counters, accept log, heartbeats).
+    #[arg(long, env = "REDIS_URL", default_value = DEFAULT_REDIS_URL)]
+    pub redis_url: String,
+    /// RabbitMQ URL (the order queue and its dead-letter queue).
+    #[arg(long, env = "AMQP_URL", default_value = DEFAULT_AMQP_URL)]
+    pub amqp_url: String,
+    /// Prefix of every Redis key and RabbitMQ queue name.
+    #[arg(long, env = "FLASHSALE_NAMESPACE", default_value = DEFAULT_NAMESPACE)]
+    pub namespace: String,
+}
+
+impl BackendUrls {
+    pub fn namespace(&self) -> Namespace {
+        Namespace::new(&self.namespace)
+    }
+}
+
+impl Default for BackendUrls {
+    fn default() -> Self {
+        Self {
+            database_url: DEFAULT_DATABASE_URL.into(),
+            redis_url: DEFAULT_REDIS_URL.into(),
+            amqp_url: DEFAULT_AMQP_URL.into(),
+            namespace: DEFAULT_NAMESPACE.into(),
+        }
+    }
+}
+
+/// The names of every Redis key and queue of one deployment.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Namespace(String);
+
+impl Namespace {
+    pub fn new(prefix: &str) -> Self {
+        Self(prefix.to_owned())
+    }
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+    pub fn orders_queue(&self) -> String {
+        format!("{}.orders", self.0)
+    }
+    pub fn dead_letter_queue(&self) -> String {
+        format!("{}.orders.dlq", self.0)
+    }
+    pub fn lock_key(&self, product: i64) -> String {
+        format!("{}:lock:product:{product}", self.0)
+    }
+    pub fn fence_key(&self, product: i64) -> String {
+        format!("{}:fence:product:{product}", self.0)
+    }
+    pub fn accept_key(&self, order_id: &str) -> String {
+        format!("{}:order:{order_id}", self.0)
+    }
+    pub fn worker_key(&self, worker_id: &str) -> String {
+        format!("{}:worker:{worker_id}", self.0)
+    }
+    /// Glob matching every Redis key of this namespace.
+    pub fn key_pattern(&self) -> String {
+        format!("{}:*", self.0)
+    }
+}
+
+/// The URL with its password replaced by `***`, for messages and logs.
+pub fn mask_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    let (authority, path) = match rest.find('/') {
+        Some(i) => rest.split_at(i),
+        None => (rest, ""),
+    };
+    match authority.rsplit_once('@') {
+        Some((userinfo, host)) => match userinfo.split_once(':') {
+            Some((user, _password)) => format!("{scheme}://{user}:***@{host}{path}"),
+            None => url.to_owned(),
+        },
+        None => url.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn masks_passwords_only() {
+        assert_eq!(
+            mask_url("amqp://guest:guest@127.0.0.1:5672/%2f"),
+            "amqp://guest:***@127.0.0.1:5672/%2f"
+        );
+        assert_eq!(
+            mask_url("postgres://postgres@127.0.0.1:5432/flashsale"),
+            "postgres://postgres@127.0.0.1:5432/flashsale"
+        );
+        assert_eq!(mask_url("redis://127.0.0.1:6379"), "redis://127.0.0.1:6379");
+        assert_eq!(mask_url("redis://:pw@h:1/0"), "redis://:***@h:1/0");
+    }
+
+    #[test]
+    fn names_follow_the_contract() {
+        let ns = Namespace::new("fs");
+        assert_eq!(ns.orders_queue(), "fs.orders");
+        assert_eq!(ns.dead_letter_queue(), "fs.orders.dlq");
+        assert_eq!(ns.lock_key(7), "fs:lock:product:7");
+        assert_eq!(ns.fence_key(7), "fs:fence:product:7");
+        assert_eq!(ns.worker_key("w1"), "fs:worker:w1");
+    }
+}

@@ -1,0 +1,329 @@
+//! The stock ledger in PostgreSQL: applies a group of queued orders for one
+//! product in one fenced transaction, and answers what the ledger holds.
+//!
+//! The transaction, in order: the fence update (which also locks the product
+//! row), the lookup of keys already booked, the per-user sums, the decisions
+//! in arrival order, the idempotent insert (`ON CONFLICT DO NOTHING
+//! RETURNING`), one relative stock update (the `CHECK` is the last line), commit.
+
+use crate::domain::{OrderStatus, OrderView, ProductId, QueuedOrder, RejectReason};
+use crate::lock::FencingToken;
+use chrono::{DateTime, Utc};
+use sqlx::{PgPool, Postgres, Row, Transaction};
+use std::collections::{HashMap, HashSet};
+
+/// What became of one order of a group.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OrderOutcome {
+    Confirmed,
+    Rejected(RejectReason),
+    /// The key already had a row: nothing changed.
+    Duplicate,
+}
+
+/// The result of one committed group: an outcome per order, in input order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GroupReceipt {
+    pub outcomes: Vec<OrderOutcome>,
+    /// Stock after the commit; `None` for an unknown product.
+    pub stock_after: Option<i32>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum LedgerError {
+    /// A newer token already wrote this product: raise the fence counter to
+    /// at least `fence` and take the lock again.
+    #[error("fenced out: product {product} was written with token {fence}")]
+    FencedOut { product: ProductId, fence: i64 },
+    /// PostgreSQL failed or is unreachable: keep the deliveries and retry.
+    #[error("PostgreSQL: {0}")]
+    Database(#[from] sqlx::Error),
+}
+
+/// A product as the ledger holds it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ProductRecord {
+    pub id: i64,
+    pub name: String,
+    pub stock: i32,
+    pub seeded_stock: i32,
+    pub max_per_order: i32,
+    pub per_user_limit: Option<i32>,
+    pub lock_fence: i64,
+}
+
+/// How many times a group is retried when a key was booked concurrently by
+/// another product's transaction (a reused key); then the error is returned.
+const CONFLICT_RETRIES: usize = 5;
+
+/// The orders and products tables.
+#[derive(Clone, Debug)]
+pub struct StockLedger {
+    pool: PgPool,
+}
+
+impl StockLedger {
+    pub fn new(pool: PgPool) -> Self {
+        Self { pool }
+    }
+
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    /// Applies `orders` (all for `product`, in arrival order) under `token`.
+    pub async fn apply_group(
+        &self,
+        product: ProductId,
+        token: FencingToken,
+        orders: &[QueuedOrder],
+    ) -> Result<GroupReceipt, LedgerError> {
+        for _ in 0..CONFLICT_RETRIES {
+            let mut tx = self.pool.begin().await?;
+            match apply_in(&mut tx, product, token, orders).await? {
+                Some(receipt) => {
+                    tx.commit().await?;
+                    return Ok(receipt);
+                }
+                None => tx.rollback().await?,
+            }
+        }
+        Err(LedgerError::Database(sqlx::Error::Protocol(format!(
+            "product {product}: keys kept being booked concurrently"
+        ))))
+    }
+
+    /// One product's record.
+    pub async fn product(&self, id: ProductId) -> Result<Option<ProductRecord>, sqlx::Error> {
+        sqlx::query(
+            "SELECT id, name, stock, seeded_stock, max_per_order, per_user_limit, lock_fence
+             FROM products WHERE id = $1",
+        )
+        .bind(id.get())
+        .fetch_optional(&self.pool)
+        .await?
+        .map(|r| product_from_row(&r))
+        .transpose()
+    }
+
+    /// Every product, for the API's catalog cache.
+    pub async fn products(&self) -> Result<Vec<ProductRecord>, sqlx::Error> {
+        sqlx::query(
+            "SELECT id, name, stock, seeded_stock, max_per_order, per_user_limit, lock_fence
+             FROM products ORDER BY id",
+        )
+        .fetch_all(&self.pool)
+        .await?
+        .iter()
+        .map(product_from_row)
+        .collect()
+    }
+
+    /// The order row for a key, if the worker has written one.
+    pub async fn order(&self, order_id: &str) -> Result<Option<OrderView>, sqlx::Error> {
+        let row = sqlx::query(
+            "SELECT idempotency_key, user_id, product_id, quantity, status, reason,
+                    accepted_at, processed_at
+             FROM orders WHERE idempotency_key = $1",
+        )
+        .bind(order_id)
+        .fetch_optional(&self.pool)
+        .await?;
+        row.map(|r| {
+            let status: String = r.try_get("status")?;
+            Ok(OrderView {
+                order_id: r.try_get("idempotency_key")?,
+                user_id: r.try_get("user_id")?,
+                product_id: r.try_get("product_id")?,
+                quantity: i64::from(r.try_get::<i32, _>("quantity")?),
+                status: if status == "confirmed" {
+                    OrderStatus::Confirmed
+                } else {
+                    OrderStatus::Rejected
+                },
+                reason: r.try_get("reason")?,
+                accepted_at: r.try_get("accepted_at")?,
+                processed_at: Some(r.try_get("processed_at")?),
+            })
+        })
+        .transpose()
+    }
+}
+
+fn product_from_row(r: &sqlx::postgres::PgRow) -> Result<ProductRecord, sqlx::Error> {
+    Ok(ProductRecord {
+        id: r.try_get("id")?,
+        name: r.try_get("name")?,
+        stock: r.try_get("stock")?,
+        seeded_stock: r.try_get("seeded_stock")?,
+        max_per_order: r.try_get("max_per_order")?,
+        per_user_limit: r.try_get("per_user_limit")?,
+        lock_fence: r.try_get("lock_fence")?,
+    })
+}
+
+/// The group's transaction; `None` when a key was booked concurrently
+/// (roll back and try again: the next attempt sees that row).
+async fn apply_in(
+    tx: &mut Transaction<'_, Postgres>,
+    product: ProductId,
+    token: FencingToken,
+    orders: &[QueuedOrder],
+) -> Result<Option<GroupReceipt>, LedgerError> {
+    let fenced: Option<(i32, Option<i32>)> = sqlx::query_as(
+        "UPDATE products SET lock_fence = $2 WHERE id = $1 AND lock_fence < $2
+         RETURNING stock, per_user_limit",
+    )
+    .bind(product.get())
+    .bind(token.0)
+    .fetch_optional(&mut **tx)
+    .await?;
+    let (mut stock, per_user_limit) = match fenced {
+        Some(row) => (Some(row.0), row.1),
+        None => {
+            let fence: Option<i64> =
+                sqlx::query_scalar("SELECT lock_fence FROM products WHERE id = $1")
+                    .bind(product.get())
+                    .fetch_optional(&mut **tx)
+                    .await?;
+            match fence {
+                Some(fence) => return Err(LedgerError::FencedOut { product, fence }),
+                None => (None, None),
+            }
+        }
+    };
+
+    let keys: Vec<&str> = orders.iter().map(|o| o.order_id.as_str()).collect();
+    let booked: HashSet<String> = sqlx::query_scalar(
+        "SELECT idempotency_key FROM orders WHERE idempotency_key = ANY($1)",
+    )
+    .bind(&keys)
+    .fetch_all(&mut **tx)
+    .await?
+    .into_iter()
+    .collect();
+
+    let mut held: HashMap<String, i64> = HashMap::new();
+    if per_user_limit.is_some() {
+        let users: Vec<&str> = orders.iter().map(|o| o.user_id.as_str()).collect();
+        let rows: Vec<(String, i64)> = sqlx::query_as(
+            "SELECT user_id, SUM(quantity)::bigint FROM orders
+             WHERE product_id = $1 AND status = 'confirmed' AND user_id = ANY($2)
+             GROUP BY user_id",
+        )
+        .bind(product.get())
+        .bind(&users)
+        .fetch_all(&mut **tx)
+        .await?;
+        held.extend(rows);
+    }
+
+    // Decide in arrival order; a key seen earlier in the group is a duplicate.
+    let mut seen: HashSet<&str> = HashSet::new();
+    let mut outcomes = Vec::with_capacity(orders.len());
+    let mut taken: i32 = 0;
+    for order in orders {
+        let key = order.order_id.as_str();
+        if booked.contains(key) || !seen.insert(key) {
+            outcomes.push(OrderOutcome::Duplicate);
+            continue;
+        }
+        let qty = order.quantity.get();
+        let outcome = match stock {
+            None => OrderOutcome::Rejected(RejectReason::UnknownProduct),
+            Some(left) if qty > left => OrderOutcome::Rejected(RejectReason::SoldOut),
+            Some(left) => {
+                let user = held.entry(order.user_id.as_str().to_owned()).or_insert(0);
+                match per_user_limit {
+                    Some(limit) if *user + i64::from(qty) > i64::from(limit) => {
+                        OrderOutcome::Rejected(RejectReason::PerUserLimit)
+                    }
+                    _ => {
+                        *user += i64::from(qty);
+                        stock = Some(left - qty);
+                        taken += qty;
+                        OrderOutcome::Confirmed
+                    }
+                }
+            }
+        };
+        outcomes.push(outcome);
+    }
+
+    let new: Vec<(&QueuedOrder, OrderOutcome)> = orders
+        .iter()
+        .zip(&outcomes)
+        .filter(|(_, o)| **o != OrderOutcome::Duplicate)
+        .map(|(q, o)| (q, *o))
+        .collect();
+    if !new.is_empty() {
+        let inserted = insert_orders(tx, &new).await?;
+        if inserted != new.len() {
+            return Ok(None);
+        }
+    }
+
+    let stock_after = match stock {
+        Some(_) if taken > 0 => Some(
+            sqlx::query_scalar::<_, i32>(
+                "UPDATE products SET stock = stock - $2 WHERE id = $1 RETURNING stock",
+            )
+            .bind(product.get())
+            .bind(taken)
+            .fetch_one(&mut **tx)
+            .await?,
+        ),
+        other => other,
+    };
+    Ok(Some(GroupReceipt {
+        outcomes,
+        stock_after,
+    }))
+}
+
+/// Inserts the rows in one statement; returns how many were actually new.
+async fn insert_orders(
+    tx: &mut Transaction<'_, Postgres>,
+    rows: &[(&QueuedOrder, OrderOutcome)],
+) -> Result<usize, sqlx::Error> {
+    let mut keys = Vec::with_capacity(rows.len());
+    let mut users = Vec::with_capacity(rows.len());
+    let mut products = Vec::with_capacity(rows.len());
+    let mut quantities = Vec::with_capacity(rows.len());
+    let mut statuses = Vec::with_capacity(rows.len());
+    let mut reasons: Vec<Option<&str>> = Vec::with_capacity(rows.len());
+    let mut accepted: Vec<DateTime<Utc>> = Vec::with_capacity(rows.len());
+    for (order, outcome) in rows {
+        keys.push(order.order_id.as_str());
+        users.push(order.user_id.as_str());
+        products.push(order.product_id.get());
+        quantities.push(order.quantity.get());
+        let (status, reason) = match outcome {
+            OrderOutcome::Rejected(r) => ("rejected", Some(r.as_str())),
+            _ => ("confirmed", None),
+        };
+        statuses.push(status);
+        reasons.push(reason);
+        accepted.push(order.accepted_at);
+    }
+    let inserted: Vec<String> = sqlx::query_scalar(
+        "INSERT INTO orders (idempotency_key, user_id, product_id, quantity, status, reason,
+                             accepted_at, processed_at)
+         SELECT k, u, p, q, s, r, a, now()
+         FROM unnest($1::text[], $2::text[], $3::bigint[], $4::int[], $5::text[], $6::text[],
+                     $7::timestamptz[]) AS t(k, u, p, q, s, r, a)
+         ON CONFLICT (idempotency_key) DO NOTHING
+         RETURNING idempotency_key",
+    )
+    .bind(&keys)
+    .bind(&users)
+    .bind(&products)
+    .bind(&quantities)
+    .bind(&statuses)
+    .bind(&reasons)
+    .bind(&accepted)
+    .fetch_all(&mut **tx)
+    .await?;
+    Ok(inserted.len())
+}

@@ -1,0 +1,21 @@
+//! Flash Sale Engine core: the domain types every part shares, the stock
+//! ledger in PostgreSQL, the fenced product lock and the accept log in Redis,
+//! the order queue in RabbitMQ, metric names and configuration.
+
+pub mod accept_log;
+pub mod broker;
+pub mod config;
+pub mod domain;
+pub mod ledger;
+pub mod lock;
+pub mod metrics;
+pub mod postgres;
+pub mod redis_conn;
+pub mod shutdown;
+pub mod telemetry;
+
+pub use config::{BackendUrls, Namespace};
+pub use domain::{
+    IdempotencyKey, OrderMessage, OrderRequest, OrderStatus, OrderView, ProductId, Quantity,
+    RejectReason, UserId,
+};

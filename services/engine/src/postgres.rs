@@ -1,0 +1,118 @@
+//! PostgreSQL connections: creating the database when it is missing, applying
+//! the migrations (safe when several processes start at once), and session
+//! settings that keep every transaction shorter than the product lock's lease.
+
+use crate::config::mask_url;
+use crate::lock::LOCK_LEASE;
+use sqlx::migrate::Migrator;
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::{ConnectOptions, Connection, PgPool};
+use std::str::FromStr;
+use std::time::Duration;
+
+/// The schema in `migrations/`, embedded at compile time (no database needed).
+pub static MIGRATOR: Migrator = sqlx::migrate!("../../migrations");
+
+/// How long a statement may wait for a row lock; below the lock's lease.
+pub const LOCK_TIMEOUT: Duration = Duration::from_secs(3);
+/// A transaction left idle this long is ended by the server; below the lease.
+pub const IDLE_IN_TRANSACTION_TIMEOUT: Duration = Duration::from_secs(5);
+
+#[derive(Debug, thiserror::Error)]
+pub enum DatabaseError {
+    #[error("cannot reach PostgreSQL at {url}: {source}")]
+    Unreachable {
+        url: String,
+        #[source]
+        source: sqlx::Error,
+    },
+    #[error("cannot apply migrations to {url}: {source}")]
+    Migrate {
+        url: String,
+        #[source]
+        source: sqlx::migrate::MigrateError,
+    },
+}
+
+fn unreachable(url: &str) -> impl FnOnce(sqlx::Error) -> DatabaseError + '_ {
+    move |source| DatabaseError::Unreachable {
+        url: mask_url(url),
+        source,
+    }
+}
+
+/// Connection options with the engine's session settings.
+pub fn connect_options(url: &str) -> Result<PgConnectOptions, DatabaseError> {
+    let ms = |d: Duration| format!("{}ms", d.as_millis());
+    Ok(PgConnectOptions::from_str(url)
+        .map_err(unreachable(url))?
+        .options([
+            ("lock_timeout", ms(LOCK_TIMEOUT)),
+            (
+                "idle_in_transaction_session_timeout",
+                ms(IDLE_IN_TRANSACTION_TIMEOUT),
+            ),
+            ("statement_timeout", ms(LOCK_LEASE)),
+        ])
+        .application_name("flashsale"))
+}
+
+fn pool_options(max_connections: u32) -> PgPoolOptions {
+    PgPoolOptions::new()
+        .max_connections(max_connections)
+        .acquire_timeout(Duration::from_secs(3))
+}
+
+/// Creates the database named in `url` when it does not exist yet.
+pub async fn ensure_database(url: &str) -> Result<(), DatabaseError> {
+    let options = connect_options(url)?;
+    let Some(name) = options.get_database().map(str::to_owned) else {
+        return Ok(());
+    };
+    let mut admin = options
+        .database("postgres")
+        .connect()
+        .await
+        .map_err(unreachable(url))?;
+    let exists: Option<i32> = sqlx::query_scalar("SELECT 1 FROM pg_database WHERE datname = $1")
+        .bind(&name)
+        .fetch_optional(&mut admin)
+        .await
+        .map_err(unreachable(url))?;
+    if exists.is_none() {
+        let sql = format!("CREATE DATABASE \"{}\"", name.replace('"', "\"\""));
+        match sqlx::raw_sql(sqlx::AssertSqlSafe(sql)).execute(&mut admin).await {
+            Ok(_) => tracing::info!(database = %name, "created database"),
+            // Another process created it between our check and our CREATE.
+            Err(sqlx::Error::Database(e))
+                if matches!(e.code().as_deref(), Some("42P04") | Some("23505")) => {}
+            Err(e) => return Err(unreachable(url)(e)),
+        }
+    }
+    let _ = admin.close().await;
+    Ok(())
+}
+
+/// Creates the database if needed, connects and applies the migrations.
+pub async fn connect_and_migrate(url: &str, max_connections: u32) -> Result<PgPool, DatabaseError> {
+    ensure_database(url).await?;
+    let pool = pool_options(max_connections)
+        .connect_with(connect_options(url)?)
+        .await
+        .map_err(unreachable(url))?;
+    migrate(&pool, url).await?;
+    Ok(pool)
+}
+
+/// Applies the migrations; sqlx holds an advisory lock while it does.
+pub async fn migrate(pool: &PgPool, url: &str) -> Result<(), DatabaseError> {
+    MIGRATOR.run(pool).await.map_err(|source| DatabaseError::Migrate {
+        url: mask_url(url),
+        source,
+    })
+}
+
+/// A pool that connects on first use: for the API, which starts without its backends.
+pub fn connect_lazy(url: &str, max_connections: u32) -> Result<PgPool, DatabaseError> {
+    Ok(pool_options(max_connections).connect_lazy_with(connect_options(url)?))
+}
