@@ -1,0 +1,96 @@
+//! One consuming session on RabbitMQ: a connection, a confirm-mode channel
+//! with the worker's prefetch, and the consumer on `<ns>.orders`.
+
+use flashsale_engine::{Namespace, broker};
+use futures_util::{FutureExt, StreamExt};
+use lapin::message::Delivery;
+use lapin::options::{BasicConsumeOptions, BasicQosOptions, ConfirmSelectOptions};
+use lapin::types::FieldTable;
+use lapin::{Channel, Connection, Consumer};
+use std::time::Duration;
+
+pub struct OrderConsumer {
+    connection: Connection,
+    channel: Channel,
+    consumer: tokio::sync::Mutex<Consumer>,
+    prefetch: u16,
+    ns: Namespace,
+}
+
+impl OrderConsumer {
+    pub async fn open(
+        url: &str,
+        ns: &Namespace,
+        prefetch: u16,
+        worker_id: &str,
+    ) -> Result<Self, broker::BrokerError> {
+        let connection = broker::connect(url, &format!("flashsale-worker {worker_id}")).await?;
+        let channel = connection.create_channel().await?;
+        // Confirm mode for the worker's own publishes (dead letters).
+        channel
+            .confirm_select(ConfirmSelectOptions::default())
+            .await?;
+        broker::declare_queues(&channel, ns).await?;
+        channel
+            .basic_qos(prefetch, BasicQosOptions::default())
+            .await?;
+        let tag = format!("{worker_id}-{}", uuid::Uuid::new_v4().simple());
+        let consumer = channel
+            .basic_consume(
+                ns.orders_queue().into(),
+                tag.into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+        Ok(Self {
+            connection,
+            channel,
+            consumer: tokio::sync::Mutex::new(consumer),
+            prefetch,
+            ns: ns.clone(),
+        })
+    }
+
+    pub fn channel(&self) -> &Channel {
+        &self.channel
+    }
+
+    pub fn orders_queue(&self) -> String {
+        self.ns.orders_queue()
+    }
+
+    pub fn dead_letter_queue(&self) -> String {
+        self.ns.dead_letter_queue()
+    }
+
+    /// Waits for a delivery, then takes every delivery already buffered (at
+    /// most the prefetch). `Ok(None)` when the consumer ended (channel or
+    /// connection gone). Cancel-safe: nothing is taken until it returns.
+    pub async fn next_batch(&self) -> Result<Option<Vec<Delivery>>, lapin::Error> {
+        let mut consumer = self.consumer.lock().await;
+        let max = usize::from(self.prefetch.max(1));
+        let first = match consumer.next().await {
+            None => return Ok(None),
+            Some(d) => d?,
+        };
+        let mut batch = vec![first];
+        while batch.len() < max {
+            match consumer.next().now_or_never() {
+                Some(Some(Ok(d))) => batch.push(d),
+                Some(Some(Err(e))) => return Err(e),
+                Some(None) | None => break,
+            }
+        }
+        Ok(Some(batch))
+    }
+
+    /// Closes the connection; unacked deliveries go back to the queue.
+    pub async fn close(&self) {
+        let _ = tokio::time::timeout(
+            Duration::from_secs(2),
+            self.connection.close(200, "worker closing".into()),
+        )
+        .await;
+    }
+}

@@ -1,0 +1,175 @@
+//! `flashsale-worker`: consumes `<ns>.orders`, groups the deliveries it holds
+//! by product, applies each group in one fenced PostgreSQL transaction under
+//! the product's Redis lock, and acks only what a committed transaction holds.
+
+pub mod batch;
+pub mod consumer;
+pub mod heartbeat;
+
+use anyhow::Context;
+use batch::OrderBook;
+use consumer::OrderConsumer;
+use flashsale_engine::ledger::StockLedger;
+use flashsale_engine::lock::ProductLock;
+use flashsale_engine::metrics::{QUEUE_CONSUMERS, QUEUE_DEPTH};
+use flashsale_engine::{BackendUrls, broker, postgres, redis_conn};
+use heartbeat::WorkerStats;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+/// Deliveries a worker may hold unacknowledged: also its largest group.
+pub const DEFAULT_PREFETCH: u16 = 500;
+
+#[derive(Debug, Clone, clap::Parser)]
+#[command(name = "flashsale-worker", version, about = "Flash Sale Engine order worker")]
+pub struct WorkerConfig {
+    #[command(flatten)]
+    pub backends: BackendUrls,
+    /// Where `/metrics` and `/health/live` are served; `0` picks a free port.
+    #[arg(long, env = "METRICS_ADDR", default_value = "0.0.0.0:3001")]
+    pub metrics_addr: String,
+    /// This worker's id in heartbeats and lock values (default: host name + pid).
+    #[arg(long, env = "WORKER_ID")]
+    pub worker_id: Option<String>,
+    /// Deliveries held at once (RabbitMQ prefetch).
+    #[arg(long, env = "WORKER_PREFETCH", default_value_t = DEFAULT_PREFETCH)]
+    pub prefetch: u16,
+}
+
+impl WorkerConfig {
+    pub fn new(backends: BackendUrls) -> Self {
+        Self {
+            backends,
+            metrics_addr: "127.0.0.1:0".into(),
+            worker_id: None,
+            prefetch: DEFAULT_PREFETCH,
+        }
+    }
+}
+
+fn default_worker_id() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_owned())
+        .unwrap_or_else(|_| "worker".into());
+    format!("{host}-{}", std::process::id())
+}
+
+/// A worker connected to its three backends, ready to run.
+pub struct Worker {
+    pub book: OrderBook,
+    config: WorkerConfig,
+    stats: Arc<WorkerStats>,
+    metrics_listener: TcpListener,
+}
+
+impl Worker {
+    /// Connects to every backend; an unreachable one is an error naming it.
+    pub async fn connect(config: WorkerConfig) -> anyhow::Result<Self> {
+        flashsale_engine::metrics::install();
+        let id = config.worker_id.clone().unwrap_or_else(default_worker_id);
+        let ns = config.backends.namespace();
+        let pool = postgres::connect_and_migrate(&config.backends.database_url, 8).await?;
+        let redis = redis_conn::connect(&config.backends.redis_url).await?;
+        // Fail now, not in the reconnect loop, when RabbitMQ is unreachable.
+        let probe = broker::connect(&config.backends.amqp_url, "flashsale-worker").await?;
+        let _ = probe.close(200, "probe".into()).await;
+        let addr = match config.metrics_addr.as_str() {
+            "0" => "0.0.0.0:0",
+            other => other,
+        };
+        let metrics_listener = TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("cannot listen on METRICS_ADDR {addr}"))?;
+        let stats = Arc::new(WorkerStats::new(
+            id.clone(),
+            metrics_listener.local_addr()?.to_string(),
+        ));
+        let lock = ProductLock::new(redis.clone(), ns.clone(), id);
+        Ok(Self {
+            book: OrderBook::new(StockLedger::new(pool), lock, stats.clone()),
+            config,
+            stats,
+            metrics_listener,
+        })
+    }
+
+    pub fn id(&self) -> &str {
+        &self.stats.id
+    }
+
+    pub fn metrics_addr(&self) -> std::io::Result<std::net::SocketAddr> {
+        self.metrics_listener.local_addr()
+    }
+
+    /// Opens a consumer on the order queue with this worker's prefetch.
+    pub async fn open_consumer(&self) -> Result<OrderConsumer, broker::BrokerError> {
+        OrderConsumer::open(
+            &self.config.backends.amqp_url,
+            &self.config.backends.namespace(),
+            self.config.prefetch,
+            self.id(),
+        )
+        .await
+    }
+
+    /// Consumes until `shutdown` is cancelled, then finishes and acks what it
+    /// holds and returns. Reconnects to RabbitMQ with backoff when it fails.
+    pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
+        let redis = redis_conn::connect_lazy(&self.config.backends.redis_url)?;
+        let ns = self.config.backends.namespace();
+        let background = CancellationToken::new();
+        let heartbeat = tokio::spawn(heartbeat::beat(
+            redis,
+            ns.clone(),
+            self.stats.clone(),
+            background.clone(),
+        ));
+        let server = tokio::spawn(heartbeat::serve_metrics(
+            self.metrics_listener,
+            background.clone(),
+        ));
+        tracing::info!(worker = %self.stats.id, metrics = %self.stats.metrics_addr, "flashsale-worker started");
+        let mut backoff = Duration::from_millis(100);
+        while !shutdown.is_cancelled() {
+            let consumer = tokio::select! {
+                () = shutdown.cancelled() => break,
+                c = OrderConsumer::open(&self.config.backends.amqp_url, &ns, self.config.prefetch, &self.stats.id) => c,
+            };
+            match consumer {
+                Ok(consumer) => {
+                    backoff = Duration::from_millis(100);
+                    if let Err(e) = self.book.consume(&consumer, &shutdown).await {
+                        tracing::warn!(error = %e, "order consumer failed; reconnecting");
+                    }
+                    consumer.close().await;
+                }
+                Err(e) => tracing::warn!(error = %e, "cannot open order consumer; retrying"),
+            }
+            if !shutdown.is_cancelled() {
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(2));
+            }
+        }
+        background.cancel();
+        let _ = tokio::join!(heartbeat, server);
+        tracing::info!(worker = %self.stats.id, "flashsale-worker stopped");
+        Ok(())
+    }
+}
+
+/// Records the order and dead-letter queues' depth and consumers.
+pub(crate) async fn record_queue_stats(consumer: &OrderConsumer) {
+    for queue in [consumer.orders_queue(), consumer.dead_letter_queue()] {
+        let stats = tokio::time::timeout(
+            Duration::from_secs(1),
+            broker::queue_stats(consumer.channel(), &queue),
+        )
+        .await;
+        if let Ok(Ok((ready, consumers))) = stats {
+            metrics::gauge!(QUEUE_DEPTH, "queue" => queue.clone()).set(f64::from(ready));
+            metrics::gauge!(QUEUE_CONSUMERS, "queue" => queue).set(f64::from(consumers));
+        }
+    }
+}
