@@ -11,6 +11,7 @@ pub mod lock;
 pub mod metrics;
 pub mod postgres;
 pub mod redis_conn;
+pub mod scratch;
 pub mod shutdown;
 pub mod telemetry;
 
