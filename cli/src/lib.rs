@@ -10,7 +10,11 @@ use std::process::ExitCode;
 pub const EXIT_UNREACHABLE: u8 = 2;
 
 #[derive(Debug, Parser)]
-#[command(name = "fsctl", version, about = "Operate a Flash Sale Engine deployment")]
+#[command(
+    name = "fsctl",
+    version,
+    about = "Operate a Flash Sale Engine deployment"
+)]
 pub struct Cli {
     #[command(flatten)]
     pub backends: BackendUrls,

@@ -19,7 +19,9 @@ async fn hot_item_sells_exactly_its_stock() {
         env.start_worker().await;
     }
 
-    let answers = env.storm(&api, 1, 2000, 200, |i| format!("buyer-{i}")).await;
+    let answers = env
+        .storm(&api, 1, 2000, 200, |i| format!("buyer-{i}"))
+        .await;
     let mut by_status: HashMap<u16, usize> = HashMap::new();
     for a in &answers {
         *by_status.entry(a.status.as_u16()).or_default() += 1;
@@ -34,7 +36,10 @@ async fn hot_item_sells_exactly_its_stock() {
         2000,
         "only 202 and 409 expected: {by_status:?}"
     );
-    assert!(accepted.len() >= 100, "fewer accepts than stock: {by_status:?}");
+    assert!(
+        accepted.len() >= 100,
+        "fewer accepts than stock: {by_status:?}"
+    );
 
     env.wait_for_rows(&accepted).await;
     assert_eq!(env.stock(1).await, 0);
@@ -69,7 +74,11 @@ async fn hot_item_sells_exactly_its_stock() {
     // Once the sell-out is in the catalog, buys are answered 409 fast.
     tokio::time::sleep(Duration::from_millis(1100)).await;
     let late = env
-        .buy(&api, None, json!({"userId": "late", "productId": 1, "quantity": 1}))
+        .buy(
+            &api,
+            None,
+            json!({"userId": "late", "productId": 1, "quantity": 1}),
+        )
         .await;
     assert_eq!(late.status, StatusCode::CONFLICT);
     assert_eq!(late.body["reason"], "sold_out");
@@ -86,8 +95,14 @@ async fn one_key_sent_fifty_times_books_once() {
         (0..50).map(|_| env.buy(&api, Some("same-key-1"), body.clone())),
     )
     .await;
-    let accepted = answers.iter().filter(|a| a.status == StatusCode::ACCEPTED).count();
-    let repeats = answers.iter().filter(|a| a.status == StatusCode::OK).count();
+    let accepted = answers
+        .iter()
+        .filter(|a| a.status == StatusCode::ACCEPTED)
+        .count();
+    let repeats = answers
+        .iter()
+        .filter(|a| a.status == StatusCode::OK)
+        .count();
     assert_eq!(accepted, 1, "{answers:?}");
     assert_eq!(repeats, 49);
     for a in answers.iter().filter(|a| a.status == StatusCode::OK) {
@@ -103,7 +118,11 @@ async fn one_key_sent_fifty_times_books_once() {
     assert_eq!(later.body["quantity"], 2);
 
     let other = env
-        .buy(&api, Some("same-key-1"), json!({"userId": "u1", "productId": 1, "quantity": 3}))
+        .buy(
+            &api,
+            Some("same-key-1"),
+            json!({"userId": "u1", "productId": 1, "quantity": 3}),
+        )
         .await;
     assert_eq!(other.status, StatusCode::UNPROCESSABLE_ENTITY);
     assert_eq!(other.body["error"]["code"], "idempotency_key_reused");
@@ -122,25 +141,124 @@ async fn bad_input_is_refused_and_changes_nothing() {
     let long_user = "u".repeat(65);
     let long_key = "k".repeat(129);
     let cases: Vec<(&str, Option<&str>, String, u16, &str)> = vec![
-        ("quantity -5", None, r#"{"userId":"u","productId":1,"quantity":-5}"#.into(), 400, "quantity"),
-        ("quantity 0", None, r#"{"userId":"u","productId":1,"quantity":0}"#.into(), 400, "quantity"),
-        ("quantity 1.5", None, r#"{"userId":"u","productId":1,"quantity":1.5}"#.into(), 400, "quantity"),
-        ("quantity abc", None, r#"{"userId":"u","productId":1,"quantity":"abc"}"#.into(), 400, "quantity"),
-        ("quantity 10^10", None, r#"{"userId":"u","productId":1,"quantity":10000000000}"#.into(), 400, "quantity"),
-        ("quantity over max_per_order", None, r#"{"userId":"u","productId":1,"quantity":11}"#.into(), 400, "quantity"),
-        ("missing quantity", None, r#"{"userId":"u","productId":1}"#.into(), 400, "quantity"),
-        ("productId 0", None, r#"{"userId":"u","productId":0,"quantity":1}"#.into(), 400, "productId"),
-        ("productId string", None, r#"{"userId":"u","productId":"1","quantity":1}"#.into(), 400, "productId"),
-        ("unknown product 999", None, r#"{"userId":"u","productId":999,"quantity":1}"#.into(), 404, "unknown_product"),
-        ("empty userId", None, r#"{"userId":"","productId":1,"quantity":1}"#.into(), 400, "userId"),
-        ("65-char userId", None, format!(r#"{{"userId":"{long_user}","productId":1,"quantity":1}}"#), 400, "userId"),
-        ("userId number", None, r#"{"userId":7,"productId":1,"quantity":1}"#.into(), 400, "userId"),
+        (
+            "quantity -5",
+            None,
+            r#"{"userId":"u","productId":1,"quantity":-5}"#.into(),
+            400,
+            "quantity",
+        ),
+        (
+            "quantity 0",
+            None,
+            r#"{"userId":"u","productId":1,"quantity":0}"#.into(),
+            400,
+            "quantity",
+        ),
+        (
+            "quantity 1.5",
+            None,
+            r#"{"userId":"u","productId":1,"quantity":1.5}"#.into(),
+            400,
+            "quantity",
+        ),
+        (
+            "quantity abc",
+            None,
+            r#"{"userId":"u","productId":1,"quantity":"abc"}"#.into(),
+            400,
+            "quantity",
+        ),
+        (
+            "quantity 10^10",
+            None,
+            r#"{"userId":"u","productId":1,"quantity":10000000000}"#.into(),
+            400,
+            "quantity",
+        ),
+        (
+            "quantity over max_per_order",
+            None,
+            r#"{"userId":"u","productId":1,"quantity":11}"#.into(),
+            400,
+            "quantity",
+        ),
+        (
+            "missing quantity",
+            None,
+            r#"{"userId":"u","productId":1}"#.into(),
+            400,
+            "quantity",
+        ),
+        (
+            "productId 0",
+            None,
+            r#"{"userId":"u","productId":0,"quantity":1}"#.into(),
+            400,
+            "productId",
+        ),
+        (
+            "productId string",
+            None,
+            r#"{"userId":"u","productId":"1","quantity":1}"#.into(),
+            400,
+            "productId",
+        ),
+        (
+            "unknown product 999",
+            None,
+            r#"{"userId":"u","productId":999,"quantity":1}"#.into(),
+            404,
+            "unknown_product",
+        ),
+        (
+            "empty userId",
+            None,
+            r#"{"userId":"","productId":1,"quantity":1}"#.into(),
+            400,
+            "userId",
+        ),
+        (
+            "65-char userId",
+            None,
+            format!(r#"{{"userId":"{long_user}","productId":1,"quantity":1}}"#),
+            400,
+            "userId",
+        ),
+        (
+            "userId number",
+            None,
+            r#"{"userId":7,"productId":1,"quantity":1}"#.into(),
+            400,
+            "userId",
+        ),
         ("not JSON", None, "this is not json".into(), 400, "JSON"),
         ("empty body", None, String::new(), 400, "JSON"),
         ("JSON array", None, "[1,2,3]".into(), 400, "object"),
-        ("malformed key", Some("bad key!"), r#"{"userId":"u","productId":1,"quantity":1}"#.into(), 400, "Idempotency-Key"),
-        ("key too long", Some(long_key.as_str()), r#"{"userId":"u","productId":1,"quantity":1}"#.into(), 400, "Idempotency-Key"),
-        ("body over 16 KiB", None, format!(r#"{{"userId":"u","productId":1,"quantity":1,"pad":"{}"}}"#, "x".repeat(17 * 1024)), 413, "payload_too_large"),
+        (
+            "malformed key",
+            Some("bad key!"),
+            r#"{"userId":"u","productId":1,"quantity":1}"#.into(),
+            400,
+            "Idempotency-Key",
+        ),
+        (
+            "key too long",
+            Some(long_key.as_str()),
+            r#"{"userId":"u","productId":1,"quantity":1}"#.into(),
+            400,
+            "Idempotency-Key",
+        ),
+        (
+            "body over 16 KiB",
+            None,
+            format!(
+                r#"{{"userId":"u","productId":1,"quantity":1,"pad":"{}"}}"#,
+                "x".repeat(17 * 1024)
+            ),
+            413,
+            "payload_too_large",
+        ),
     ];
     for (name, key, body, status, mention) in &cases {
         let mut request = env
@@ -197,7 +315,9 @@ async fn per_user_limit_holds_under_concurrent_buys() {
     env.start_worker().await;
     env.start_worker().await;
     // 20 users, each buying 10 times at once.
-    let answers = env.storm(&api, 1, 200, 100, |i| format!("user-{}", i % 20)).await;
+    let answers = env
+        .storm(&api, 1, 200, 100, |i| format!("user-{}", i % 20))
+        .await;
     let accepted: Vec<String> = answers
         .iter()
         .filter(|a| a.status == StatusCode::ACCEPTED)
@@ -212,7 +332,10 @@ async fn per_user_limit_holds_under_concurrent_buys() {
     .await
     .unwrap();
     assert_eq!(per_user.len(), 20);
-    assert!(per_user.iter().all(|(_, units)| *units == 2), "{per_user:?}");
+    assert!(
+        per_user.iter().all(|(_, units)| *units == 2),
+        "{per_user:?}"
+    );
     let limited = env
         .count("SELECT count(*) FROM orders WHERE reason = 'per_user_limit'")
         .await;
@@ -227,18 +350,29 @@ async fn restock_and_new_products_are_served_within_a_second() {
     env.seed(1, 0, None).await;
     let api = env.start_api().await;
     let body = json!({"userId": "u", "productId": 1, "quantity": 1});
-    assert_eq!(env.buy(&api, None, body.clone()).await.status, StatusCode::CONFLICT);
+    assert_eq!(
+        env.buy(&api, None, body.clone()).await.status,
+        StatusCode::CONFLICT
+    );
     let unknown = json!({"userId": "u", "productId": 2, "quantity": 1});
-    assert_eq!(env.buy(&api, None, unknown.clone()).await.status, StatusCode::NOT_FOUND);
+    assert_eq!(
+        env.buy(&api, None, unknown.clone()).await.status,
+        StatusCode::NOT_FOUND
+    );
 
-    sqlx::query("UPDATE products SET stock = stock + 5, seeded_stock = seeded_stock + 5 WHERE id = 1")
-        .execute(&env.pool)
-        .await
-        .unwrap();
+    sqlx::query(
+        "UPDATE products SET stock = stock + 5, seeded_stock = seeded_stock + 5 WHERE id = 1",
+    )
+    .execute(&env.pool)
+    .await
+    .unwrap();
     env.seed(2, 5, None).await;
     tokio::time::sleep(Duration::from_millis(1000)).await;
     assert_eq!(env.buy(&api, None, body).await.status, StatusCode::ACCEPTED);
-    assert_eq!(env.buy(&api, None, unknown).await.status, StatusCode::ACCEPTED);
+    assert_eq!(
+        env.buy(&api, None, unknown).await.status,
+        StatusCode::ACCEPTED
+    );
 
     let product: serde_json::Value = env
         .http
@@ -250,7 +384,12 @@ async fn restock_and_new_products_are_served_within_a_second() {
         .await
         .unwrap();
     assert_eq!(product["seededStock"], 5);
-    let missing = env.http.get(format!("{api}/orders/never-seen")).send().await.unwrap();
+    let missing = env
+        .http
+        .get(format!("{api}/orders/never-seen"))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(missing.status(), StatusCode::NOT_FOUND);
     env.finish().await;
 }

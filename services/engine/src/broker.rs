@@ -66,7 +66,10 @@ fn long(s: &str) -> AMQPValue {
 pub fn order_queue_arguments(ns: &Namespace) -> FieldTable {
     let mut args = FieldTable::default();
     args.insert("x-queue-type".into(), long("quorum"));
-    args.insert("x-delivery-limit".into(), AMQPValue::LongInt(DELIVERY_LIMIT));
+    args.insert(
+        "x-delivery-limit".into(),
+        AMQPValue::LongInt(DELIVERY_LIMIT),
+    );
     args.insert("x-dead-letter-exchange".into(), long(""));
     args.insert(
         "x-dead-letter-routing-key".into(),
@@ -92,7 +95,11 @@ pub async fn declare_queues(channel: &Channel, ns: &Namespace) -> Result<(), lap
         .queue_declare(ns.dead_letter_queue().into(), durable(), dlq_args)
         .await?;
     channel
-        .queue_declare(ns.orders_queue().into(), durable(), order_queue_arguments(ns))
+        .queue_declare(
+            ns.orders_queue().into(),
+            durable(),
+            order_queue_arguments(ns),
+        )
         .await?;
     Ok(())
 }
@@ -184,11 +191,7 @@ impl OrderPublisher {
             channel: RwLock::new(None),
             kick: Notify::new(),
         });
-        let task = tokio::spawn(maintain(
-            Arc::downgrade(&state),
-            url.to_owned(),
-            ns.clone(),
-        ));
+        let task = tokio::spawn(maintain(Arc::downgrade(&state), url.to_owned(), ns.clone()));
         Self {
             state,
             queue: ns.orders_queue(),

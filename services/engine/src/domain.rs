@@ -290,14 +290,25 @@ mod tests {
         assert_eq!(field_of("not json"), "body");
         assert_eq!(field_of("[1,2]"), "body");
         assert_eq!(field_of(r#"{"productId":1,"quantity":1}"#), "userId");
-        assert_eq!(field_of(r#"{"userId":"","productId":1,"quantity":1}"#), "userId");
-        let long = "x".repeat(65);
         assert_eq!(
-            field_of(&format!(r#"{{"userId":"{long}","productId":1,"quantity":1}}"#)),
+            field_of(r#"{"userId":"","productId":1,"quantity":1}"#),
             "userId"
         );
-        assert_eq!(field_of(r#"{"userId":"u","productId":0,"quantity":1}"#), "productId");
-        assert_eq!(field_of(r#"{"userId":"u","productId":"1","quantity":1}"#), "productId");
+        let long = "x".repeat(65);
+        assert_eq!(
+            field_of(&format!(
+                r#"{{"userId":"{long}","productId":1,"quantity":1}}"#
+            )),
+            "userId"
+        );
+        assert_eq!(
+            field_of(r#"{"userId":"u","productId":0,"quantity":1}"#),
+            "productId"
+        );
+        assert_eq!(
+            field_of(r#"{"userId":"u","productId":"1","quantity":1}"#),
+            "productId"
+        );
         for q in ["-5", "0", "1.5", "\"abc\"", "10000000000", "null"] {
             let body = format!(r#"{{"userId":"u","productId":1,"quantity":{q}}}"#);
             assert_eq!(field_of(&body), "quantity", "quantity {q}");

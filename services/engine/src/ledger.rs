@@ -195,14 +195,13 @@ async fn apply_in(
     };
 
     let keys: Vec<&str> = orders.iter().map(|o| o.order_id.as_str()).collect();
-    let booked: HashSet<String> = sqlx::query_scalar(
-        "SELECT idempotency_key FROM orders WHERE idempotency_key = ANY($1)",
-    )
-    .bind(&keys)
-    .fetch_all(&mut **tx)
-    .await?
-    .into_iter()
-    .collect();
+    let booked: HashSet<String> =
+        sqlx::query_scalar("SELECT idempotency_key FROM orders WHERE idempotency_key = ANY($1)")
+            .bind(&keys)
+            .fetch_all(&mut **tx)
+            .await?
+            .into_iter()
+            .collect();
 
     let mut held: HashMap<String, i64> = HashMap::new();
     if per_user_limit.is_some() {

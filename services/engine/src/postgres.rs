@@ -81,7 +81,10 @@ pub async fn ensure_database(url: &str) -> Result<(), DatabaseError> {
         .map_err(unreachable(url))?;
     if exists.is_none() {
         let sql = format!("CREATE DATABASE \"{}\"", name.replace('"', "\"\""));
-        match sqlx::raw_sql(sqlx::AssertSqlSafe(sql)).execute(&mut admin).await {
+        match sqlx::raw_sql(sqlx::AssertSqlSafe(sql))
+            .execute(&mut admin)
+            .await
+        {
             Ok(_) => tracing::info!(database = %name, "created database"),
             // Another process created it between our check and our CREATE.
             Err(sqlx::Error::Database(e))
@@ -106,10 +109,13 @@ pub async fn connect_and_migrate(url: &str, max_connections: u32) -> Result<PgPo
 
 /// Applies the migrations; sqlx holds an advisory lock while it does.
 pub async fn migrate(pool: &PgPool, url: &str) -> Result<(), DatabaseError> {
-    MIGRATOR.run(pool).await.map_err(|source| DatabaseError::Migrate {
-        url: mask_url(url),
-        source,
-    })
+    MIGRATOR
+        .run(pool)
+        .await
+        .map_err(|source| DatabaseError::Migrate {
+            url: mask_url(url),
+            source,
+        })
 }
 
 /// A pool that connects on first use: for the API, which starts without its backends.

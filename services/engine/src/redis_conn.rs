@@ -63,9 +63,7 @@ pub(crate) fn timeout_error() -> redis::RedisError {
 }
 
 /// Runs one Redis call under [`REDIS_TIMEOUT`].
-pub async fn timed<T>(
-    call: impl Future<Output = redis::RedisResult<T>>,
-) -> redis::RedisResult<T> {
+pub async fn timed<T>(call: impl Future<Output = redis::RedisResult<T>>) -> redis::RedisResult<T> {
     tokio::time::timeout(REDIS_TIMEOUT, call)
         .await
         .unwrap_or_else(|_| Err(timeout_error()))

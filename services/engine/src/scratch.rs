@@ -37,7 +37,10 @@ pub fn with_database(url: &str, database: &str) -> String {
 impl Scratch {
     /// Names a fresh scratch deployment; nothing is created until used.
     pub fn new(servers: &BackendUrls) -> Self {
-        let name = format!("{SCRATCH_PREFIX}{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
+        let name = format!(
+            "{SCRATCH_PREFIX}{}",
+            &uuid::Uuid::new_v4().simple().to_string()[..12]
+        );
         Self {
             backends: BackendUrls {
                 database_url: with_database(&servers.database_url, &name),
@@ -101,6 +104,9 @@ mod tests {
             with_database("postgres://u:p@h/db?sslmode=disable", "x"),
             "postgres://u:p@h/x?sslmode=disable"
         );
-        assert_eq!(with_database("postgres://h:5432", "x"), "postgres://h:5432/x");
+        assert_eq!(
+            with_database("postgres://h:5432", "x"),
+            "postgres://h:5432/x"
+        );
     }
 }

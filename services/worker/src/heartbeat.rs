@@ -43,12 +43,14 @@ impl WorkerStats {
     }
 
     pub fn hold(&self, deliveries: usize) {
-        self.inflight.fetch_add(deliveries as u64, Ordering::Relaxed);
+        self.inflight
+            .fetch_add(deliveries as u64, Ordering::Relaxed);
         metrics::gauge!(INFLIGHT_ORDERS).increment(deliveries as f64);
     }
 
     pub fn release(&self, deliveries: usize) {
-        self.inflight.fetch_sub(deliveries as u64, Ordering::Relaxed);
+        self.inflight
+            .fetch_sub(deliveries as u64, Ordering::Relaxed);
         metrics::gauge!(INFLIGHT_ORDERS).decrement(deliveries as f64);
     }
 
@@ -65,11 +67,18 @@ impl WorkerStats {
         vec![
             ("id", self.id.clone()),
             ("startedAt", self.started_at.to_rfc3339()),
-            ("processed", self.processed.load(Ordering::Relaxed).to_string()),
+            (
+                "processed",
+                self.processed.load(Ordering::Relaxed).to_string(),
+            ),
             ("inflight", self.inflight().to_string()),
             (
                 "product",
-                if product > 0 { product.to_string() } else { String::new() },
+                if product > 0 {
+                    product.to_string()
+                } else {
+                    String::new()
+                },
             ),
             ("metricsAddr", self.metrics_addr.clone()),
         ]
@@ -118,7 +127,9 @@ pub async fn serve_metrics(listener: TcpListener, stop: CancellationToken) {
             "/metrics",
             get(move || {
                 let body = handle.render();
-                async move { ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], body).into_response() }
+                async move {
+                    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], body).into_response()
+                }
             }),
         );
     if let Err(e) = axum::serve(listener, app)

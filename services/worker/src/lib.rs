@@ -23,7 +23,11 @@ use tokio_util::sync::CancellationToken;
 pub const DEFAULT_PREFETCH: u16 = 500;
 
 #[derive(Debug, Clone, clap::Parser)]
-#[command(name = "flashsale-worker", version, about = "Flash Sale Engine order worker")]
+#[command(
+    name = "flashsale-worker",
+    version,
+    about = "Flash Sale Engine order worker"
+)]
 pub struct WorkerConfig {
     #[command(flatten)]
     pub backends: BackendUrls,

@@ -119,12 +119,22 @@ async fn accept(state: &AppState, headers: &HeaderMap, body: Body) -> Result<Ans
     loop {
         let earlier = if product.stock == 0 {
             // Sold out: nothing is claimed or enqueued; only an earlier accept counts.
-            match state.accept_log.get(key.as_str()).await.map_err(redis_down)? {
+            match state
+                .accept_log
+                .get(key.as_str())
+                .await
+                .map_err(redis_down)?
+            {
                 Some(earlier) => earlier,
                 None => return Ok(Answer::SoldOut(key)),
             }
         } else {
-            match state.accept_log.claim(&key, &record).await.map_err(redis_down)? {
+            match state
+                .accept_log
+                .claim(&key, &record)
+                .await
+                .map_err(redis_down)?
+            {
                 Claim::Claimed => return publish(state, key, request, record).await,
                 Claim::Taken(earlier) => earlier,
             }

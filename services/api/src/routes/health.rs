@@ -51,7 +51,11 @@ async fn ready(State(state): State<AppState>) -> Response {
     };
     let mut down = Vec::new();
     let mut components = serde_json::Map::new();
-    for (name, result) in [("postgres", postgres), ("redis", redis), ("rabbitmq", rabbitmq)] {
+    for (name, result) in [
+        ("postgres", postgres),
+        ("redis", redis),
+        ("rabbitmq", rabbitmq),
+    ] {
         let value = match result {
             Ok(()) => "ok".to_owned(),
             Err(e) => {

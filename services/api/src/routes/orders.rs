@@ -20,8 +20,8 @@ async fn order(
     State(state): State<AppState>,
     Path(order_id): Path<String>,
 ) -> Result<Json<OrderView>, ApiError> {
-    let key = IdempotencyKey::parse(&order_id)
-        .map_err(|_| ApiError::UnknownOrder(order_id.clone()))?;
+    let key =
+        IdempotencyKey::parse(&order_id).map_err(|_| ApiError::UnknownOrder(order_id.clone()))?;
     if let Some(view) = lookup_row(&state, key.as_str()).await? {
         return Ok(Json(view));
     }

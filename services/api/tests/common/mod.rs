@@ -25,7 +25,10 @@ use tokio_util::sync::CancellationToken;
 pub fn servers() -> BackendUrls {
     let var = |k: &str, d: &str| std::env::var(k).unwrap_or_else(|_| d.to_owned());
     BackendUrls {
-        database_url: var("DATABASE_URL", flashsale_engine::config::DEFAULT_DATABASE_URL),
+        database_url: var(
+            "DATABASE_URL",
+            flashsale_engine::config::DEFAULT_DATABASE_URL,
+        ),
         redis_url: var("REDIS_URL", flashsale_engine::config::DEFAULT_REDIS_URL),
         amqp_url: var("AMQP_URL", flashsale_engine::config::DEFAULT_AMQP_URL),
         namespace: String::new(),

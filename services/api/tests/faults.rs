@@ -1,0 +1,472 @@
+//! Faults on the real services: a broker that goes away, a worker killed
+//! mid-group, redelivery, poison messages, Redis losing its data, a lock
+//! holder whose lease ran out.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use chrono::Utc;
+use common::{Forwarder, amqp_target};
+use flashsale_engine::domain::QueuedOrder;
+use flashsale_engine::ledger::{LedgerError, OrderOutcome, StockLedger};
+use flashsale_engine::lock::ProductLock;
+use flashsale_engine::{IdempotencyKey, ProductId, Quantity, UserId, redis_conn};
+use flashsale_worker::{Worker, WorkerConfig};
+use lapin::options::BasicGetOptions;
+use reqwest::StatusCode;
+use serde_json::json;
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+
+fn order(key: &str, user: &str, product: i64) -> QueuedOrder {
+    QueuedOrder {
+        order_id: IdempotencyKey::parse(key).unwrap(),
+        user_id: UserId::parse(user).unwrap(),
+        product_id: ProductId::new(product).unwrap(),
+        quantity: Quantity::new(1).unwrap(),
+        accepted_at: Utc::now(),
+    }
+}
+
+fn message(key: &str, product: i64) -> Vec<u8> {
+    serde_json::to_vec(&json!({
+        "orderId": key, "userId": "u", "productId": product, "quantity": 1,
+        "acceptedAt": Utc::now(),
+    }))
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn api_answers_503_while_the_broker_is_away_and_recovers_without_restart() {
+    let mut env = common::env().await;
+    env.seed(1, 100, None).await;
+    let forwarder = Forwarder::start(amqp_target()).await;
+    let mut backends = env.backends();
+    backends.amqp_url = forwarder.amqp_url();
+    let api = env.start_api_with(backends, true).await;
+    let body = |i: usize| json!({"userId": format!("u{i}"), "productId": 1, "quantity": 1});
+    let mut accepted = Vec::new();
+
+    let first = env.buy(&api, None, body(0)).await;
+    assert_eq!(first.status, StatusCode::ACCEPTED);
+    accepted.push(first.key);
+
+    forwarder.cut();
+    let mut saw_503 = false;
+    for i in 0..100 {
+        let started = std::time::Instant::now();
+        let a = env.buy(&api, None, body(i)).await;
+        assert!(started.elapsed() < Duration::from_secs(7), "an answer hung");
+        match a.status {
+            StatusCode::ACCEPTED => accepted.push(a.key),
+            StatusCode::SERVICE_UNAVAILABLE => {
+                assert_eq!(a.body["error"]["code"], "unavailable");
+                assert!(a.retry_after.is_some(), "503 without Retry-After");
+                saw_503 = true;
+                break;
+            }
+            other => panic!("unexpected {other} while the broker is away"),
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(saw_503, "never answered 503 with the broker cut off");
+    // While it stays away, every answer is a prompt 503.
+    for i in 0..5 {
+        let a = env.buy(&api, None, body(i)).await;
+        assert_eq!(a.status, StatusCode::SERVICE_UNAVAILABLE);
+    }
+    let ready = env
+        .http
+        .get(format!("{api}/health/ready"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(ready.status(), StatusCode::SERVICE_UNAVAILABLE);
+
+    forwarder.restore();
+    let mut recovered = false;
+    for i in 0..150 {
+        let a = env.buy(&api, None, body(1000 + i)).await;
+        if a.status == StatusCode::ACCEPTED {
+            accepted.push(a.key);
+            recovered = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(recovered, "no 202 after the broker came back");
+
+    env.start_worker().await;
+    env.wait_for_rows(&accepted).await;
+    env.assert_invariants().await;
+    env.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn worker_cut_off_from_the_broker_applies_the_orders_after() {
+    let mut env = common::env().await;
+    env.seed(1, 100, None).await;
+    let api = env.start_api().await;
+    let forwarder = Forwarder::start(amqp_target()).await;
+    let mut backends = env.backends();
+    backends.amqp_url = forwarder.amqp_url();
+    env.start_worker_with(backends).await;
+
+    let before = env.storm(&api, 1, 10, 10, |i| format!("a{i}")).await;
+    let mut keys: Vec<String> = before.iter().map(|a| a.key.clone()).collect();
+    env.wait_for_rows(&keys).await;
+
+    forwarder.cut();
+    let during = env.storm(&api, 1, 10, 10, |i| format!("b{i}")).await;
+    assert!(during.iter().all(|a| a.status == StatusCode::ACCEPTED));
+    keys.extend(during.iter().map(|a| a.key.clone()));
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    forwarder.restore();
+
+    env.wait_for_rows(&keys).await;
+    assert_eq!(env.stock(1).await, 80);
+    env.assert_invariants().await;
+    env.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn worker_killed_before_its_ack_loses_and_doubles_nothing() {
+    let mut env = common::env().await;
+    env.seed(1, 10, None).await;
+    let api = env.start_api().await;
+    let answers = env.storm(&api, 1, 30, 10, |i| format!("k{i}")).await;
+    let keys: Vec<String> = answers.iter().map(|a| a.key.clone()).collect();
+    assert!(answers.iter().all(|a| a.status == StatusCode::ACCEPTED));
+
+    // A worker takes a batch, commits it and dies before the ack.
+    let victim = Worker::connect(WorkerConfig::new(env.backends()))
+        .await
+        .unwrap();
+    let consumer = victim.open_consumer().await.unwrap();
+    let batch = consumer.next_batch().await.unwrap().unwrap();
+    let held = batch.len();
+    let committed = victim
+        .book
+        .commit(&consumer, batch, &CancellationToken::new())
+        .await
+        .unwrap();
+    assert_eq!(committed.len(), held);
+    drop(committed);
+    consumer.close().await;
+    drop(victim);
+    assert_eq!(
+        env.count("SELECT count(*) FROM orders").await as usize,
+        held
+    );
+
+    // Another dies holding a batch it never committed.
+    let victim = Worker::connect(WorkerConfig::new(env.backends()))
+        .await
+        .unwrap();
+    let consumer = victim.open_consumer().await.unwrap();
+    let _held = consumer.next_batch().await.unwrap().unwrap();
+    consumer.close().await;
+    drop(victim);
+
+    env.start_worker().await;
+    env.wait_for_rows(&keys).await;
+    for _ in 0..50 {
+        if env.queue_depth(false).await == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    env.stop_workers().await;
+    assert_eq!(
+        env.queue_depth(false).await,
+        0,
+        "redelivered messages not acked"
+    );
+    assert_eq!(env.count("SELECT count(*) FROM orders").await, 30);
+    assert_eq!(
+        env.count("SELECT count(*) FROM orders WHERE status = 'confirmed'")
+            .await,
+        10
+    );
+    assert_eq!(env.stock(1).await, 0);
+    env.assert_invariants().await;
+    env.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_same_message_published_twice_books_once() {
+    let mut env = common::env().await;
+    env.seed(1, 5, None).await;
+    let payload = message("twice-1", 1);
+    env.publish_raw("twice-1", &payload).await;
+    env.publish_raw("twice-1", &payload).await;
+    env.start_worker().await;
+    env.wait_for_rows(&["twice-1".to_owned()]).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    env.stop_workers().await;
+    assert_eq!(env.queue_depth(false).await, 0);
+    assert_eq!(env.count("SELECT count(*) FROM orders").await, 1);
+    assert_eq!(env.stock(1).await, 4);
+    env.assert_invariants().await;
+    env.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn poison_messages_land_in_the_dead_letter_queue_with_a_reason() {
+    let mut env = common::env().await;
+    env.seed(1, 5, None).await;
+    env.publish_raw("poison-1", b"this is not an order").await;
+    let zero = serde_json::to_vec(&json!({
+        "orderId": "poison-2", "userId": "u", "productId": 1, "quantity": 0,
+        "acceptedAt": Utc::now(),
+    }))
+    .unwrap();
+    env.publish_raw("poison-2", &zero).await;
+    env.publish_raw("fine-1", &message("fine-1", 1)).await;
+    env.start_worker().await;
+    env.wait_for_rows(&["fine-1".to_owned()]).await;
+    for _ in 0..50 {
+        if env.queue_depth(true).await == 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(env.queue_depth(true).await, 2);
+    assert_eq!(env.queue_depth(false).await, 0);
+
+    let conn = flashsale_engine::broker::connect(&env.backends().amqp_url, "test")
+        .await
+        .unwrap();
+    let channel = conn.create_channel().await.unwrap();
+    let dlq = env.backends().namespace().dead_letter_queue();
+    for _ in 0..2 {
+        let got = channel
+            .basic_get(dlq.as_str().into(), BasicGetOptions { no_ack: true })
+            .await
+            .unwrap()
+            .expect("a dead letter");
+        let headers = got.properties.headers().clone().expect("headers");
+        let reason = headers
+            .inner()
+            .get(flashsale_engine::broker::REASON_HEADER)
+            .expect("x-flashsale-reason header");
+        let lapin::types::AMQPValue::LongString(text) = reason else {
+            panic!("reason is not a string: {reason:?}");
+        };
+        let text = String::from_utf8_lossy(text.as_bytes());
+        assert!(text.contains("order"), "{text}");
+    }
+    let _ = conn.close(200, "done".into()).await;
+    assert_eq!(env.count("SELECT count(*) FROM orders").await, 1);
+    env.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn redis_losing_its_data_neither_double_books_nor_stops_booking() {
+    let mut env = common::env().await;
+    env.seed(1, 1000, None).await;
+    let api = env.start_api().await;
+    env.start_worker().await;
+    env.start_worker().await;
+    let first = env.storm(&api, 1, 100, 50, |i| format!("u{i}")).await;
+    let keys: Vec<String> = first.iter().map(|a| a.key.clone()).collect();
+    env.wait_for_rows(&keys).await;
+
+    // Every key of the namespace gone: accept log, fence counters, locks.
+    let mut redis = redis_conn::connect(&env.backends().redis_url)
+        .await
+        .unwrap();
+    let all: Vec<String> = redis::cmd("KEYS")
+        .arg(env.backends().namespace().key_pattern())
+        .query_async(&mut redis)
+        .await
+        .unwrap();
+    assert!(!all.is_empty());
+    redis::cmd("DEL")
+        .arg(&all)
+        .query_async::<()>(&mut redis)
+        .await
+        .unwrap();
+
+    // The used keys, resent with their bodies: 202 again or 200, never booked twice.
+    for (i, key) in keys.iter().enumerate() {
+        let a = env
+            .buy(
+                &api,
+                Some(key),
+                json!({"userId": format!("u{i}"), "productId": 1, "quantity": 1}),
+            )
+            .await;
+        assert!(matches!(a.status.as_u16(), 200 | 202), "{a:?}");
+    }
+    let fresh = env.storm(&api, 1, 50, 25, |i| format!("v{i}")).await;
+    let fresh_keys: Vec<String> = fresh.iter().map(|a| a.key.clone()).collect();
+    env.wait_for_rows(&fresh_keys).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    env.stop_workers().await;
+    assert_eq!(env.queue_depth(false).await, 0);
+    assert_eq!(env.count("SELECT count(*) FROM orders").await, 150);
+    assert_eq!(
+        env.count("SELECT count(*) FROM orders WHERE status = 'confirmed'")
+            .await,
+        150
+    );
+    assert_eq!(env.stock(1).await, 850);
+    env.assert_invariants().await;
+    env.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_holder_whose_token_was_superseded_cannot_change_stock() {
+    let env = common::env().await;
+    env.seed(1, 10, None).await;
+    let ledger = StockLedger::new(env.pool.clone());
+    let ns = env.backends().namespace();
+    let redis = redis_conn::connect(&env.backends().redis_url)
+        .await
+        .unwrap();
+    let product = ProductId::new(1).unwrap();
+
+    let slow =
+        ProductLock::new(redis.clone(), ns.clone(), "slow").with_lease(Duration::from_millis(200));
+    let stale = slow.try_acquire(product).await.unwrap().expect("free lock");
+    let fast = ProductLock::new(redis.clone(), ns.clone(), "fast");
+    assert!(
+        fast.try_acquire(product).await.unwrap().is_none(),
+        "lock is exclusive"
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await; // the slow holder's lease ends
+    let current = fast
+        .try_acquire(product)
+        .await
+        .unwrap()
+        .expect("lease expired");
+    assert!(current.token > stale.token);
+
+    let receipt = ledger
+        .apply_group(product, current.token, &[order("new-holder", "u1", 1)])
+        .await
+        .unwrap();
+    assert_eq!(receipt.outcomes, vec![OrderOutcome::Confirmed]);
+    match ledger
+        .apply_group(product, stale.token, &[order("old-holder", "u2", 1)])
+        .await
+    {
+        Err(LedgerError::FencedOut { fence, .. }) => assert_eq!(fence, current.token.0),
+        other => panic!("stale holder was not fenced out: {other:?}"),
+    }
+    assert!(
+        !slow.release(&stale).await.unwrap(),
+        "released another's lock"
+    );
+    assert!(fast.release(&current).await.unwrap());
+    assert_eq!(env.stock(1).await, 9);
+    assert_eq!(env.count("SELECT count(*) FROM orders").await, 1);
+
+    // Redis forgets the counter: the next token is fenced out, the counter
+    // is raised past what PostgreSQL saw, and booking goes on.
+    let mut conn = redis.clone();
+    redis::cmd("DEL")
+        .arg(ns.fence_key(1))
+        .query_async::<()>(&mut conn)
+        .await
+        .unwrap();
+    let low = fast.try_acquire(product).await.unwrap().unwrap();
+    let fence = match ledger
+        .apply_group(product, low.token, &[order("after-loss", "u3", 1)])
+        .await
+    {
+        Err(LedgerError::FencedOut { fence, .. }) => fence,
+        other => panic!("a token below the fence wrote: {other:?}"),
+    };
+    fast.raise_fence(product, fence).await.unwrap();
+    fast.release(&low).await.unwrap();
+    let next = fast.try_acquire(product).await.unwrap().unwrap();
+    assert!(next.token.0 > fence);
+    ledger
+        .apply_group(product, next.token, &[order("after-loss", "u3", 1)])
+        .await
+        .unwrap();
+    assert_eq!(env.stock(1).await, 8);
+    env.assert_invariants().await;
+    env.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn api_starts_without_its_backends_and_answers_503() {
+    let mut env = common::env().await;
+    let mut backends = env.backends();
+    backends.redis_url = "redis://127.0.0.1:1".into();
+    backends.amqp_url = "amqp://guest:guest@127.0.0.1:1/%2f".into();
+    backends.database_url = "postgres://postgres@127.0.0.1:1/nothing".into();
+    let api = env.start_api_with(backends, false).await;
+    let live = env
+        .http
+        .get(format!("{api}/health/live"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(live.status(), StatusCode::OK);
+    let ready = env
+        .http
+        .get(format!("{api}/health/ready"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(ready.status(), StatusCode::SERVICE_UNAVAILABLE);
+    let text = ready.text().await.unwrap();
+    for name in ["postgres", "redis", "rabbitmq"] {
+        assert!(text.contains(name), "{text}");
+    }
+    let a = env
+        .buy(
+            &api,
+            None,
+            json!({"userId": "u", "productId": 1, "quantity": 1}),
+        )
+        .await;
+    assert_eq!(a.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(a.retry_after.as_deref(), Some("1"));
+    env.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_message_over_the_delivery_limit_is_dead_lettered_by_the_queue() {
+    use lapin::options::BasicNackOptions;
+    let env = common::env().await;
+    env.publish_raw("limit-1", &message("limit-1", 1)).await;
+    let conn = flashsale_engine::broker::connect(&env.backends().amqp_url, "test")
+        .await
+        .unwrap();
+    let channel = conn.create_channel().await.unwrap();
+    let queue = env.backends().namespace().orders_queue();
+    let mut deliveries = 0;
+    while let Some(got) = channel
+        .basic_get(queue.as_str().into(), BasicGetOptions { no_ack: false })
+        .await
+        .unwrap()
+    {
+        deliveries += 1;
+        got.delivery
+            .acker
+            .nack(BasicNackOptions {
+                requeue: true,
+                multiple: false,
+            })
+            .await
+            .unwrap();
+        assert!(deliveries <= 30, "the delivery limit never applied");
+    }
+    let _ = conn.close(200, "done".into()).await;
+    assert!(deliveries > flashsale_engine::broker::DELIVERY_LIMIT as usize);
+    let mut in_dlq = 0;
+    for _ in 0..50 {
+        in_dlq = env.queue_depth(true).await;
+        if in_dlq == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(in_dlq, 1, "the message is gone instead of dead-lettered");
+    env.finish().await;
+}

@@ -1,0 +1,109 @@
+//! The `flashsale-worker` binary as an operator runs it: a clear one-line
+//! error for an unreachable backend, and exit 0 on SIGTERM.
+#![allow(clippy::unwrap_used)]
+
+use flashsale_engine::BackendUrls;
+use flashsale_engine::scratch::Scratch;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+fn servers() -> BackendUrls {
+    let var = |k: &str, d: &str| std::env::var(k).unwrap_or_else(|_| d.to_owned());
+    BackendUrls {
+        database_url: var(
+            "DATABASE_URL",
+            flashsale_engine::config::DEFAULT_DATABASE_URL,
+        ),
+        redis_url: var("REDIS_URL", flashsale_engine::config::DEFAULT_REDIS_URL),
+        amqp_url: var("AMQP_URL", flashsale_engine::config::DEFAULT_AMQP_URL),
+        namespace: String::new(),
+    }
+}
+
+fn worker(b: &BackendUrls) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_flashsale-worker"));
+    c.env("DATABASE_URL", &b.database_url)
+        .env("REDIS_URL", &b.redis_url)
+        .env("AMQP_URL", &b.amqp_url)
+        .env("FLASHSALE_NAMESPACE", &b.namespace)
+        .env("METRICS_ADDR", "0");
+    c
+}
+
+#[test]
+fn an_unreachable_backend_is_one_clear_line_and_a_failure() {
+    let scratch = Scratch::new(&servers());
+    let cases = [
+        (
+            "PostgreSQL",
+            "postgres://postgres:secret@127.0.0.1:1/x",
+            "DATABASE_URL",
+        ),
+        ("Redis", "redis://127.0.0.1:1", "REDIS_URL"),
+        (
+            "RabbitMQ",
+            "amqp://guest:secret@127.0.0.1:1/%2f",
+            "AMQP_URL",
+        ),
+    ];
+    for (component, url, var) in cases {
+        let out = worker(&scratch.backends)
+            .env(var, url)
+            .env("RUST_LOG", "off")
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "{component}: exit 0");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        let line = stderr.trim();
+        assert_eq!(line.lines().count(), 1, "{component}: {stderr}");
+        assert!(line.contains(component), "{line}");
+        assert!(line.contains("127.0.0.1:1"), "{line}");
+        assert!(!line.contains("secret"), "password shown: {line}");
+        assert!(!line.contains("panicked"), "{line}");
+    }
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(scratch.remove()).unwrap();
+}
+
+#[test]
+fn sigterm_stops_the_worker_with_exit_0() {
+    let scratch = Scratch::new(&servers());
+    let mut child = worker(&scratch.backends)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Wait until it runs: its heartbeat appears in Redis.
+    let client = redis::Client::open(scratch.backends.redis_url.as_str()).unwrap();
+    let mut conn = client.get_connection().unwrap();
+    let pattern = format!("{}:worker:*", scratch.backends.namespace);
+    let mut started = false;
+    for _ in 0..100 {
+        let keys: Vec<String> = redis::cmd("KEYS").arg(&pattern).query(&mut conn).unwrap();
+        if !keys.is_empty() {
+            started = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(started, "the worker never wrote a heartbeat");
+    let killed = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    let mut status = None;
+    for _ in 0..100 {
+        if let Some(s) = child.try_wait().unwrap() {
+            status = Some(s);
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let status = status.expect("the worker did not stop on SIGTERM");
+    assert_eq!(status.code(), Some(0));
+    let keys: Vec<String> = redis::cmd("KEYS").arg(&pattern).query(&mut conn).unwrap();
+    assert!(keys.is_empty(), "heartbeat left behind: {keys:?}");
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(scratch.remove()).unwrap();
+}
