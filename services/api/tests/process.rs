@@ -28,16 +28,14 @@ async fn sigterm_stops_the_api_with_exit_0() {
         .unwrap();
     let mut ready = false;
     for _ in 0..100 {
-        if let Ok(r) = env
+        let answer = env
             .http
             .get(format!("http://127.0.0.1:{port}/health/ready"))
             .send()
-            .await
-        {
-            if r.status().is_success() {
-                ready = true;
-                break;
-            }
+            .await;
+        if answer.is_ok_and(|r| r.status().is_success()) {
+            ready = true;
+            break;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }

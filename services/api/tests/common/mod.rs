@@ -142,10 +142,9 @@ impl TestEnv {
         self.apis.push(Running { stop, task });
         if wait_ready {
             for _ in 0..200 {
-                if let Ok(r) = self.http.get(format!("{base}/health/ready")).send().await {
-                    if r.status() == StatusCode::OK {
-                        return base;
-                    }
+                let answer = self.http.get(format!("{base}/health/ready")).send().await;
+                if answer.is_ok_and(|r| r.status() == StatusCode::OK) {
+                    return base;
                 }
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
