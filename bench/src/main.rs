@@ -1,0 +1,278 @@
+//! `flashsale-bench`: the measurements behind the README's performance
+//! table, driven by `bench/run`. Until `fsctl storm` lands, `storm` here is
+//! the load generator: closed model, every request its own key.
+
+use clap::{Parser, Subcommand};
+use flashsale_engine::{BackendUrls, broker, postgres};
+use futures_util::StreamExt;
+use lapin::options::ConfirmSelectOptions;
+use serde_json::json;
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+#[derive(Parser)]
+struct Cli {
+    #[command(flatten)]
+    backends: BackendUrls,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// `n` buys of one product at concurrency `c`, each with its own key.
+    Storm {
+        #[arg(long, default_value = "http://127.0.0.1:3000")]
+        api: String,
+        #[arg(short = 'n', long, default_value_t = 5000)]
+        requests: usize,
+        #[arg(short = 'c', long, default_value_t = 500)]
+        concurrency: usize,
+        #[arg(long, default_value_t = 1)]
+        product: i64,
+    },
+    /// Publishes `n` orders straight to the order queue, `window` confirms in flight.
+    Fill {
+        #[arg(short = 'n', long, default_value_t = 20_000)]
+        orders: usize,
+        /// The orders go to products first..first+products-1, round-robin.
+        #[arg(long, default_value_t = 1)]
+        first_product: i64,
+        #[arg(long, default_value_t = 1)]
+        products: i64,
+        #[arg(long, default_value_t = 1000)]
+        window: usize,
+    },
+    /// Waits until the orders table holds `count` rows; prints the rate.
+    WaitRows {
+        #[arg(long)]
+        count: i64,
+        #[arg(long, default_value_t = 600)]
+        timeout_secs: u64,
+    },
+    /// Raw batched insert rate into a scratch copy of the orders table.
+    PgInsert {
+        #[arg(long, default_value_t = 20_000)]
+        rows: usize,
+        #[arg(long, default_value_t = 500)]
+        batch: usize,
+    },
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let report = match cli.command {
+        Command::Storm {
+            api,
+            requests,
+            concurrency,
+            product,
+        } => storm(&api, requests, concurrency, product).await?,
+        Command::Fill {
+            orders,
+            first_product,
+            products,
+            window,
+        } => fill(&cli.backends, orders, first_product..first_product + products, window).await?,
+        Command::WaitRows {
+            count,
+            timeout_secs,
+        } => wait_rows(&cli.backends, count, timeout_secs).await?,
+        Command::PgInsert { rows, batch } => pg_insert(&cli.backends, rows, batch).await?,
+    };
+    println!("{report}");
+    Ok(())
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i.min(sorted.len() - 1)]
+}
+
+async fn storm(
+    api: &str,
+    requests: usize,
+    concurrency: usize,
+    product: i64,
+) -> anyhow::Result<serde_json::Value> {
+    let client = reqwest::Client::builder()
+        .pool_max_idle_per_host(concurrency)
+        .timeout(Duration::from_secs(60))
+        .build()?;
+    let run = uuid_like();
+    let next = Arc::new(AtomicUsize::new(0));
+    let started = Instant::now();
+    let tasks: Vec<_> = (0..concurrency)
+        .map(|_| {
+            let (client, next, url, run) =
+                (client.clone(), next.clone(), format!("{api}/buy"), run.clone());
+            tokio::spawn(async move {
+                let mut seen = Vec::new();
+                loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    if i >= requests {
+                        return seen;
+                    }
+                    let body = json!({"userId": format!("buyer-{i}"), "productId": product, "quantity": 1});
+                    let sent = Instant::now();
+                    let status = match client
+                        .post(&url)
+                        .header("Idempotency-Key", format!("bench-{run}-{i}"))
+                        .json(&body)
+                        .send()
+                        .await
+                    {
+                        Ok(r) => {
+                            let s = r.status().as_u16();
+                            let _ = r.bytes().await;
+                            s.to_string()
+                        }
+                        Err(_) => "error".to_owned(),
+                    };
+                    seen.push((status, sent.elapsed().as_secs_f64()));
+                }
+            })
+        })
+        .collect();
+    let mut latencies = Vec::with_capacity(requests);
+    let mut statuses: BTreeMap<String, usize> = BTreeMap::new();
+    for t in tasks {
+        for (status, latency) in t.await? {
+            *statuses.entry(status).or_default() += 1;
+            latencies.push(latency);
+        }
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    latencies.sort_by(f64::total_cmp);
+    Ok(json!({
+        "requests": requests,
+        "concurrency": concurrency,
+        "seconds": seconds,
+        "answersPerSecond": requests as f64 / seconds,
+        "statusCounts": statuses,
+        "latencySeconds": {
+            "p50": percentile(&latencies, 0.50),
+            "p90": percentile(&latencies, 0.90),
+            "p99": percentile(&latencies, 0.99),
+            "max": latencies.last().copied().unwrap_or(0.0),
+        },
+    }))
+}
+
+fn uuid_like() -> String {
+    format!("{:x}", chrono::Utc::now().timestamp_nanos_opt().unwrap_or(0))
+}
+
+async fn fill(
+    backends: &BackendUrls,
+    orders: usize,
+    products: std::ops::Range<i64>,
+    window: usize,
+) -> anyhow::Result<serde_json::Value> {
+    let spread = (products.end - products.start).max(1);
+    let conn = broker::connect(&backends.amqp_url, "flashsale-bench").await?;
+    let channel = conn.create_channel().await?;
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await?;
+    let ns = backends.namespace();
+    broker::declare_queues(&channel, &ns).await?;
+    let queue = ns.orders_queue();
+    let run = uuid_like();
+    let now = chrono::Utc::now();
+    let started = Instant::now();
+    let results: Vec<Result<(), broker::PublishError>> = futures_util::stream::iter(0..orders)
+        .map(|i| {
+            let id = format!("fill-{run}-{i}");
+            let payload = serde_json::to_vec(&json!({
+                "orderId": id, "userId": format!("buyer-{i}"),
+                "productId": products.start + (i as i64 % spread), "quantity": 1, "acceptedAt": now,
+            }))
+            .unwrap_or_default();
+            let (channel, queue) = (&channel, &queue);
+            async move { broker::publish_confirmed(channel, queue, &id, &payload, None).await }
+        })
+        .buffer_unordered(window)
+        .collect()
+        .await;
+    let seconds = started.elapsed().as_secs_f64();
+    let failed = results.iter().filter(|r| r.is_err()).count();
+    let _ = conn.close(200, "done".into()).await;
+    Ok(json!({
+        "published": orders - failed,
+        "failed": failed,
+        "seconds": seconds,
+        "confirmedPublishesPerSecond": (orders - failed) as f64 / seconds,
+        "window": window,
+    }))
+}
+
+async fn wait_rows(
+    backends: &BackendUrls,
+    count: i64,
+    timeout_secs: u64,
+) -> anyhow::Result<serde_json::Value> {
+    let pool = postgres::connect_and_migrate(&backends.database_url, 1).await?;
+    let started = Instant::now();
+    loop {
+        let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM orders")
+            .fetch_one(&pool)
+            .await?;
+        if rows >= count {
+            let seconds = started.elapsed().as_secs_f64();
+            return Ok(json!({
+                "rows": rows,
+                "seconds": seconds,
+                "ordersPerSecond": rows as f64 / seconds,
+            }));
+        }
+        if started.elapsed() > Duration::from_secs(timeout_secs) {
+            anyhow::bail!("only {rows} of {count} rows after {timeout_secs} s");
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+async fn pg_insert(
+    backends: &BackendUrls,
+    rows: usize,
+    batch: usize,
+) -> anyhow::Result<serde_json::Value> {
+    let pool = postgres::connect_and_migrate(&backends.database_url, 1).await?;
+    sqlx::raw_sql(
+        "DROP TABLE IF EXISTS bench_orders; CREATE TABLE bench_orders (LIKE orders INCLUDING ALL)",
+    )
+    .execute(&pool)
+    .await?;
+    let run = uuid_like();
+    let started = Instant::now();
+    for chunk in (0..rows).collect::<Vec<_>>().chunks(batch.max(1)) {
+        let keys: Vec<String> = chunk.iter().map(|i| format!("{run}-{i}")).collect();
+        let users: Vec<String> = chunk.iter().map(|i| format!("buyer-{i}")).collect();
+        sqlx::query(
+            "INSERT INTO bench_orders (idempotency_key, user_id, product_id, quantity, status,
+                                       accepted_at, processed_at)
+             SELECT k, u, 1, 1, 'confirmed', now(), now() FROM unnest($1::text[], $2::text[]) AS t(k, u)
+             ON CONFLICT (idempotency_key) DO NOTHING",
+        )
+        .bind(&keys)
+        .bind(&users)
+        .execute(&pool)
+        .await?;
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    sqlx::raw_sql("DROP TABLE bench_orders").execute(&pool).await?;
+    Ok(json!({
+        "rows": rows,
+        "batch": batch,
+        "seconds": seconds,
+        "rowsPerSecond": rows as f64 / seconds,
+        "note": "one transaction per batch, synchronous commit as configured",
+    }))
+}
