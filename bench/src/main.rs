@@ -49,6 +49,9 @@ enum Command {
     WaitRows {
         #[arg(long)]
         count: i64,
+        /// Rows already there when the drain began (not counted in the rate).
+        #[arg(long, default_value_t = 0)]
+        baseline: i64,
         #[arg(long, default_value_t = 600)]
         timeout_secs: u64,
     },
@@ -76,11 +79,20 @@ async fn main() -> anyhow::Result<()> {
             first_product,
             products,
             window,
-        } => fill(&cli.backends, orders, first_product..first_product + products, window).await?,
+        } => {
+            fill(
+                &cli.backends,
+                orders,
+                first_product..first_product + products,
+                window,
+            )
+            .await?
+        }
         Command::WaitRows {
             count,
+            baseline,
             timeout_secs,
-        } => wait_rows(&cli.backends, count, timeout_secs).await?,
+        } => wait_rows(&cli.backends, count, baseline, timeout_secs).await?,
         Command::PgInsert { rows, batch } => pg_insert(&cli.backends, rows, batch).await?,
     };
     println!("{report}");
@@ -166,7 +178,10 @@ async fn storm(
 }
 
 fn uuid_like() -> String {
-    format!("{:x}", chrono::Utc::now().timestamp_nanos_opt().unwrap_or(0))
+    format!(
+        "{:x}",
+        chrono::Utc::now().timestamp_nanos_opt().unwrap_or(0)
+    )
 }
 
 async fn fill(
@@ -216,6 +231,7 @@ async fn fill(
 async fn wait_rows(
     backends: &BackendUrls,
     count: i64,
+    baseline: i64,
     timeout_secs: u64,
 ) -> anyhow::Result<serde_json::Value> {
     let pool = postgres::connect_and_migrate(&backends.database_url, 1).await?;
@@ -227,9 +243,9 @@ async fn wait_rows(
         if rows >= count {
             let seconds = started.elapsed().as_secs_f64();
             return Ok(json!({
-                "rows": rows,
+                "rows": rows - baseline,
                 "seconds": seconds,
-                "ordersPerSecond": rows as f64 / seconds,
+                "ordersPerSecond": (rows - baseline) as f64 / seconds,
             }));
         }
         if started.elapsed() > Duration::from_secs(timeout_secs) {
@@ -267,7 +283,9 @@ async fn pg_insert(
         .await?;
     }
     let seconds = started.elapsed().as_secs_f64();
-    sqlx::raw_sql("DROP TABLE bench_orders").execute(&pool).await?;
+    sqlx::raw_sql("DROP TABLE bench_orders")
+        .execute(&pool)
+        .await?;
     Ok(json!({
         "rows": rows,
         "batch": batch,

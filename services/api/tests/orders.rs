@@ -82,6 +82,30 @@ async fn hot_item_sells_exactly_its_stock() {
         .await;
     assert_eq!(late.status, StatusCode::CONFLICT);
     assert_eq!(late.body["reason"], "sold_out");
+
+    // The contract's metrics are exported.
+    let metrics = env
+        .http
+        .get(format!("{api}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for name in [
+        "flashsale_order_requests_total{status=\"queued\"}",
+        "flashsale_order_requests_total{status=\"rejected_sold_out\"}",
+        "flashsale_request_duration_seconds_bucket{route=\"/buy\"",
+        "flashsale_orders_processed_total{status=\"confirmed\",reason=\"\"}",
+        "flashsale_order_latency_seconds_bucket",
+        "flashsale_batch_size_bucket",
+        "flashsale_lock_wait_seconds_bucket",
+        "flashsale_stock_level{product_id=\"1\"}",
+        "flashsale_inflight_orders",
+    ] {
+        assert!(metrics.contains(name), "/metrics lacks {name}");
+    }
     env.finish().await;
 }
 

@@ -16,6 +16,15 @@ pub struct RedisUnreachable {
     pub source: redis::RedisError,
 }
 
+/// The client for `url`, with Nagle's algorithm off (small pipelined commands).
+fn client(url: &str) -> redis::RedisResult<redis::Client> {
+    use redis::IntoConnectionInfo;
+    let info = url
+        .into_connection_info()?
+        .set_tcp_settings(redis::io::tcp::TcpSettings::default().set_nodelay(true));
+    redis::Client::open(info)
+}
+
 fn manager_config() -> ConnectionManagerConfig {
     ConnectionManagerConfig::new()
         .set_response_timeout(Some(REDIS_TIMEOUT))
@@ -30,7 +39,7 @@ pub async fn connect(url: &str) -> Result<ConnectionManager, RedisUnreachable> {
         url: mask_url(url),
         source,
     };
-    let client = redis::Client::open(url).map_err(fail)?;
+    let client = client(url).map_err(fail)?;
     let mut conn = tokio::time::timeout(
         REDIS_TIMEOUT * 3,
         ConnectionManager::new_with_config(client, manager_config()),
@@ -51,7 +60,7 @@ pub fn connect_lazy(url: &str) -> Result<ConnectionManager, RedisUnreachable> {
         url: mask_url(url),
         source,
     };
-    let client = redis::Client::open(url).map_err(fail)?;
+    let client = client(url).map_err(fail)?;
     ConnectionManager::new_lazy_with_config(client, manager_config()).map_err(fail)
 }
 

@@ -94,7 +94,7 @@ impl OrderBook {
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         loop {
             let batch = tokio::select! {
-                () = shutdown.cancelled() => return Ok(()),
+                () = shutdown.cancelled() => return self.finish(consumer, shutdown).await,
                 _ = tick.tick() => {
                     crate::record_queue_stats(consumer).await;
                     continue;
@@ -106,6 +106,25 @@ impl OrderBook {
             };
             self.process(consumer, deliveries, shutdown).await?;
         }
+    }
+
+    /// On shutdown: stop the deliveries, then book and ack what was already
+    /// sent, so a graceful stop hands nothing back to the queue.
+    async fn finish(
+        &self,
+        consumer: &OrderConsumer,
+        shutdown: &CancellationToken,
+    ) -> Result<(), BookError> {
+        consumer.cancel().await;
+        while let Ok(batch) =
+            tokio::time::timeout(Duration::from_millis(200), consumer.next_batch()).await
+        {
+            match batch? {
+                Some(deliveries) => self.process(consumer, deliveries, shutdown).await?,
+                None => break,
+            }
+        }
+        Ok(())
     }
 
     /// Dead-letters poison, commits the rest, acks everything.

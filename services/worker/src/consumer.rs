@@ -4,7 +4,9 @@
 use flashsale_engine::{Namespace, broker};
 use futures_util::{FutureExt, StreamExt};
 use lapin::message::Delivery;
-use lapin::options::{BasicConsumeOptions, BasicQosOptions, ConfirmSelectOptions};
+use lapin::options::{
+    BasicCancelOptions, BasicConsumeOptions, BasicQosOptions, ConfirmSelectOptions,
+};
 use lapin::types::FieldTable;
 use lapin::{Channel, Connection, Consumer};
 use std::time::Duration;
@@ -14,6 +16,7 @@ pub struct OrderConsumer {
     channel: Channel,
     consumer: tokio::sync::Mutex<Consumer>,
     prefetch: u16,
+    tag: String,
     ns: Namespace,
 }
 
@@ -38,7 +41,7 @@ impl OrderConsumer {
         let consumer = channel
             .basic_consume(
                 ns.orders_queue().into(),
-                tag.into(),
+                tag.as_str().into(),
                 BasicConsumeOptions::default(),
                 FieldTable::default(),
             )
@@ -48,6 +51,7 @@ impl OrderConsumer {
             channel,
             consumer: tokio::sync::Mutex::new(consumer),
             prefetch,
+            tag,
             ns: ns.clone(),
         })
     }
@@ -83,6 +87,14 @@ impl OrderConsumer {
             }
         }
         Ok(Some(batch))
+    }
+
+    /// Stops new deliveries; those already sent can still be taken.
+    pub async fn cancel(&self) {
+        let cancel = self
+            .channel
+            .basic_cancel(self.tag.as_str().into(), BasicCancelOptions::default());
+        let _ = tokio::time::timeout(Duration::from_secs(2), cancel).await;
     }
 
     /// Closes the connection; unacked deliveries go back to the queue.

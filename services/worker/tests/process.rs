@@ -65,6 +65,19 @@ fn an_unreachable_backend_is_one_clear_line_and_a_failure() {
     rt.block_on(scratch.remove()).unwrap();
 }
 
+fn http_get(port: &str, path: &str) -> String {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(format!("127.0.0.1:{port}")).unwrap();
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut reply = String::new();
+    stream.read_to_string(&mut reply).unwrap();
+    reply
+}
+
 #[test]
 fn sigterm_stops_the_worker_with_exit_0() {
     let scratch = Scratch::new(&servers());
@@ -87,6 +100,30 @@ fn sigterm_stops_the_worker_with_exit_0() {
         std::thread::sleep(Duration::from_millis(100));
     }
     assert!(started, "the worker never wrote a heartbeat");
+
+    // The heartbeat names where its metrics are served.
+    let keys: Vec<String> = redis::cmd("KEYS").arg(&pattern).query(&mut conn).unwrap();
+    let beat: std::collections::HashMap<String, String> = redis::cmd("HGETALL")
+        .arg(&keys[0])
+        .query(&mut conn)
+        .unwrap();
+    for field in [
+        "id",
+        "startedAt",
+        "processed",
+        "inflight",
+        "product",
+        "metricsAddr",
+    ] {
+        assert!(
+            beat.contains_key(field),
+            "heartbeat lacks {field}: {beat:?}"
+        );
+    }
+    let port = beat["metricsAddr"].rsplit(':').next().unwrap().to_owned();
+    assert!(http_get(&port, "/health/live").starts_with("HTTP/1.1 200"));
+    let metrics = http_get(&port, "/metrics");
+    assert!(metrics.starts_with("HTTP/1.1 200"), "{metrics}");
     let killed = Command::new("kill")
         .args(["-TERM", &child.id().to_string()])
         .status()
