@@ -1,12 +1,16 @@
-//! The product catalog cache: every product's stock and limits, refreshed
+//! The product catalog cache: every product's stock and limits, reloaded
 //! from PostgreSQL every [`REFRESH_EVERY`] so the API never runs more than a
-//! second behind the ledger, and never queries PostgreSQL on the accept path.
-//! Its first job is to create the database and apply the migrations.
+//! second behind the ledger and never queries PostgreSQL on the accept path.
+//! Between reloads, the workers' stock announcements (Redis pub/sub) update
+//! the stock at once, so a sell-out is fast-pathed within milliseconds. Its
+//! first job is to create the database and apply the migrations.
 
 use flashsale_engine::ledger::{ProductRecord, StockLedger};
 use flashsale_engine::metrics::STOCK_LEVEL;
-use flashsale_engine::{ProductId, postgres};
+use flashsale_engine::{BackendUrls, ProductId, postgres, stock_feed};
+use futures_util::StreamExt;
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicI32, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
@@ -14,7 +18,14 @@ use std::time::Duration;
 pub const REFRESH_EVERY: Duration = Duration::from_millis(250);
 const QUERY_TIMEOUT: Duration = Duration::from_secs(1);
 
-type Snapshot = Arc<HashMap<i64, ProductRecord>>;
+struct Entry {
+    record: ProductRecord,
+    /// Stock as last loaded or announced.
+    stock: AtomicI32,
+}
+
+type Snapshot = Arc<HashMap<i64, Entry>>;
+type Shared = Arc<RwLock<Option<Snapshot>>>;
 
 /// What the catalog knows of a product.
 pub enum Lookup {
@@ -25,43 +36,55 @@ pub enum Lookup {
 }
 
 pub struct Catalog {
-    snapshot: Arc<RwLock<Option<Snapshot>>>,
-    task: tokio::task::JoinHandle<()>,
+    snapshot: Shared,
+    tasks: [tokio::task::JoinHandle<()>; 2],
 }
 
 impl Drop for Catalog {
     fn drop(&mut self) {
-        self.task.abort();
+        for t in &self.tasks {
+            t.abort();
+        }
     }
 }
 
+fn current(shared: &Shared) -> Option<Snapshot> {
+    shared.read().unwrap_or_else(|p| p.into_inner()).clone()
+}
+
 impl Catalog {
-    pub fn start(ledger: StockLedger, database_url: String) -> Self {
-        let snapshot = Arc::new(RwLock::new(None));
-        let task = tokio::spawn(refresh(ledger, database_url, snapshot.clone()));
-        Self { snapshot, task }
+    pub fn start(ledger: StockLedger, backends: &BackendUrls) -> Self {
+        let snapshot: Shared = Arc::new(RwLock::new(None));
+        let tasks = [
+            tokio::spawn(refresh(
+                ledger,
+                backends.database_url.clone(),
+                snapshot.clone(),
+            )),
+            tokio::spawn(follow_announcements(backends.clone(), snapshot.clone())),
+        ];
+        Self { snapshot, tasks }
     }
 
     pub fn lookup(&self, id: ProductId) -> Lookup {
-        let guard = self.snapshot.read().unwrap_or_else(|p| p.into_inner());
-        match guard.as_ref() {
+        match current(&self.snapshot) {
             None => Lookup::NotLoaded,
             Some(map) => match map.get(&id.get()) {
-                Some(p) => Lookup::Found(p.clone()),
+                Some(e) => Lookup::Found(ProductRecord {
+                    stock: e.stock.load(Ordering::Relaxed),
+                    ..e.record.clone()
+                }),
                 None => Lookup::Unknown,
             },
         }
     }
 
     pub fn is_loaded(&self) -> bool {
-        self.snapshot
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .is_some()
+        current(&self.snapshot).is_some()
     }
 }
 
-async fn refresh(ledger: StockLedger, url: String, snapshot: Arc<RwLock<Option<Snapshot>>>) {
+async fn refresh(ledger: StockLedger, url: String, snapshot: Shared) {
     let mut backoff = Duration::from_millis(100);
     loop {
         let migrated = async {
@@ -80,11 +103,15 @@ async fn refresh(ledger: StockLedger, url: String, snapshot: Arc<RwLock<Option<S
     loop {
         match tokio::time::timeout(QUERY_TIMEOUT, ledger.products()).await {
             Ok(Ok(products)) => {
-                for p in &products {
-                    metrics::gauge!(STOCK_LEVEL, "product_id" => p.id.to_string())
-                        .set(f64::from(p.stock));
-                }
-                let map = products.into_iter().map(|p| (p.id, p)).collect();
+                let map = products
+                    .into_iter()
+                    .map(|p| {
+                        metrics::gauge!(STOCK_LEVEL, "product_id" => p.id.to_string())
+                            .set(f64::from(p.stock));
+                        let stock = AtomicI32::new(p.stock);
+                        (p.id, Entry { record: p, stock })
+                    })
+                    .collect();
                 *snapshot.write().unwrap_or_else(|p| p.into_inner()) = Some(Arc::new(map));
                 if failing {
                     tracing::info!("catalog: PostgreSQL answers again");
@@ -102,5 +129,31 @@ async fn refresh(ledger: StockLedger, url: String, snapshot: Arc<RwLock<Option<S
             _ => {}
         }
         tokio::time::sleep(REFRESH_EVERY).await;
+    }
+}
+
+/// Applies the workers' stock announcements; resubscribes when Redis drops.
+async fn follow_announcements(backends: BackendUrls, snapshot: Shared) {
+    let ns = backends.namespace();
+    loop {
+        let subscribed = tokio::time::timeout(
+            QUERY_TIMEOUT * 3,
+            stock_feed::subscribe(&backends.redis_url, &ns),
+        );
+        match subscribed.await {
+            Ok(Ok(changes)) => {
+                let mut changes = std::pin::pin!(changes);
+                while let Some((product, stock)) = changes.next().await {
+                    if let Some(map) = current(&snapshot)
+                        && let Some(entry) = map.get(&product)
+                    {
+                        entry.stock.store(stock, Ordering::Relaxed);
+                    }
+                }
+            }
+            Ok(Err(e)) => tracing::debug!(error = %e, "catalog: stock feed unavailable"),
+            Err(_) => tracing::debug!("catalog: stock feed subscription timed out"),
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
     }
 }

@@ -38,7 +38,7 @@ impl AppState {
         let ledger = StockLedger::new(postgres::connect_lazy(&backends.database_url, 16)?);
         let redis = redis_conn::connect_lazy(&backends.redis_url)?;
         Ok(Self(Arc::new(Shared {
-            catalog: Catalog::start(ledger.clone(), backends.database_url.clone()),
+            catalog: Catalog::start(ledger.clone(), backends),
             accept_log: AcceptLog::new(redis.clone(), namespace.clone()),
             publisher: OrderPublisher::start(&backends.amqp_url, &namespace),
             ledger,

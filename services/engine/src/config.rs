@@ -71,6 +71,10 @@ impl Namespace {
     pub fn worker_key(&self, worker_id: &str) -> String {
         format!("{}:worker:{worker_id}", self.0)
     }
+    /// Pub/sub channel of stock changes.
+    pub fn stock_channel(&self) -> String {
+        format!("{}:stock", self.0)
+    }
     /// Glob matching every Redis key of this namespace.
     pub fn key_pattern(&self) -> String {
         format!("{}:*", self.0)

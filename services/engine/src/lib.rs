@@ -13,6 +13,7 @@ pub mod postgres;
 pub mod redis_conn;
 pub mod scratch;
 pub mod shutdown;
+pub mod stock_feed;
 pub mod telemetry;
 
 pub use config::{BackendUrls, Namespace};

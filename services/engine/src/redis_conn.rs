@@ -17,7 +17,7 @@ pub struct RedisUnreachable {
 }
 
 /// The client for `url`, with Nagle's algorithm off (small pipelined commands).
-fn client(url: &str) -> redis::RedisResult<redis::Client> {
+pub fn client(url: &str) -> redis::RedisResult<redis::Client> {
     use redis::IntoConnectionInfo;
     let info = url
         .into_connection_info()?

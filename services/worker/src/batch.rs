@@ -13,6 +13,7 @@ use flashsale_engine::lock::ProductLock;
 use flashsale_engine::metrics::{
     BATCH_SIZE, LOCK_WAIT, ORDER_LATENCY, ORDERS_PROCESSED, STOCK_LEVEL,
 };
+use flashsale_engine::stock_feed::StockFeed;
 use flashsale_engine::{OrderMessage, ProductId};
 use lapin::message::Delivery;
 use lapin::options::BasicAckOptions;
@@ -67,16 +68,23 @@ impl Committed {
 pub struct OrderBook {
     ledger: StockLedger,
     lock: ProductLock,
+    feed: StockFeed,
     stats: Arc<WorkerStats>,
 }
 
 const MAX_BACKOFF: Duration = Duration::from_secs(2);
 
 impl OrderBook {
-    pub fn new(ledger: StockLedger, lock: ProductLock, stats: Arc<WorkerStats>) -> Self {
+    pub fn new(
+        ledger: StockLedger,
+        lock: ProductLock,
+        feed: StockFeed,
+        stats: Arc<WorkerStats>,
+    ) -> Self {
         Self {
             ledger,
             lock,
+            feed,
             stats,
         }
     }
@@ -233,6 +241,9 @@ impl OrderBook {
                     match applied {
                         Ok(receipt) => {
                             self.record(&group, &receipt);
+                            if let Some(stock) = receipt.stock_after {
+                                self.feed.announce(group.product.get(), stock).await;
+                            }
                             misses = 0;
                             lock_backoff = Duration::from_millis(1);
                             fault_backoff = Duration::from_millis(50);

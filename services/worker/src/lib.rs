@@ -12,6 +12,7 @@ use consumer::OrderConsumer;
 use flashsale_engine::ledger::StockLedger;
 use flashsale_engine::lock::ProductLock;
 use flashsale_engine::metrics::{QUEUE_CONSUMERS, QUEUE_DEPTH};
+use flashsale_engine::stock_feed::StockFeed;
 use flashsale_engine::{BackendUrls, broker, postgres, redis_conn};
 use heartbeat::WorkerStats;
 use std::sync::Arc;
@@ -91,8 +92,9 @@ impl Worker {
             metrics_listener.local_addr()?.to_string(),
         ));
         let lock = ProductLock::new(redis.clone(), ns.clone(), id);
+        let feed = StockFeed::new(redis, &ns);
         Ok(Self {
-            book: OrderBook::new(StockLedger::new(pool), lock, stats.clone()),
+            book: OrderBook::new(StockLedger::new(pool), lock, feed, stats.clone()),
             config,
             stats,
             metrics_listener,
