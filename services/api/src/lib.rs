@@ -24,6 +24,26 @@ pub struct ApiConfig {
     pub api_addr: String,
 }
 
+/// Pending connections the kernel queues for us. A flash sale opens
+/// hundreds of connections at once; std's default of 128 drops SYNs past it,
+/// and those buyers wait a one-second retransmit.
+const LISTEN_BACKLOG: u32 = 4096;
+
+async fn listen(addr: &str) -> std::io::Result<TcpListener> {
+    let addr = tokio::net::lookup_host(addr)
+        .await?
+        .next()
+        .ok_or_else(|| std::io::Error::other("address resolves to nothing"))?;
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(LISTEN_BACKLOG)
+}
+
 /// A built API, bound to its port, ready to serve.
 pub struct Application {
     listener: TcpListener,
@@ -35,7 +55,7 @@ impl Application {
     /// Binds the port and starts the background connections; the backends
     /// may be unreachable (requests are answered `503` until they answer).
     pub async fn build(config: ApiConfig) -> anyhow::Result<Self> {
-        let listener = TcpListener::bind(&config.api_addr)
+        let listener = listen(&config.api_addr)
             .await
             .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", config.api_addr))?;
         let state = AppState::start(&config.backends)?;
@@ -60,7 +80,13 @@ impl Application {
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> std::io::Result<()> {
         tracing::info!(addr = %self.listener.local_addr()?, "flashsale-api listening");
-        axum::serve(self.listener, self.router)
+        use axum::serve::ListenerExt;
+        let listener = self.listener.tap_io(|tcp| {
+            if let Err(e) = tcp.set_nodelay(true) {
+                tracing::debug!(error = %e, "cannot set TCP_NODELAY");
+            }
+        });
+        axum::serve(listener, self.router)
             .with_graceful_shutdown(shutdown)
             .await
     }
