@@ -470,3 +470,37 @@ async fn a_message_over_the_delivery_limit_is_dead_lettered_by_the_queue() {
     assert_eq!(in_dlq, 1, "the message is gone instead of dead-lettered");
     env.finish().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn worker_keeps_its_deliveries_while_postgres_is_away() {
+    let mut env = common::env().await;
+    env.seed(1, 100, None).await;
+    let api = env.start_api().await;
+    let forwarder = Forwarder::start(common::postgres_target()).await;
+    let mut backends = env.backends();
+    backends.database_url = flashsale_engine::scratch::with_database(
+        &format!("postgres://postgres@{}", forwarder.addr),
+        &env.scratch.database,
+    );
+    env.start_worker_with(backends).await;
+
+    forwarder.cut();
+    let answers = env.storm(&api, 1, 20, 10, |i| format!("p{i}")).await;
+    let keys: Vec<String> = answers.iter().map(|a| a.key.clone()).collect();
+    assert!(answers.iter().all(|a| a.status == StatusCode::ACCEPTED));
+    // The worker holds them (nothing ready in the queue, nothing dead-lettered).
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        env.queue_depth(false).await,
+        0,
+        "deliveries were handed back"
+    );
+    assert_eq!(env.queue_depth(true).await, 0, "an order was dead-lettered");
+    assert_eq!(env.count("SELECT count(*) FROM orders").await, 0);
+
+    forwarder.restore();
+    env.wait_for_rows(&keys).await;
+    assert_eq!(env.stock(1).await, 80);
+    env.assert_invariants().await;
+    env.finish().await;
+}

@@ -409,3 +409,20 @@ pub fn amqp_target() -> SocketAddr {
         .next()
         .unwrap()
 }
+
+/// The PostgreSQL server's address, from the database URL under test.
+pub fn postgres_target() -> SocketAddr {
+    let url = servers().database_url;
+    let rest = url.split("://").nth(1).unwrap_or("127.0.0.1:5432");
+    let host = rest.rsplit('@').next().unwrap_or(rest);
+    let host = host.split(['/', '?']).next().unwrap_or("127.0.0.1:5432");
+    let host = if host.contains(':') {
+        host.to_owned()
+    } else {
+        format!("{host}:5432")
+    };
+    std::net::ToSocketAddrs::to_socket_addrs(&host)
+        .unwrap()
+        .next()
+        .unwrap()
+}
