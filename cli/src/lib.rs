@@ -1,23 +1,39 @@
-//! `fsctl`: the operator's tool. This release has `migrate`; the other
-//! commands of the contract (seed, storm, verify, inspect, top, demo, up,
-//! doctor) come with their own issues.
+//! `fsctl`: the operator's tool. `migrate`, `seed`, `verify`, `inspect` and
+//! `completions`; storm, top, demo, up and doctor come with their own issues.
 
-use clap::{Parser, Subcommand};
+pub mod backends;
+pub mod exit;
+pub mod inspect;
+pub mod output;
+pub mod scenario;
+pub mod seed;
+pub mod verify;
+
+use clap::{CommandFactory, Parser, Subcommand};
+use exit::{OK, Outcome};
 use flashsale_engine::{BackendUrls, postgres};
 use std::process::ExitCode;
-
-/// Exit code: a component could not be reached, or bad usage.
-pub const EXIT_UNREACHABLE: u8 = 2;
 
 #[derive(Debug, Parser)]
 #[command(
     name = "fsctl",
     version,
-    about = "Operate a Flash Sale Engine deployment"
+    about = "Operate a Flash Sale Engine deployment",
+    after_help = "Exit codes: 0 success; 1 an invariant is violated or an accepted order was lost;
+2 bad usage, or a component could not be reached; 3 not drained in time.
+Every setting is also an environment variable (shown in brackets)."
 )]
 pub struct Cli {
     #[command(flatten)]
     pub backends: BackendUrls,
+    /// The API's base URL (storm, demo).
+    #[arg(
+        long,
+        global = true,
+        env = "FSCTL_API_URL",
+        default_value = "http://127.0.0.1:3000"
+    )]
+    pub api_url: String,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -25,48 +41,61 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Create the database if missing and apply migrations/.
+    #[command(
+        after_help = "Example: fsctl migrate --json\nExit codes: 0 applied; 2 PostgreSQL unreachable."
+    )]
     Migrate {
-        /// Print one JSON document instead of text.
+        /// One JSON document on stdout.
         #[arg(long)]
         json: bool,
     },
+    /// Put products in: create missing ones, --reset or --restock them.
+    Seed(seed::SeedArgs),
+    /// Prove the books: invariants 1-5, the DLQ, and accepted orders.
+    Verify(verify::VerifyArgs),
+    /// Look inside: queue, locks, workers, dlq, product ID, order ID.
+    Inspect(inspect::InspectArgs),
+    /// Print shell completions: fsctl completions bash > /etc/bash_completion.d/fsctl
+    Completions { shell: clap_complete::Shell },
 }
 
 pub async fn run(cli: Cli) -> ExitCode {
-    match cli.command {
-        Command::Migrate { json } => migrate(&cli.backends, json).await,
-    }
+    let b = &cli.backends;
+    exit::finish(match &cli.command {
+        Command::Migrate { json } => migrate(b, *json).await,
+        Command::Seed(args) => seed::run(b, args).await,
+        Command::Verify(args) => verify::run(b, args).await,
+        Command::Inspect(args) => inspect::run(b, args).await,
+        Command::Completions { shell } => {
+            clap_complete::generate(*shell, &mut Cli::command(), "fsctl", &mut std::io::stdout());
+            Ok(OK)
+        }
+    })
 }
 
-async fn migrate(backends: &BackendUrls, json: bool) -> ExitCode {
-    let url = &backends.database_url;
-    match postgres::connect_and_migrate(url, 1).await {
-        Ok(pool) => {
-            let applied: Vec<(i64, String)> = sqlx::query_as(
-                "SELECT version, description FROM _sqlx_migrations WHERE success ORDER BY version",
-            )
-            .fetch_all(&pool)
-            .await
-            .unwrap_or_default();
-            if json {
-                let list: Vec<_> = applied
-                    .iter()
-                    .map(|(v, d)| serde_json::json!({"version": v, "description": d}))
-                    .collect();
-                println!("{}", serde_json::json!({"ok": true, "applied": list}));
-            } else {
-                println!(
-                    "database {} is at migration {} ({} applied)",
-                    flashsale_engine::config::mask_url(url),
-                    applied.last().map(|(v, _)| *v).unwrap_or(0),
-                    applied.len()
-                );
-            }
-            ExitCode::SUCCESS
+async fn migrate(b: &BackendUrls, json: bool) -> Outcome {
+    let url = &b.database_url;
+    let pool = postgres::connect_and_migrate(url, 1).await?;
+    let applied: Vec<(i64, String)> = sqlx::query_as(
+        "SELECT version, description FROM _sqlx_migrations WHERE success ORDER BY version",
+    )
+    .fetch_all(&pool)
+    .await?;
+    if json {
+        let list: Vec<_> = applied
+            .iter()
+            .map(|(v, d)| serde_json::json!({"version": v, "description": d}))
+            .collect();
+        output::json(&serde_json::json!({"ok": true, "applied": list}));
+    } else {
+        for (v, d) in &applied {
+            println!("applied {v} {d}");
         }
-        Err(e) => {
-            eprintln!("fsctl: {e}");
-            ExitCode::from(EXIT_UNREACHABLE)
-        }
+        println!(
+            "database {} is at migration {}",
+            flashsale_engine::config::mask_url(url),
+            applied.last().map(|(v, _)| *v).unwrap_or(0),
+        );
     }
+    Ok(OK)
 }

@@ -12,16 +12,16 @@ pub const DEFAULT_NAMESPACE: &str = "flashsale";
 #[derive(Debug, Clone, Args)]
 pub struct BackendUrls {
     /// PostgreSQL URL; the database is created when missing.
-    #[arg(long, env = "DATABASE_URL", default_value = DEFAULT_DATABASE_URL)]
+    #[arg(long, global = true, env = "DATABASE_URL", default_value = DEFAULT_DATABASE_URL)]
     pub database_url: String,
     /// Redis URL (locks, fencing counters, accept log, heartbeats).
-    #[arg(long, env = "REDIS_URL", default_value = DEFAULT_REDIS_URL)]
+    #[arg(long, global = true, env = "REDIS_URL", default_value = DEFAULT_REDIS_URL)]
     pub redis_url: String,
     /// RabbitMQ URL (the order queue and its dead-letter queue).
-    #[arg(long, env = "AMQP_URL", default_value = DEFAULT_AMQP_URL)]
+    #[arg(long, global = true, env = "AMQP_URL", default_value = DEFAULT_AMQP_URL)]
     pub amqp_url: String,
     /// Prefix of every Redis key and RabbitMQ queue name.
-    #[arg(long, env = "FLASHSALE_NAMESPACE", default_value = DEFAULT_NAMESPACE)]
+    #[arg(long, global = true, env = "FLASHSALE_NAMESPACE", default_value = DEFAULT_NAMESPACE)]
     pub namespace: String,
 }
 

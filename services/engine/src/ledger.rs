@@ -53,6 +53,16 @@ pub struct ProductRecord {
     pub lock_fence: i64,
 }
 
+/// A product as `fsctl seed` puts it in.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewProduct {
+    pub id: i64,
+    pub name: String,
+    pub stock: i32,
+    pub max_per_order: i32,
+    pub per_user_limit: Option<i32>,
+}
+
 /// Rows per statement. sqlx does not set TCP_NODELAY, and a statement whose
 /// parameters outgrow its write buffer meets Nagle's algorithm and the
 /// server's delayed ACK (40 ms a statement, measured: 500 rows 45 ms, 200
@@ -98,6 +108,78 @@ impl StockLedger {
         Err(LedgerError::Database(sqlx::Error::Protocol(format!(
             "product {product}: keys kept being booked concurrently"
         ))))
+    }
+
+    /// Inserts the products that do not exist yet; returns the ids created.
+    pub async fn create_missing(&self, products: &[NewProduct]) -> Result<Vec<i64>, sqlx::Error> {
+        let mut created = Vec::new();
+        for chunk in products.chunks(ROWS_PER_STATEMENT) {
+            let ids: Vec<i64> = chunk.iter().map(|p| p.id).collect();
+            let names: Vec<&str> = chunk.iter().map(|p| p.name.as_str()).collect();
+            let stock: Vec<i32> = chunk.iter().map(|p| p.stock).collect();
+            let max: Vec<i32> = chunk.iter().map(|p| p.max_per_order).collect();
+            let limit: Vec<Option<i32>> = chunk.iter().map(|p| p.per_user_limit).collect();
+            let rows: Vec<i64> = sqlx::query_scalar(
+                "INSERT INTO products (id, name, stock, seeded_stock, max_per_order, per_user_limit)
+                 SELECT i, n, s, s, m, l
+                 FROM unnest($1::bigint[], $2::text[], $3::int[], $4::int[], $5::int[])
+                      AS t(i, n, s, m, l)
+                 ON CONFLICT (id) DO NOTHING RETURNING id",
+            )
+            .bind(&ids)
+            .bind(&names)
+            .bind(&stock)
+            .bind(&max)
+            .bind(&limit)
+            .fetch_all(&self.pool)
+            .await?;
+            created.extend(rows);
+        }
+        created.sort_unstable();
+        Ok(created)
+    }
+
+    /// Adds `units` to each product's stock and seeded stock, relatively, so
+    /// invariant 1 holds while workers run; returns the products changed.
+    pub async fn restock(&self, ids: &[i64], units: i32) -> Result<u64, sqlx::Error> {
+        let done = sqlx::query(
+            "UPDATE products SET stock = stock + $2, seeded_stock = seeded_stock + $2
+             WHERE id = ANY($1)",
+        )
+        .bind(ids)
+        .bind(units)
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected())
+    }
+
+    /// Puts the products back to a fresh state (their orders deleted, stock
+    /// and limits as given; the fence is kept, never lowered). Returns the
+    /// keys of the orders deleted.
+    pub async fn reset(&self, products: &[NewProduct]) -> Result<Vec<String>, sqlx::Error> {
+        let mut tx = self.pool.begin().await?;
+        let ids: Vec<i64> = products.iter().map(|p| p.id).collect();
+        let deleted: Vec<String> = sqlx::query_scalar(
+            "DELETE FROM orders WHERE product_id = ANY($1) RETURNING idempotency_key",
+        )
+        .bind(&ids)
+        .fetch_all(&mut *tx)
+        .await?;
+        for p in products {
+            sqlx::query(
+                "UPDATE products SET stock = $2, seeded_stock = $2, max_per_order = $3,
+                        per_user_limit = $4
+                 WHERE id = $1",
+            )
+            .bind(p.id)
+            .bind(p.stock)
+            .bind(p.max_per_order)
+            .bind(p.per_user_limit)
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(deleted)
     }
 
     /// One product's record.

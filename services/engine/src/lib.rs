@@ -3,12 +3,14 @@
 //! the order queue in RabbitMQ, metric names and configuration.
 
 pub mod accept_log;
+pub mod audit;
 pub mod broker;
 pub mod config;
 pub mod domain;
 pub mod ledger;
 pub mod lock;
 pub mod metrics;
+pub mod observe;
 pub mod postgres;
 pub mod redis_conn;
 pub mod scratch;

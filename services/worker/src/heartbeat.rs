@@ -81,6 +81,7 @@ impl WorkerStats {
                 },
             ),
             ("metricsAddr", self.metrics_addr.clone()),
+            ("beatAt", Utc::now().timestamp_millis().to_string()),
         ]
     }
 }

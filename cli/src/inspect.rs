@@ -1,0 +1,307 @@
+//! `fsctl inspect`: looks inside a running deployment without psql,
+//! redis-cli or rabbitmqctl (and without RabbitMQ's management plugin).
+
+use crate::backends;
+use crate::exit::{OK, Outcome};
+use crate::output;
+use clap::{Args, Subcommand};
+use comfy_table::Cell;
+use flashsale_engine::accept_log::{AcceptLog, AcceptState};
+use flashsale_engine::redis_conn::timed;
+use flashsale_engine::{BackendUrls, ProductId, observe};
+use serde_json::json;
+
+#[derive(Debug, Args)]
+#[command(after_help = "Exit codes: 0 shown; 2 bad usage or a component could not be reached.")]
+pub struct InspectArgs {
+    #[command(subcommand)]
+    pub view: View,
+    /// One JSON document on stdout.
+    #[arg(long, global = true)]
+    pub json: bool,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum View {
+    /// Order queue and DLQ: ready messages and consumers (RabbitMQ passive
+    /// declare), deliveries held by workers (sum of heartbeat `inflight`).
+    Queue,
+    /// Held product locks (Redis `<ns>:lock:product:*`: holder, token, TTL
+    /// left) beside each product's last fence in PostgreSQL.
+    Locks,
+    /// Workers from their Redis heartbeats: up since, processed, current
+    /// product, last beat age; a beat older than 5 s is shown as gone.
+    Workers,
+    /// Dead letters: count and the first N with their reason, read without
+    /// consuming them (taken unacked, handed back).
+    Dlq {
+        /// How many messages to show.
+        #[arg(long, default_value_t = 10)]
+        limit: usize,
+    },
+    /// One product: its row (PostgreSQL), order counts, lock (Redis).
+    Product { id: i64 },
+    /// One order as the API would return it, and where it is: confirmed or
+    /// rejected (PostgreSQL row), queued (Redis accept log), dead_lettered
+    /// (DLQ), or unknown.
+    Order { id: String },
+}
+
+pub async fn run(b: &BackendUrls, args: &InspectArgs) -> Outcome {
+    let ns = b.namespace();
+    match &args.view {
+        View::Queue => {
+            let redis = backends::redis(b).await?;
+            let q = observe::queues(&b.amqp_url, &ns).await?;
+            let workers = observe::workers(&redis, &ns).await?;
+            let inflight: u64 = workers.iter().filter(|w| w.alive).map(|w| w.inflight).sum();
+            let drained = observe::is_drained(&q, &workers);
+            if args.json {
+                output::json(&json!({"queue": {
+                    "queue": ns.orders_queue(), "ready": q.orders_ready, "consumers": q.orders_consumers,
+                    "inflight": inflight, "dlq": q.dlq_ready, "dlqConsumers": q.dlq_consumers,
+                    "drained": drained,
+                }}));
+            } else {
+                let mut t = output::table(&["queue", "ready", "in flight", "consumers"]);
+                t.add_row(vec![
+                    Cell::new(ns.orders_queue()),
+                    Cell::new(q.orders_ready),
+                    Cell::new(inflight),
+                    Cell::new(q.orders_consumers),
+                ]);
+                t.add_row(vec![
+                    Cell::new(ns.dead_letter_queue()),
+                    output::verdict(
+                        q.dlq_ready == 0,
+                        &q.dlq_ready.to_string(),
+                        &q.dlq_ready.to_string(),
+                    ),
+                    Cell::new("-"),
+                    Cell::new(q.dlq_consumers),
+                ]);
+                println!("{t}");
+                println!(
+                    "{}",
+                    if drained {
+                        "drained"
+                    } else {
+                        "orders in flight"
+                    }
+                );
+            }
+        }
+        View::Locks => {
+            let redis = backends::redis(b).await?;
+            let ledger = backends::ledger(b).await?;
+            let locks = observe::locks(&redis, &ns).await?;
+            let fences: Vec<(i64, i64)> = sqlx::query_as(
+                "SELECT id, lock_fence FROM products WHERE lock_fence > 0 ORDER BY id",
+            )
+            .fetch_all(ledger.pool())
+            .await?;
+            let fence_of = |id: i64| fences.iter().find(|f| f.0 == id).map(|f| f.1).unwrap_or(0);
+            if args.json {
+                let locks: Vec<_> = locks
+                    .iter()
+                    .map(|l| {
+                        json!({"productId": l.product_id, "holder": l.holder, "token": l.token,
+                                    "ttlMs": l.ttl_ms, "lastFence": fence_of(l.product_id)})
+                    })
+                    .collect();
+                let fences: Vec<_> = fences
+                    .iter()
+                    .map(|(id, f)| json!({"productId": id, "lastFence": f}))
+                    .collect();
+                output::json(&json!({"locks": locks, "fences": fences}));
+            } else {
+                let mut t = output::table(&[
+                    "product",
+                    "holder",
+                    "token",
+                    "TTL left",
+                    "last fence (PostgreSQL)",
+                ]);
+                for l in &locks {
+                    t.add_row(vec![
+                        Cell::new(l.product_id),
+                        Cell::new(&l.holder),
+                        Cell::new(l.token),
+                        Cell::new(format!("{} ms", l.ttl_ms)),
+                        Cell::new(fence_of(l.product_id)),
+                    ]);
+                }
+                println!("{t}");
+                println!(
+                    "{} locks held; {} products written under a fence",
+                    locks.len(),
+                    fences.len()
+                );
+            }
+        }
+        View::Workers => {
+            let redis = backends::redis(b).await?;
+            let workers = observe::workers(&redis, &ns).await?;
+            if args.json {
+                output::json(&json!({"workers": workers}));
+            } else {
+                let mut t = output::table(&[
+                    "worker",
+                    "state",
+                    "up since",
+                    "processed",
+                    "in flight",
+                    "product",
+                    "last beat",
+                    "metrics",
+                ]);
+                for w in &workers {
+                    t.add_row(vec![
+                        Cell::new(&w.id),
+                        output::verdict(w.alive, "alive", "gone"),
+                        Cell::new(&w.started_at),
+                        Cell::new(w.processed),
+                        Cell::new(w.inflight),
+                        Cell::new(
+                            w.product
+                                .map(|p| p.to_string())
+                                .unwrap_or_else(|| "-".into()),
+                        ),
+                        Cell::new(format!("{:.1} s ago", w.last_beat_seconds)),
+                        Cell::new(&w.metrics_addr),
+                    ]);
+                }
+                println!("{t}");
+                println!(
+                    "{} workers alive",
+                    workers.iter().filter(|w| w.alive).count()
+                );
+            }
+        }
+        View::Dlq { limit } => {
+            let q = observe::queues(&b.amqp_url, &ns).await?;
+            let messages = observe::peek_dead_letters(&b.amqp_url, &ns, *limit).await?;
+            if args.json {
+                output::json(&json!({"dlq": {"count": q.dlq_ready, "messages": messages}}));
+            } else {
+                let mut t = output::table(&["message id", "reason", "body"]);
+                for m in &messages {
+                    let body: String = m.body.chars().take(80).collect();
+                    t.add_row(vec![
+                        Cell::new(m.message_id.as_deref().unwrap_or("-")),
+                        Cell::new(m.reason.as_deref().unwrap_or("-")),
+                        Cell::new(body),
+                    ]);
+                }
+                println!("{t}");
+                println!(
+                    "{} messages in {} (showing {})",
+                    q.dlq_ready,
+                    ns.dead_letter_queue(),
+                    messages.len()
+                );
+            }
+        }
+        View::Product { id } => {
+            let ledger = backends::ledger(b).await?;
+            let redis = backends::redis(b).await?;
+            let pid =
+                ProductId::new(*id).map_err(|e| crate::exit::Failure::usage(e.to_string()))?;
+            let Some(p) = ledger.product(pid).await? else {
+                return Err(crate::exit::Failure::usage(format!(
+                    "product {id} does not exist"
+                )));
+            };
+            let (confirmed_orders, confirmed_units, rejected): (i64, i64, i64) = sqlx::query_as(
+                "SELECT COUNT(*) FILTER (WHERE status = 'confirmed'),
+                        COALESCE(SUM(quantity) FILTER (WHERE status = 'confirmed'), 0)::bigint,
+                        COUNT(*) FILTER (WHERE status = 'rejected')
+                 FROM orders WHERE product_id = $1",
+            )
+            .bind(id)
+            .fetch_one(ledger.pool())
+            .await?;
+            let mut conn = redis.clone();
+            let (lock, fence_counter): (Option<String>, Option<i64>) = timed(
+                redis::pipe()
+                    .cmd("GET")
+                    .arg(ns.lock_key(*id))
+                    .cmd("GET")
+                    .arg(ns.fence_key(*id))
+                    .query_async(&mut conn),
+            )
+            .await?;
+            let view = json!({
+                "id": p.id, "name": p.name, "stock": p.stock, "seededStock": p.seeded_stock,
+                "maxPerOrder": p.max_per_order, "perUserLimit": p.per_user_limit,
+                "soldOut": p.stock == 0, "lockFence": p.lock_fence,
+                "confirmedOrders": confirmed_orders, "confirmedUnits": confirmed_units,
+                "rejectedOrders": rejected, "lockHeldBy": lock, "fenceCounter": fence_counter.unwrap_or(0),
+            });
+            if args.json {
+                output::json(&json!({"product": view}));
+            } else {
+                let mut t = output::table(&["field", "value"]);
+                if let Some(map) = view.as_object() {
+                    for (k, v) in map {
+                        t.add_row(vec![
+                            Cell::new(k),
+                            Cell::new(v.to_string().trim_matches('"')),
+                        ]);
+                    }
+                }
+                println!("{t}");
+            }
+        }
+        View::Order { id } => {
+            let ledger = backends::ledger(b).await?;
+            let redis = backends::redis(b).await?;
+            let (order, location) = match ledger.order(id).await? {
+                Some(view) => {
+                    let location = serde_json::to_value(view.status).unwrap_or_default();
+                    (
+                        Some(serde_json::to_value(&view).unwrap_or_default()),
+                        location,
+                    )
+                }
+                None => match AcceptLog::new(redis, ns.clone()).get(id).await? {
+                    Some(r) if r.state == AcceptState::Queued => (
+                        Some(serde_json::to_value(r.queued_view(id)).unwrap_or_default()),
+                        json!("queued"),
+                    ),
+                    _ => {
+                        let dead = observe::peek_dead_letters(&b.amqp_url, &ns, 10_000).await?;
+                        match dead
+                            .into_iter()
+                            .find(|d| d.message_id.as_deref() == Some(id.as_str()))
+                        {
+                            Some(d) => (
+                                Some(json!({"orderId": id, "reason": d.reason, "body": d.body})),
+                                json!("dead_lettered"),
+                            ),
+                            None => (None, json!("unknown")),
+                        }
+                    }
+                },
+            };
+            if args.json {
+                output::json(
+                    &json!({"order": {"orderId": id, "location": location, "view": order}}),
+                );
+            } else {
+                println!("order {id}: {}", location.as_str().unwrap_or("unknown"));
+                if let Some(map) = order.as_ref().and_then(|o| o.as_object()) {
+                    let mut t = output::table(&["field", "value"]);
+                    for (k, v) in map {
+                        t.add_row(vec![
+                            Cell::new(k),
+                            Cell::new(v.to_string().trim_matches('"')),
+                        ]);
+                    }
+                    println!("{t}");
+                }
+            }
+        }
+    }
+    Ok(OK)
+}

@@ -1,0 +1,209 @@
+//! `fsctl verify`: proves the books. Checks the contract's invariants 1–5 in
+//! PostgreSQL, reports the dead-letter queue (6), and with `--accepted`
+//! accounts for every order answered `202`.
+
+use crate::backends;
+use crate::exit::{Failure, OK, Outcome, PENDING, VIOLATION};
+use crate::output;
+use clap::Args;
+use comfy_table::Cell;
+use flashsale_engine::audit::{self, AuditReport, QueueFacts};
+use flashsale_engine::{BackendUrls, observe};
+use indicatif::{ProgressBar, ProgressStyle};
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+/// Most dead letters read to match `--accepted` ids against.
+const DLQ_SCAN_LIMIT: usize = 10_000;
+
+#[derive(Debug, Args)]
+#[command(
+    after_help = "Checks, from PostgreSQL: 1 seeded = stock + confirmed units, per product;
+2 stock >= 0; 3 one row per order id; 5 nobody over the per-user limit.
+With --accepted FILE (order ids answered 202, one a line): 4 each has exactly
+one row or sits in the DLQ; while orders are still in flight (ready messages
+in RabbitMQ, or deliveries held per the workers' heartbeats) a missing one
+is pending, once drained it is lost. 6: the DLQ's size is reported.
+
+Examples:
+  fsctl verify
+  fsctl verify --accepted accepted.txt --wait-drain 60s --json
+
+Exit codes: 0 all hold; 1 a violation or a lost order; 2 a component could
+not be reached; 3 orders still pending when the wait ran out."
+)]
+pub struct VerifyArgs {
+    /// Order ids answered 202, one a line: each must end as a row or in the DLQ.
+    #[arg(long)]
+    pub accepted: Option<PathBuf>,
+    /// First wait up to this long for the drain (e.g. 60s, 500ms, 2m).
+    #[arg(long, value_parser = parse_duration)]
+    pub wait_drain: Option<Duration>,
+    /// One JSON document on stdout.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `30s`, `500ms`, `2m`, `1h`, or plain seconds.
+pub fn parse_duration(raw: &str) -> Result<Duration, String> {
+    let raw = raw.trim();
+    let split = raw
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .unwrap_or(raw.len());
+    let (number, unit) = raw.split_at(split);
+    let n: f64 = number
+        .parse()
+        .map_err(|_| format!("{raw:?} is not a duration like 30s, 500ms or 2m"))?;
+    let seconds = match unit {
+        "" | "s" => n,
+        "ms" => n / 1000.0,
+        "m" => n * 60.0,
+        "h" => n * 3600.0,
+        _ => return Err(format!("{raw:?}: unknown unit {unit:?} (ms, s, m, h)")),
+    };
+    Ok(Duration::from_secs_f64(seconds))
+}
+
+/// Queue facts for the audit: drained or not, and the DLQ's contents.
+pub async fn queue_facts(b: &BackendUrls) -> Result<QueueFacts, Failure> {
+    let ns = b.namespace();
+    let redis = backends::redis(b).await?;
+    let queues = observe::queues(&b.amqp_url, &ns).await?;
+    let workers = observe::workers(&redis, &ns).await?;
+    let dlq_ids = if queues.dlq_ready > 0 {
+        observe::peek_dead_letters(&b.amqp_url, &ns, DLQ_SCAN_LIMIT)
+            .await?
+            .into_iter()
+            .filter_map(|d| d.message_id)
+            .collect()
+    } else {
+        Default::default()
+    };
+    Ok(QueueFacts {
+        drained: observe::is_drained(&queues, &workers),
+        dlq_count: queues.dlq_ready,
+        dlq_ids,
+    })
+}
+
+pub async fn run(b: &BackendUrls, args: &VerifyArgs) -> Outcome {
+    let accepted = match &args.accepted {
+        Some(path) => Some(
+            std::fs::read_to_string(path)
+                .map_err(|e| Failure::usage(format!("cannot read {}: {e}", path.display())))?
+                .lines()
+                .map(str::trim)
+                .filter(|l| !l.is_empty())
+                .map(str::to_owned)
+                .collect::<Vec<_>>(),
+        ),
+        None => None,
+    };
+    let ledger = backends::ledger(b).await?;
+    let mut facts = queue_facts(b).await?;
+    if let Some(wait) = args.wait_drain {
+        let spinner = (!args.json).then(|| {
+            let s = ProgressBar::new_spinner();
+            s.set_style(
+                ProgressStyle::with_template("{spinner} {msg}")
+                    .unwrap_or_else(|_| ProgressStyle::default_spinner()),
+            );
+            s.enable_steady_tick(Duration::from_millis(120));
+            s
+        });
+        let started = Instant::now();
+        while !facts.drained && started.elapsed() < wait {
+            if let Some(s) = &spinner {
+                s.set_message(format!(
+                    "waiting for the drain ({:.0}s)",
+                    started.elapsed().as_secs_f64()
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+            facts = queue_facts(b).await?;
+        }
+        if let Some(s) = spinner {
+            s.finish_and_clear();
+        }
+    }
+    let report = audit::audit(ledger.pool(), accepted.as_deref(), &facts).await?;
+    if args.json {
+        output::json(&report);
+    } else {
+        print_report(&report);
+    }
+    Ok(exit_code(&report))
+}
+
+pub fn exit_code(report: &AuditReport) -> u8 {
+    if !report.violations.is_empty() || report.lost > 0 {
+        VIOLATION
+    } else if report.pending > 0 {
+        PENDING
+    } else {
+        OK
+    }
+}
+
+fn print_report(report: &AuditReport) {
+    let mut t = output::table(&[
+        "product",
+        "seeded",
+        "stock",
+        "confirmed units",
+        "rejected orders",
+        "books",
+    ]);
+    for p in &report.products {
+        t.add_row(vec![
+            Cell::new(p.id),
+            Cell::new(p.seeded_stock),
+            Cell::new(p.stock),
+            Cell::new(p.confirmed_units),
+            Cell::new(p.rejected_orders),
+            output::verdict(p.ok, "OK", "VIOLATED"),
+        ]);
+    }
+    println!("{t}");
+    for v in &report.violations {
+        match v.product_id {
+            Some(id) => println!(
+                "VIOLATED invariant {} on product {id}: {}",
+                v.invariant, v.detail
+            ),
+            None => println!("VIOLATED invariant {}: {}", v.invariant, v.detail),
+        }
+    }
+    println!(
+        "{}; {} pending, {} lost, {} in the dead-letter queue; {}",
+        if report.ok {
+            "ledger exact"
+        } else {
+            "ledger VIOLATED"
+        },
+        report.pending,
+        report.lost,
+        report.dlq,
+        if report.drained {
+            "drained"
+        } else {
+            "orders still in flight"
+        },
+    );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_duration;
+    use std::time::Duration;
+
+    #[test]
+    fn parses_durations() {
+        assert_eq!(parse_duration("60s"), Ok(Duration::from_secs(60)));
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+        assert_eq!(parse_duration("3"), Ok(Duration::from_secs(3)));
+        assert!(parse_duration("soon").is_err());
+        assert!(parse_duration("5d").is_err());
+    }
+}
