@@ -192,3 +192,23 @@ mod tests {
         assert!(toml::from_str::<Scenario>("name='t'\ntypo=1").is_err());
     }
 }
+
+#[cfg(test)]
+mod shipped {
+    use super::Scenario;
+
+    #[test]
+    fn every_shipped_scenario_parses() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../scenarios");
+        let mut seen = 0;
+        for entry in std::fs::read_dir(dir).expect("scenarios/") {
+            let path = entry.expect("entry").path();
+            if path.extension().is_some_and(|e| e == "toml") {
+                Scenario::load(&path)
+                    .unwrap_or_else(|e| panic!("{}: {}", path.display(), e.message));
+                seen += 1;
+            }
+        }
+        assert!(seen >= 2);
+    }
+}

@@ -3,14 +3,14 @@
 //! holder whose lease ran out.
 #![allow(clippy::unwrap_used)]
 
-mod common;
+use flashsale_testkit as common;
 
 use chrono::Utc;
-use common::{Forwarder, amqp_target};
 use flashsale_engine::domain::QueuedOrder;
 use flashsale_engine::ledger::{LedgerError, OrderOutcome, StockLedger};
 use flashsale_engine::lock::ProductLock;
 use flashsale_engine::{IdempotencyKey, ProductId, Quantity, UserId, redis_conn};
+use flashsale_testkit::{Forwarder, amqp_target};
 use flashsale_worker::{Worker, WorkerConfig};
 use lapin::options::BasicGetOptions;
 use reqwest::StatusCode;

@@ -2,7 +2,7 @@
 //! nothing accepted lost, every bad input refused without a trace.
 #![allow(clippy::unwrap_used)]
 
-mod common;
+use flashsale_testkit as common;
 
 use reqwest::StatusCode;
 use serde_json::json;

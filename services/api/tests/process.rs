@@ -2,7 +2,7 @@
 //! gracefully with exit 0.
 #![allow(clippy::unwrap_used)]
 
-mod common;
+use flashsale_testkit as common;
 
 use std::process::{Command, Stdio};
 use std::time::Duration;

@@ -174,46 +174,49 @@ pub async fn peek_dead_letters(
     limit: usize,
 ) -> Result<Vec<DeadLetter>, BrokerError> {
     let conn = broker::connect(amqp_url, "fsctl").await?;
-    let result =
-        async {
-            let channel = conn.create_channel().await?;
-            broker::declare_queues(&channel, ns).await?;
-            let mut out = Vec::new();
-            while out.len() < limit {
-                let got = channel
-                    .basic_get(
-                        ns.dead_letter_queue().into(),
-                        BasicGetOptions { no_ack: false },
-                    )
-                    .await?;
-                let Some(got) = got else { break };
-                let d = got.delivery;
-                let reason = d.properties.headers().as_ref().and_then(|h| {
-                    match h.inner().get(REASON_HEADER) {
-                        Some(AMQPValue::LongString(s)) => {
-                            Some(String::from_utf8_lossy(s.as_bytes()).into_owned())
-                        }
-                        _ => h
-                            .inner()
-                            .get("x-first-death-reason")
-                            .map(|v| format!("{v:?}")),
-                    }
-                });
-                out.push(DeadLetter {
-                    message_id: d
-                        .properties
-                        .message_id()
-                        .as_ref()
-                        .map(|s| s.as_str().to_owned()),
-                    reason: reason.or_else(|| Some("delivery limit".into())),
-                    body: String::from_utf8_lossy(&d.data).into_owned(),
-                });
-            }
-            Ok::<_, lapin::Error>(out)
+    let result = async {
+        let channel = conn.create_channel().await?;
+        broker::declare_queues(&channel, ns).await?;
+        let mut out = Vec::new();
+        while out.len() < limit {
+            let got = channel
+                .basic_get(
+                    ns.dead_letter_queue().into(),
+                    BasicGetOptions { no_ack: false },
+                )
+                .await?;
+            let Some(got) = got else { break };
+            let d = got.delivery;
+            // Our own reason, or RabbitMQ's (`delivery_limit`) for the queue's own.
+            let reason = d.properties.headers().as_ref().and_then(|h| {
+                let h = h.inner();
+                h.get(REASON_HEADER)
+                    .or_else(|| h.get("x-first-death-reason"))
+                    .and_then(text)
+            });
+            out.push(DeadLetter {
+                message_id: d
+                    .properties
+                    .message_id()
+                    .as_ref()
+                    .map(|s| s.as_str().to_owned()),
+                reason,
+                body: String::from_utf8_lossy(&d.data).into_owned(),
+            });
         }
-        .await;
+        Ok::<_, lapin::Error>(out)
+    }
+    .await;
     let _ = conn.close(200, "peeked".into()).await;
     Ok(result?)
+}
+
+fn text(value: &AMQPValue) -> Option<String> {
+    match value {
+        AMQPValue::LongString(s) => Some(String::from_utf8_lossy(s.as_bytes()).into_owned()),
+        AMQPValue::ShortString(s) => Some(s.as_str().to_owned()),
+        _ => None,
+    }
 }
 
 /// Drained: no ready order messages and no live worker holding a delivery.

@@ -126,16 +126,16 @@ impl Worker {
         let redis = redis_conn::connect_lazy(&self.config.backends.redis_url)?;
         let ns = self.config.backends.namespace();
         let background = CancellationToken::new();
-        let heartbeat = tokio::spawn(heartbeat::beat(
+        let mut heartbeat = OwnedTask(tokio::spawn(heartbeat::beat(
             redis,
             ns.clone(),
             self.stats.clone(),
             background.clone(),
-        ));
-        let server = tokio::spawn(heartbeat::serve_metrics(
+        )));
+        let mut server = OwnedTask(tokio::spawn(heartbeat::serve_metrics(
             self.metrics_listener,
             background.clone(),
-        ));
+        )));
         tracing::info!(worker = %self.stats.id, metrics = %self.stats.metrics_addr, "flashsale-worker started");
         let mut backoff = Duration::from_millis(100);
         while !shutdown.is_cancelled() {
@@ -159,9 +159,19 @@ impl Worker {
             }
         }
         background.cancel();
-        let _ = tokio::join!(heartbeat, server);
+        let _ = tokio::join!(&mut heartbeat.0, &mut server.0);
         tracing::info!(worker = %self.stats.id, "flashsale-worker stopped");
         Ok(())
+    }
+}
+
+/// A background task that dies with its owner: a worker whose `run` is
+/// dropped (killed) stops beating, as a killed process would.
+struct OwnedTask(tokio::task::JoinHandle<()>);
+
+impl Drop for OwnedTask {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 

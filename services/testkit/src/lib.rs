@@ -1,7 +1,7 @@
 //! Test support: each test runs in a scratch database and namespace of its
 //! own on the real PostgreSQL, Redis and RabbitMQ, with the API and workers
 //! in-process. A service that does not answer fails the test, naming it.
-#![allow(dead_code, clippy::unwrap_used)]
+#![allow(clippy::unwrap_used, clippy::missing_panics_doc)]
 
 use flashsale_api::{ApiConfig, Application};
 use flashsale_engine::scratch::Scratch;
@@ -165,6 +165,14 @@ impl TestEnv {
         let token = stop.clone();
         let task = tokio::spawn(async move { worker.run(token).await.unwrap() });
         self.workers.push(Running { stop, task });
+    }
+
+    /// Kills every worker abruptly: no ack, no heartbeat removal.
+    pub async fn kill_workers(&mut self) {
+        for w in self.workers.drain(..) {
+            w.task.abort();
+            let _ = w.task.await;
+        }
     }
 
     /// Stops every worker gracefully (they finish and ack what they hold).
