@@ -25,7 +25,15 @@ pub struct InspectArgs {
 pub enum View {
     /// Order queue and DLQ: ready messages and consumers (RabbitMQ passive
     /// declare), deliveries held by workers (sum of heartbeat `inflight`).
-    Queue,
+    Queue {
+        /// Keep looking, one line per interval, with the rates since the last
+        /// look (processed: sum of the workers' heartbeat counters); Ctrl-C ends.
+        #[arg(long)]
+        watch: bool,
+        /// With --watch: how often (e.g. 1s, 500ms).
+        #[arg(long, default_value = "1s", value_parser = crate::verify::parse_duration)]
+        interval: std::time::Duration,
+    },
     /// Held product locks (Redis `<ns>:lock:product:*`: holder, token, TTL
     /// left) beside each product's last fence in PostgreSQL.
     Locks,
@@ -50,7 +58,11 @@ pub enum View {
 pub async fn run(b: &BackendUrls, args: &InspectArgs) -> Outcome {
     let ns = b.namespace();
     match &args.view {
-        View::Queue => {
+        View::Queue {
+            watch: true,
+            interval,
+        } => return watch_queue(b, *interval, args.json).await,
+        View::Queue { .. } => {
             let redis = backends::redis(b).await?;
             let q = observe::queues(&b.amqp_url, &ns).await?;
             let workers = observe::workers(&redis, &ns).await?;
@@ -304,4 +316,52 @@ pub async fn run(b: &BackendUrls, args: &InspectArgs) -> Outcome {
         }
     }
     Ok(OK)
+}
+
+/// `inspect queue --watch`: a line (or a JSON document) per interval.
+async fn watch_queue(b: &BackendUrls, interval: std::time::Duration, as_json: bool) -> Outcome {
+    let ns = b.namespace();
+    let redis = backends::redis(b).await?;
+    let mut last: Option<(std::time::Instant, u64, u64)> = None;
+    loop {
+        let q = observe::queues(&b.amqp_url, &ns).await?;
+        let workers = observe::workers(&redis, &ns).await?;
+        let inflight: u64 = workers.iter().filter(|w| w.alive).map(|w| w.inflight).sum();
+        let processed: u64 = workers.iter().map(|w| w.processed).sum();
+        let now = std::time::Instant::now();
+        let (ready_rate, processed_rate) = match last {
+            Some((at, ready, done)) => {
+                let secs = now.duration_since(at).as_secs_f64().max(1e-3);
+                (
+                    (q.orders_ready as f64 - ready as f64) / secs,
+                    processed.saturating_sub(done) as f64 / secs,
+                )
+            }
+            None => (0.0, 0.0),
+        };
+        last = Some((now, q.orders_ready, processed));
+        if as_json {
+            println!(
+                "{}",
+                json!({"queue": {"ready": q.orders_ready, "inflight": inflight,
+                    "consumers": q.orders_consumers, "dlq": q.dlq_ready,
+                    "readyPerSecond": ready_rate, "processedPerSecond": processed_rate}})
+            );
+        } else {
+            println!(
+                "{}  ready {:>7}  in flight {:>5}  consumers {:>3}  dlq {:>4}  ready {:>+9.1}/s  processed {:>9.1}/s",
+                chrono::Local::now().format("%H:%M:%S"),
+                q.orders_ready,
+                inflight,
+                q.orders_consumers,
+                q.dlq_ready,
+                ready_rate,
+                processed_rate
+            );
+        }
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => return Ok(OK),
+            () = tokio::time::sleep(interval) => {}
+        }
+    }
 }
