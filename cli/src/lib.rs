@@ -1,5 +1,5 @@
-//! `fsctl`: the operator's tool. `migrate`, `seed`, `verify`, `inspect` and
-//! `completions`; storm, top, demo, up and doctor come with their own issues.
+//! `fsctl`: the operator's tool. `migrate`, `seed`, `verify`, `inspect`, `up`
+//! and `completions`; storm, top, demo and doctor come with their own issues.
 
 pub mod backends;
 pub mod exit;
@@ -7,6 +7,7 @@ pub mod inspect;
 pub mod output;
 pub mod scenario;
 pub mod seed;
+pub mod up;
 pub mod verify;
 
 use clap::{CommandFactory, Parser, Subcommand};
@@ -55,6 +56,8 @@ pub enum Command {
     Verify(verify::VerifyArgs),
     /// Look inside: queue, locks, workers, dlq, product ID, order ID.
     Inspect(inspect::InspectArgs),
+    /// Run the API and N workers as child processes against the configured services.
+    Up(up::UpArgs),
     /// Print shell completions: fsctl completions bash > /etc/bash_completion.d/fsctl
     Completions { shell: clap_complete::Shell },
 }
@@ -66,6 +69,7 @@ pub async fn run(cli: Cli) -> ExitCode {
         Command::Seed(args) => seed::run(b, args).await,
         Command::Verify(args) => verify::run(b, args).await,
         Command::Inspect(args) => inspect::run(b, args).await,
+        Command::Up(args) => up::run(b, args).await,
         Command::Completions { shell } => {
             clap_complete::generate(*shell, &mut Cli::command(), "fsctl", &mut std::io::stdout());
             Ok(OK)

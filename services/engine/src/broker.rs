@@ -119,6 +119,21 @@ pub async fn queue_stats(channel: &Channel, queue: &str) -> Result<(u32, u32), l
     Ok((q.message_count(), q.consumer_count()))
 }
 
+/// Records both queues' ready messages and consumers as gauges (so the API
+/// reports them too, and an alert can see a queue nobody consumes).
+pub async fn record_queue_stats(channel: &Channel, ns: &Namespace) {
+    for queue in [ns.orders_queue(), ns.dead_letter_queue()] {
+        let stats =
+            tokio::time::timeout(Duration::from_secs(1), queue_stats(channel, &queue)).await;
+        if let Ok(Ok((ready, consumers))) = stats {
+            metrics::gauge!(crate::metrics::QUEUE_DEPTH, "queue" => queue.clone())
+                .set(f64::from(ready));
+            metrics::gauge!(crate::metrics::QUEUE_CONSUMERS, "queue" => queue)
+                .set(f64::from(consumers));
+        }
+    }
+}
+
 /// Publishes one persistent, mandatory JSON message to `queue` through the
 /// default exchange and waits (at most [`CONFIRM_TIMEOUT`]) for its confirm.
 pub async fn publish_confirmed(
@@ -261,7 +276,10 @@ async fn maintain(state: Weak<PublisherState>, url: String, ns: Namespace) {
                             Some(_) => false,
                         },
                         () = s.kick.notified() => true,
-                        () = tokio::time::sleep(Duration::from_secs(1)) => false,
+                        () = tokio::time::sleep(Duration::from_secs(1)) => {
+                            record_queue_stats(&channel, &ns).await;
+                            false
+                        }
                     };
                     if !conn.status().connected() || !channel.status().connected() {
                         if kicked {

@@ -60,6 +60,10 @@ impl OrderConsumer {
         &self.channel
     }
 
+    pub fn namespace(&self) -> Namespace {
+        self.ns.clone()
+    }
+
     pub fn orders_queue(&self) -> String {
         self.ns.orders_queue()
     }

@@ -11,7 +11,6 @@ use batch::OrderBook;
 use consumer::OrderConsumer;
 use flashsale_engine::ledger::StockLedger;
 use flashsale_engine::lock::ProductLock;
-use flashsale_engine::metrics::{QUEUE_CONSUMERS, QUEUE_DEPTH};
 use flashsale_engine::stock_feed::StockFeed;
 use flashsale_engine::{BackendUrls, broker, postgres, redis_conn};
 use heartbeat::WorkerStats;
@@ -177,15 +176,5 @@ impl Drop for OwnedTask {
 
 /// Records the order and dead-letter queues' depth and consumers.
 pub(crate) async fn record_queue_stats(consumer: &OrderConsumer) {
-    for queue in [consumer.orders_queue(), consumer.dead_letter_queue()] {
-        let stats = tokio::time::timeout(
-            Duration::from_secs(1),
-            broker::queue_stats(consumer.channel(), &queue),
-        )
-        .await;
-        if let Ok(Ok((ready, consumers))) = stats {
-            metrics::gauge!(QUEUE_DEPTH, "queue" => queue.clone()).set(f64::from(ready));
-            metrics::gauge!(QUEUE_CONSUMERS, "queue" => queue).set(f64::from(consumers));
-        }
-    }
+    broker::record_queue_stats(consumer.channel(), &consumer.namespace()).await;
 }

@@ -1,0 +1,346 @@
+//! Monitoring: the alert rules and their tests pass promtool; the rules and
+//! the dashboard use only the contract's metric names; a real API and worker
+//! (started by `fsctl up`) export every one of them and a real Prometheus
+//! scrapes both; docker-compose.yml has the structure the README promises.
+#![allow(clippy::unwrap_used)]
+
+use flashsale_testkit::env;
+use serde_json::Value;
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+/// The metric names of the contract's "Metrics" table.
+const CONTRACT_METRICS: &[&str] = &[
+    "flashsale_order_requests_total",
+    "flashsale_request_duration_seconds",
+    "flashsale_orders_processed_total",
+    "flashsale_order_latency_seconds",
+    "flashsale_batch_size",
+    "flashsale_lock_wait_seconds",
+    "flashsale_stock_level",
+    "flashsale_queue_depth",
+    "flashsale_queue_consumers",
+    "flashsale_inflight_orders",
+];
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+fn promtool(args: &[&str]) {
+    let out = Command::new("promtool")
+        .args(args)
+        .current_dir(repo().join("monitoring/prometheus"))
+        .output()
+        .unwrap_or_else(|e| {
+            panic!("promtool is missing ({e}): scripts/test installs Debian's prometheus package")
+        });
+    assert!(
+        out.status.success(),
+        "promtool {args:?} failed:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn promtool_checks_the_config_and_tests_every_alert() {
+    promtool(&["check", "config", "prometheus.yml"]);
+    promtool(&["check", "rules", "rules.yml"]);
+    promtool(&["test", "rules", "rules.test.yml"]);
+    // Every alert has a firing and a quiet test case.
+    let rules = std::fs::read_to_string(repo().join("monitoring/prometheus/rules.yml")).unwrap();
+    let tests =
+        std::fs::read_to_string(repo().join("monitoring/prometheus/rules.test.yml")).unwrap();
+    for line in rules
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("- alert: "))
+    {
+        let cases = tests.matches(&format!("alertname: {line}")).count();
+        assert!(cases >= 2, "alert {line} has {cases} test cases");
+        assert!(
+            rules.contains("runbook: README.md#runbook-"),
+            "runbook missing"
+        );
+    }
+}
+
+/// Metric names in a PromQL expression: every `flashsale_*` word outside
+/// label matchers, and every word used as a selector (`name{` or `name[`).
+fn selectors(expr: &str) -> BTreeSet<String> {
+    let mut out = BTreeSet::new();
+    let chars: Vec<char> = expr.chars().collect();
+    let mut i = 0;
+    while i < chars.len() {
+        if chars[i].is_ascii_alphabetic() || chars[i] == '_' {
+            let start = i;
+            while i < chars.len()
+                && (chars[i].is_ascii_alphanumeric() || chars[i] == '_' || chars[i] == ':')
+            {
+                i += 1;
+            }
+            let word: String = chars[start..i].iter().collect();
+            let inside_braces = chars[..start].iter().filter(|c| **c == '{').count()
+                > chars[..start].iter().filter(|c| **c == '}').count();
+            let selector = matches!(chars.get(i), Some('{') | Some('['));
+            if !inside_braces && (selector || word.starts_with("flashsale_")) {
+                out.insert(word);
+            }
+        } else {
+            i += 1;
+        }
+    }
+    out
+}
+
+fn allowed(name: &str) -> bool {
+    let base = ["_bucket", "_sum", "_count"]
+        .iter()
+        .find_map(|s| name.strip_suffix(s))
+        .unwrap_or(name);
+    CONTRACT_METRICS.contains(&base) || name == "up" || name.starts_with("process_")
+}
+
+#[test]
+fn rules_and_dashboard_use_only_the_contracts_metrics() {
+    let rules = std::fs::read_to_string(repo().join("monitoring/prometheus/rules.yml")).unwrap();
+    let rules: serde_yaml::Value = serde_yaml::from_str(&rules).unwrap();
+    let mut exprs: Vec<String> = rules["groups"][0]["rules"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .map(|r| r["expr"].as_str().unwrap().to_owned())
+        .collect();
+    let dashboard: Value = serde_json::from_str(
+        &std::fs::read_to_string(repo().join("monitoring/grafana/dashboards/flashsale.json"))
+            .unwrap(),
+    )
+    .unwrap();
+    for panel in dashboard["panels"].as_array().unwrap() {
+        for target in panel["targets"].as_array().unwrap() {
+            exprs.push(target["expr"].as_str().unwrap().to_owned());
+        }
+    }
+    let mut used = BTreeSet::new();
+    for expr in &exprs {
+        for name in selectors(expr) {
+            assert!(
+                allowed(&name),
+                "{name} (in {expr}) is not a contract metric"
+            );
+            used.insert(name);
+        }
+    }
+    // The dashboard shows each of the contract's metrics.
+    for m in CONTRACT_METRICS {
+        assert!(
+            used.iter().any(|u| u.starts_with(m)),
+            "{m} appears in no rule or panel"
+        );
+    }
+}
+
+#[test]
+fn compose_file_has_every_service_with_healthchecks_in_order() {
+    let text = std::fs::read_to_string(repo().join("docker-compose.yml")).unwrap();
+    let mut compose: serde_yaml::Value = serde_yaml::from_str(&text).unwrap();
+    compose.apply_merge().unwrap();
+    let services = compose["services"].as_mapping().unwrap();
+    for name in [
+        "postgres",
+        "redis",
+        "rabbitmq",
+        "api",
+        "worker-1",
+        "worker-2",
+        "worker-3",
+        "prometheus",
+        "grafana",
+    ] {
+        let mut service = services
+            .get(name)
+            .unwrap_or_else(|| panic!("service {name} missing"))
+            .clone();
+        service.apply_merge().unwrap();
+        assert!(
+            service.get("healthcheck").is_some(),
+            "{name} has no healthcheck"
+        );
+        if let Some(deps) = service.get("depends_on") {
+            for (dep, how) in deps.as_mapping().unwrap() {
+                assert_eq!(how["condition"], "service_healthy", "{name} -> {dep:?}");
+            }
+        }
+    }
+    for app in ["api", "worker-1", "prometheus", "grafana"] {
+        assert!(
+            services[app].get("depends_on").is_some(),
+            "{app} waits for nothing"
+        );
+    }
+    let volumes = compose["volumes"].as_mapping().unwrap();
+    assert!(volumes.contains_key("pgdata") && volumes.contains_key("grafana-data"));
+    assert!(
+        text.contains("DATABASE_URL") && text.contains("AMQP_URL") && text.contains("REDIS_URL")
+    );
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+async fn get_text(url: &str) -> Option<String> {
+    let r = reqwest::get(url).await.ok()?;
+    r.status().is_success().then_some(())?;
+    r.text().await.ok()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fsctl_up_runs_the_stack_that_prometheus_scrapes() {
+    let env = env().await;
+    let b = env.backends();
+    let fsctl = PathBuf::from(env!("CARGO_BIN_EXE_fsctl"));
+    let bins = fsctl.parent().unwrap().to_path_buf();
+    let (api_port, metrics_port, prom_port) = (free_port(), free_port(), free_port());
+    let with_env = |c: &mut Command| {
+        c.env("DATABASE_URL", &b.database_url)
+            .env("REDIS_URL", &b.redis_url)
+            .env("AMQP_URL", &b.amqp_url)
+            .env("FLASHSALE_NAMESPACE", &b.namespace);
+    };
+    let mut seed = Command::new(&fsctl);
+    with_env(&mut seed);
+    assert!(
+        seed.args(["seed", "--products", "1", "--stock", "10"])
+            .status()
+            .unwrap()
+            .success()
+    );
+
+    let mut up = Command::new(&fsctl);
+    with_env(&mut up);
+    let mut up = up
+        .args([
+            "up",
+            "--workers",
+            "1",
+            "--api-addr",
+            &format!("127.0.0.1:{api_port}"),
+        ])
+        .args([
+            "--first-metrics-port",
+            &metrics_port.to_string(),
+            "--bin-dir",
+            bins.to_str().unwrap(),
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let api = format!("http://127.0.0.1:{api_port}");
+    let mut ready = false;
+    for _ in 0..150 {
+        if get_text(&format!("{api}/health/ready")).await.is_some() {
+            ready = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(ready, "fsctl up never brought the API up");
+    for i in 0..5 {
+        let r = env
+            .http
+            .post(format!("{api}/buy"))
+            .json(&serde_json::json!({"userId": format!("u{i}"), "productId": 1, "quantity": 1}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status().as_u16(), 202);
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let mut exported = get_text(&format!("{api}/metrics")).await.unwrap();
+    exported.push_str(
+        &get_text(&format!("http://127.0.0.1:{metrics_port}/metrics"))
+            .await
+            .unwrap(),
+    );
+    for m in CONTRACT_METRICS {
+        assert!(
+            exported.contains(m),
+            "{m} is not exported by the API or the worker"
+        );
+    }
+
+    // A real Prometheus scrapes both for a few seconds.
+    let dir = std::env::temp_dir().join(format!("fsx-prom-{}", uuid::Uuid::new_v4().simple()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(
+        dir.join("prometheus.yml"),
+        format!(
+            "global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: flashsale-api\n    static_configs:\n      - targets: ['127.0.0.1:{api_port}']\n  - job_name: flashsale-worker\n    static_configs:\n      - targets: ['127.0.0.1:{metrics_port}']\n"
+        ),
+    )
+    .unwrap();
+    let mut prometheus = Command::new("prometheus")
+        .arg(format!(
+            "--config.file={}",
+            dir.join("prometheus.yml").display()
+        ))
+        .arg(format!(
+            "--storage.tsdb.path={}",
+            dir.join("data").display()
+        ))
+        .arg(format!("--web.listen-address=127.0.0.1:{prom_port}"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap_or_else(|e| panic!("prometheus is missing ({e}): scripts/test installs it"));
+    let query = |q: &str| format!("http://127.0.0.1:{prom_port}/api/v1/query?query={q}");
+    let mut both_up = false;
+    let mut sampled = false;
+    for _ in 0..60 {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        if let Some(text) = get_text(&query("sum(up)")).await {
+            let v: Value = serde_json::from_str(&text).unwrap();
+            both_up = v["data"]["result"][0]["value"][1] == "2";
+        }
+        if let Some(text) = get_text(&query("flashsale_order_requests_total")).await {
+            let v: Value = serde_json::from_str(&text).unwrap();
+            sampled = !v["data"]["result"].as_array().unwrap().is_empty();
+        }
+        if both_up && sampled {
+            break;
+        }
+    }
+    let _ = prometheus.kill();
+    let _ = prometheus.wait();
+    let _ = std::fs::remove_dir_all(&dir);
+
+    let _ = Command::new("kill")
+        .args(["-TERM", &up.id().to_string()])
+        .status();
+    let mut stopped = None;
+    for _ in 0..100 {
+        if let Some(s) = up.try_wait().unwrap() {
+            stopped = Some(s);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(both_up, "Prometheus did not see both targets up");
+    assert!(
+        sampled,
+        "Prometheus has no sample of flashsale_order_requests_total"
+    );
+    assert_eq!(
+        stopped.expect("fsctl up did not stop on SIGTERM").code(),
+        Some(0)
+    );
+    env.finish().await;
+}
