@@ -40,20 +40,7 @@ async fn sigterm_stops_the_api_with_exit_0() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert!(ready, "the API never became ready");
-    let killed = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(killed.success());
-    let mut status = None;
-    for _ in 0..100 {
-        if let Some(s) = child.try_wait().unwrap() {
-            status = Some(s);
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    let status = status.expect("the API did not stop on SIGTERM");
+    let status = flashsale_testkit::terminate(&mut child).expect("the API did not stop on SIGTERM");
     assert_eq!(status.code(), Some(0));
     env.finish().await;
 }

@@ -434,3 +434,19 @@ pub fn postgres_target() -> SocketAddr {
         .next()
         .unwrap()
 }
+
+/// Sends SIGTERM to `child` and waits (blocking, up to 10 s) for it to exit.
+pub fn terminate(child: &mut std::process::Child) -> Option<std::process::ExitStatus> {
+    let sent = std::process::Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(sent.success(), "kill -TERM failed");
+    for _ in 0..100 {
+        if let Some(status) = child.try_wait().unwrap() {
+            return Some(status);
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    None
+}

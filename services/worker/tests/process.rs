@@ -4,21 +4,9 @@
 
 use flashsale_engine::BackendUrls;
 use flashsale_engine::scratch::Scratch;
+use flashsale_testkit::servers;
 use std::process::{Command, Stdio};
 use std::time::Duration;
-
-fn servers() -> BackendUrls {
-    let var = |k: &str, d: &str| std::env::var(k).unwrap_or_else(|_| d.to_owned());
-    BackendUrls {
-        database_url: var(
-            "DATABASE_URL",
-            flashsale_engine::config::DEFAULT_DATABASE_URL,
-        ),
-        redis_url: var("REDIS_URL", flashsale_engine::config::DEFAULT_REDIS_URL),
-        amqp_url: var("AMQP_URL", flashsale_engine::config::DEFAULT_AMQP_URL),
-        namespace: String::new(),
-    }
-}
 
 fn worker(b: &BackendUrls) -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_flashsale-worker"));
@@ -124,23 +112,58 @@ fn sigterm_stops_the_worker_with_exit_0() {
     assert!(http_get(&port, "/health/live").starts_with("HTTP/1.1 200"));
     let metrics = http_get(&port, "/metrics");
     assert!(metrics.starts_with("HTTP/1.1 200"), "{metrics}");
-    let killed = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(killed.success());
-    let mut status = None;
-    for _ in 0..100 {
-        if let Some(s) = child.try_wait().unwrap() {
-            status = Some(s);
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    let status = status.expect("the worker did not stop on SIGTERM");
+    let status =
+        flashsale_testkit::terminate(&mut child).expect("the worker did not stop on SIGTERM");
     assert_eq!(status.code(), Some(0));
     let keys: Vec<String> = redis::cmd("KEYS").arg(&pattern).query(&mut conn).unwrap();
     assert!(keys.is_empty(), "heartbeat left behind: {keys:?}");
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(scratch.remove()).unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn kill_9_of_a_busy_worker_loses_and_doubles_nothing() {
+    let mut env = flashsale_testkit::env().await;
+    env.seed(1, 300, None).await;
+    let api = env.start_api().await;
+    let answers = env.storm(&api, 1, 600, 50, |i| format!("k9-{i}")).await;
+    let keys: Vec<String> = answers.iter().map(|a| a.key.clone()).collect();
+    assert!(answers.iter().all(|a| a.status.as_u16() == 202));
+
+    // A worker process with a small prefetch, killed -9 while it books.
+    let mut child = worker(&env.backends())
+        .env("WORKER_PREFETCH", "20")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    for _ in 0..200 {
+        if env.count("SELECT count(*) FROM orders").await >= 100 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let killed = Command::new("kill")
+        .args(["-9", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    let _ = child.wait();
+    let booked = env.count("SELECT count(*) FROM orders").await;
+    assert!(
+        booked > 0 && booked < 600,
+        "the kill came too late to test anything ({booked} rows)"
+    );
+
+    env.start_worker().await;
+    env.wait_for_rows(&keys).await;
+    assert_eq!(env.count("SELECT count(*) FROM orders").await, 600);
+    assert_eq!(
+        env.count("SELECT count(*) FROM orders WHERE status = 'confirmed'")
+            .await,
+        300
+    );
+    assert_eq!(env.stock(1).await, 0);
+    env.assert_invariants().await;
+    env.finish().await;
 }
