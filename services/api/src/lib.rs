@@ -48,7 +48,6 @@ async fn listen(addr: &str) -> std::io::Result<TcpListener> {
 pub struct Application {
     listener: TcpListener,
     router: Router,
-    state: AppState,
 }
 
 impl Application {
@@ -61,17 +60,12 @@ impl Application {
         let state = AppState::start(&config.backends)?;
         Ok(Self {
             listener,
-            router: routes::router(state.clone()),
-            state,
+            router: routes::router(state),
         })
     }
 
     pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
         self.listener.local_addr()
-    }
-
-    pub fn state(&self) -> &AppState {
-        &self.state
     }
 
     /// Serves until `shutdown` resolves, then finishes in-flight requests.

@@ -89,10 +89,6 @@ impl OrderBook {
         }
     }
 
-    pub fn ledger(&self) -> &StockLedger {
-        &self.ledger
-    }
-
     /// Consumes batches until shutdown or until the consumer fails.
     pub async fn consume(
         &self,

@@ -64,10 +64,6 @@ impl OrderConsumer {
         self.ns.clone()
     }
 
-    pub fn orders_queue(&self) -> String {
-        self.ns.orders_queue()
-    }
-
     pub fn dead_letter_queue(&self) -> String {
         self.ns.dead_letter_queue()
     }

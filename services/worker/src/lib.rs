@@ -104,10 +104,6 @@ impl Worker {
         &self.stats.id
     }
 
-    pub fn metrics_addr(&self) -> std::io::Result<std::net::SocketAddr> {
-        self.metrics_listener.local_addr()
-    }
-
     /// Opens a consumer on the order queue with this worker's prefetch.
     pub async fn open_consumer(&self) -> Result<OrderConsumer, broker::BrokerError> {
         OrderConsumer::open(
