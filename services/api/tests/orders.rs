@@ -417,3 +417,37 @@ async fn restock_and_new_products_are_served_within_a_second() {
     assert_eq!(missing.status(), StatusCode::NOT_FOUND);
     env.finish().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn many_products_at_once_each_sell_exactly_their_stock() {
+    let mut env = common::env().await;
+    for p in 1..=20 {
+        env.seed(p, 10, None).await;
+    }
+    let api = env.start_api().await;
+    env.start_worker().await;
+    env.start_worker().await;
+    let storms = (1..=20).map(|p| env.storm(&api, p, 25, 5, move |i| format!("p{p}-u{i}")));
+    let answers: Vec<_> = futures_util::future::join_all(storms)
+        .await
+        .into_iter()
+        .flatten()
+        .collect();
+    let accepted: Vec<String> = answers
+        .iter()
+        .filter(|a| a.status == StatusCode::ACCEPTED)
+        .map(|a| a.key.clone())
+        .collect();
+    env.wait_for_rows(&accepted).await;
+    let sold: Vec<(i64, i64)> = sqlx::query_as(
+        "SELECT product_id, SUM(quantity)::bigint FROM orders WHERE status = 'confirmed'
+         GROUP BY product_id ORDER BY product_id",
+    )
+    .fetch_all(&env.pool)
+    .await
+    .unwrap();
+    assert_eq!(sold.len(), 20);
+    assert!(sold.iter().all(|(_, units)| *units == 10), "{sold:?}");
+    env.assert_invariants().await;
+    env.finish().await;
+}

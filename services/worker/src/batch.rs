@@ -15,9 +15,10 @@ use flashsale_engine::metrics::{
 };
 use flashsale_engine::stock_feed::StockFeed;
 use flashsale_engine::{OrderMessage, ProductId};
+use futures_util::StreamExt;
 use lapin::message::Delivery;
 use lapin::options::BasicAckOptions;
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
@@ -73,6 +74,8 @@ pub struct OrderBook {
 }
 
 const MAX_BACKOFF: Duration = Duration::from_secs(2);
+/// Product groups of one batch applied at once (below the pool's 8 connections).
+pub const GROUP_CONCURRENCY: usize = 6;
 
 impl OrderBook {
     pub fn new(
@@ -208,20 +211,35 @@ impl OrderBook {
         Ok(())
     }
 
-    /// Applies every group, each under its product's lock. A product locked
-    /// by another worker waits while other products go first; a failing
-    /// backend is retried with backoff, keeping the deliveries.
+    /// Applies every group, each under its product's lock, up to
+    /// [`GROUP_CONCURRENCY`] at once (each in its own transaction, so their
+    /// commits overlap). A product locked by another worker waits briefly
+    /// while the other products go ahead; a failing backend is retried with
+    /// backoff, keeping the deliveries.
     pub async fn book_groups(
         &self,
         groups: Vec<ProductGroup>,
         shutdown: &CancellationToken,
     ) -> Result<(), BookError> {
         let started = Instant::now();
-        let mut pending: VecDeque<ProductGroup> = groups.into();
-        let mut misses = 0;
+        let results: Vec<Result<(), BookError>> = futures_util::stream::iter(groups)
+            .map(|group| self.book_group(group, started, shutdown))
+            .buffer_unordered(GROUP_CONCURRENCY)
+            .collect()
+            .await;
+        results.into_iter().collect()
+    }
+
+    /// One group: lock, fenced transaction, release; until it commits.
+    async fn book_group(
+        &self,
+        group: ProductGroup,
+        started: Instant,
+        shutdown: &CancellationToken,
+    ) -> Result<(), BookError> {
         let mut lock_backoff = Duration::from_millis(1);
         let mut fault_backoff = Duration::from_millis(50);
-        while let Some(group) = pending.pop_front() {
+        loop {
             let fault = match self.lock.try_acquire(group.product).await {
                 Ok(Some(held)) => {
                     metrics::histogram!(LOCK_WAIT).record(started.elapsed().as_secs_f64());
@@ -240,18 +258,12 @@ impl OrderBook {
                             if let Some(stock) = receipt.stock_after {
                                 self.feed.announce(group.product.get(), stock).await;
                             }
-                            misses = 0;
-                            lock_backoff = Duration::from_millis(1);
-                            fault_backoff = Duration::from_millis(50);
-                            continue;
+                            return Ok(());
                         }
                         Err(LedgerError::FencedOut { product, fence }) => {
                             tracing::info!(%product, fence, "fenced out; raising the fence counter");
                             match self.lock.raise_fence(product, fence).await {
-                                Ok(_) => {
-                                    pending.push_front(group);
-                                    continue;
-                                }
+                                Ok(_) => continue,
                                 Err(e) => format!("Redis failed: {e}"),
                             }
                         }
@@ -259,27 +271,20 @@ impl OrderBook {
                     }
                 }
                 Ok(None) => {
-                    // Held by another worker: try the other products first.
-                    pending.push_back(group);
-                    misses += 1;
-                    if misses >= pending.len() {
-                        tokio::time::sleep(lock_backoff).await;
-                        lock_backoff = (lock_backoff * 2).min(Duration::from_millis(20));
-                        misses = 0;
-                    }
+                    // Held by another worker: wait briefly, never requeue.
+                    tokio::time::sleep(lock_backoff).await;
+                    lock_backoff = (lock_backoff * 2).min(Duration::from_millis(20));
                     continue;
                 }
                 Err(e) => format!("Redis failed: {e}"),
             };
             tracing::warn!(error = %fault, product = %group.product, "group not applied; retrying");
-            pending.push_front(group);
             tokio::select! {
                 () = shutdown.cancelled() => return Err(BookError::Abandoned(fault)),
                 () = tokio::time::sleep(fault_backoff) => {}
             }
             fault_backoff = (fault_backoff * 2).min(MAX_BACKOFF);
         }
-        Ok(())
     }
 
     fn record(&self, group: &ProductGroup, receipt: &GroupReceipt) {
