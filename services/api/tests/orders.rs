@@ -57,15 +57,7 @@ async fn hot_item_sells_exactly_its_stock() {
 
     // The buyer is told the truth: every 202 reads confirmed or rejected.
     for key in accepted.iter().take(20) {
-        let view: serde_json::Value = env
-            .http
-            .get(format!("{api}/orders/{key}"))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let view = env.get_json(&format!("{api}/orders/{key}")).await;
         assert!(
             view["status"] == "confirmed" || view["status"] == "rejected",
             "{view}"
@@ -398,15 +390,7 @@ async fn restock_and_new_products_are_served_within_a_second() {
         StatusCode::ACCEPTED
     );
 
-    let product: serde_json::Value = env
-        .http
-        .get(format!("{api}/products/1"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let product = env.get_json(&format!("{api}/products/1")).await;
     assert_eq!(product["seededStock"], 5);
     let missing = env
         .http

@@ -183,6 +183,18 @@ impl TestEnv {
         }
     }
 
+    /// `GET url`, its body as JSON.
+    pub async fn get_json(&self, url: &str) -> Value {
+        self.http
+            .get(url)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap()
+    }
+
     pub async fn buy(&self, base: &str, key: Option<&str>, body: Value) -> Answer {
         let mut request = self.http.post(format!("{base}/buy")).json(&body);
         if let Some(k) = key {
