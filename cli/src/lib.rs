@@ -1,5 +1,5 @@
-//! `fsctl`: the operator's tool. `migrate`, `seed`, `verify`, `inspect`, `up`
-//! and `completions`; storm, top, demo and doctor come with their own issues.
+//! `fsctl`: the operator's tool. `migrate`, `seed`, `storm`, `verify`,
+//! `inspect`, `up` and `completions`.
 
 pub mod backends;
 pub mod exit;
@@ -7,6 +7,7 @@ pub mod inspect;
 pub mod output;
 pub mod scenario;
 pub mod seed;
+pub mod storm;
 pub mod up;
 pub mod verify;
 
@@ -21,20 +22,22 @@ use std::process::ExitCode;
     version,
     about = "Operate a Flash Sale Engine deployment",
     after_help = "Exit codes: 0 success; 1 an invariant is violated or an accepted order was lost;
-2 bad usage, or a component could not be reached; 3 not drained in time.
+2 bad usage, or a component could not be reached; 3 not drained in time;
+99 a storm threshold failed.
 Every setting is also an environment variable (shown in brackets)."
 )]
 pub struct Cli {
     #[command(flatten)]
     pub backends: BackendUrls,
-    /// The API's base URL (storm, demo).
+    /// The API's base URL; storm spreads over several (repeat, or comma-separate).
     #[arg(
         long,
         global = true,
         env = "FSCTL_API_URL",
+        value_delimiter = ',',
         default_value = "http://127.0.0.1:3000"
     )]
-    pub api_url: String,
+    pub api_url: Vec<String>,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -52,6 +55,8 @@ pub enum Command {
     },
     /// Put products in: create missing ones, --reset or --restock them.
     Seed(seed::SeedArgs),
+    /// Fire a buy storm at the API and report latency, outcomes and the books.
+    Storm(storm::StormArgs),
     /// Prove the books: invariants 1-5, the DLQ, and accepted orders.
     Verify(verify::VerifyArgs),
     /// Look inside: queue, locks, workers, dlq, product ID, order ID.
@@ -67,6 +72,7 @@ pub async fn run(cli: Cli) -> ExitCode {
     exit::finish(match &cli.command {
         Command::Migrate { json } => migrate(b, *json).await,
         Command::Seed(args) => seed::run(b, args).await,
+        Command::Storm(args) => storm::run(b, &cli.api_url, args).await,
         Command::Verify(args) => verify::run(b, args).await,
         Command::Inspect(args) => inspect::run(b, args).await,
         Command::Up(args) => up::run(b, args).await,

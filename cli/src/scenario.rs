@@ -52,8 +52,12 @@ pub struct StormSpec {
     pub quantity: Option<String>,
     pub duplicate_ratio: Option<f64>,
     pub invalid_ratio: Option<f64>,
+    /// Ramps, `"10s:500"` each.
+    #[serde(default)]
+    pub stages: Vec<String>,
     #[serde(default)]
     pub thresholds: Vec<String>,
+    pub drain_timeout: Option<String>,
 }
 
 impl Scenario {

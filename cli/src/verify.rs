@@ -145,7 +145,7 @@ pub fn exit_code(report: &AuditReport) -> u8 {
     }
 }
 
-fn print_report(report: &AuditReport) {
+pub fn print_report(report: &AuditReport) {
     let mut t = output::table(&[
         "product",
         "seeded",

@@ -208,6 +208,26 @@ impl StockLedger {
         .collect()
     }
 
+    /// How many of these orders have a row: (confirmed, rejected).
+    pub async fn outcomes(&self, order_ids: &[String]) -> Result<(usize, usize), sqlx::Error> {
+        let (mut confirmed, mut rejected) = (0, 0);
+        for chunk in order_ids.chunks(10_000) {
+            let rows: Vec<(String, i64)> = sqlx::query_as(
+                "SELECT status, COUNT(*) FROM orders WHERE idempotency_key = ANY($1) GROUP BY status",
+            )
+            .bind(chunk)
+            .fetch_all(&self.pool)
+            .await?;
+            for (status, n) in rows {
+                match status.as_str() {
+                    "confirmed" => confirmed += n as usize,
+                    _ => rejected += n as usize,
+                }
+            }
+        }
+        Ok((confirmed, rejected))
+    }
+
     /// The order row for a key, if the worker has written one.
     pub async fn order(&self, order_id: &str) -> Result<Option<OrderView>, sqlx::Error> {
         let row = sqlx::query(
