@@ -1,15 +1,12 @@
 //! `flashsale-bench`: the measurements behind the README's performance
-//! table, driven by `bench/run`. Until `fsctl storm` lands, `storm` here is
-//! the load generator: closed model, every request its own key.
+//! table that `fsctl` does not make, driven by `bench/run` (the load itself
+//! comes from `fsctl storm`).
 
 use clap::{Parser, Subcommand};
 use flashsale_engine::{BackendUrls, broker, postgres};
 use futures_util::StreamExt;
 use lapin::options::ConfirmSelectOptions;
 use serde_json::json;
-use std::collections::BTreeMap;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 #[derive(Parser)]
@@ -22,16 +19,11 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// `n` buys of one product at concurrency `c`, each with its own key.
-    Storm {
-        #[arg(long, default_value = "http://127.0.0.1:3000")]
-        api: String,
-        #[arg(short = 'n', long, default_value_t = 5000)]
-        requests: usize,
-        #[arg(short = 'c', long, default_value_t = 500)]
-        concurrency: usize,
-        #[arg(long, default_value_t = 1)]
-        product: i64,
+    /// A trivial API that answers every buy "409 sold out" at once: what
+    /// `fsctl storm` can push when the server costs nothing.
+    Sink {
+        #[arg(long, default_value = "127.0.0.1:3989")]
+        addr: String,
     },
     /// Publishes `n` orders straight to the order queue, `window` confirms in flight.
     Fill {
@@ -68,12 +60,7 @@ enum Command {
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let report = match cli.command {
-        Command::Storm {
-            api,
-            requests,
-            concurrency,
-            product,
-        } => storm(&api, requests, concurrency, product).await?,
+        Command::Sink { addr } => sink(&addr).await?,
         Command::Fill {
             orders,
             first_product,
@@ -99,82 +86,25 @@ async fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
-fn percentile(sorted: &[f64], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return 0.0;
-    }
-    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    sorted[i.min(sorted.len() - 1)]
-}
-
-async fn storm(
-    api: &str,
-    requests: usize,
-    concurrency: usize,
-    product: i64,
-) -> anyhow::Result<serde_json::Value> {
-    let client = reqwest::Client::builder()
-        .pool_max_idle_per_host(concurrency)
-        .timeout(Duration::from_secs(60))
-        .build()?;
-    let run = uuid_like();
-    let next = Arc::new(AtomicUsize::new(0));
-    let started = Instant::now();
-    let tasks: Vec<_> = (0..concurrency)
-        .map(|_| {
-            let (client, next, url, run) =
-                (client.clone(), next.clone(), format!("{api}/buy"), run.clone());
-            tokio::spawn(async move {
-                let mut seen = Vec::new();
-                loop {
-                    let i = next.fetch_add(1, Ordering::Relaxed);
-                    if i >= requests {
-                        return seen;
-                    }
-                    let body = json!({"userId": format!("buyer-{i}"), "productId": product, "quantity": 1});
-                    let sent = Instant::now();
-                    let status = match client
-                        .post(&url)
-                        .header("Idempotency-Key", format!("bench-{run}-{i}"))
-                        .json(&body)
-                        .send()
-                        .await
-                    {
-                        Ok(r) => {
-                            let s = r.status().as_u16();
-                            let _ = r.bytes().await;
-                            s.to_string()
-                        }
-                        Err(_) => "error".to_owned(),
-                    };
-                    seen.push((status, sent.elapsed().as_secs_f64()));
-                }
-            })
-        })
-        .collect();
-    let mut latencies = Vec::with_capacity(requests);
-    let mut statuses: BTreeMap<String, usize> = BTreeMap::new();
-    for t in tasks {
-        for (status, latency) in t.await? {
-            *statuses.entry(status).or_default() += 1;
-            latencies.push(latency);
-        }
-    }
-    let seconds = started.elapsed().as_secs_f64();
-    latencies.sort_by(f64::total_cmp);
-    Ok(json!({
-        "requests": requests,
-        "concurrency": concurrency,
-        "seconds": seconds,
-        "answersPerSecond": requests as f64 / seconds,
-        "statusCounts": statuses,
-        "latencySeconds": {
-            "p50": percentile(&latencies, 0.50),
-            "p90": percentile(&latencies, 0.90),
-            "p99": percentile(&latencies, 0.99),
-            "max": latencies.last().copied().unwrap_or(0.0),
-        },
-    }))
+async fn sink(addr: &str) -> anyhow::Result<serde_json::Value> {
+    use axum::routing::{get, post};
+    let app = axum::Router::new()
+        .route("/health/live", get(|| async { "ok" }))
+        .route(
+            "/buy",
+            post(|| async {
+                (
+                    axum::http::StatusCode::CONFLICT,
+                    r#"{"orderId":"k","status":"rejected","reason":"sold_out"}"#,
+                )
+            }),
+        );
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    eprintln!("sink listening on {addr}");
+    axum::serve(listener, app)
+        .with_graceful_shutdown(flashsale_engine::shutdown::signal())
+        .await?;
+    Ok(json!({"stopped": true}))
 }
 
 fn uuid_like() -> String {

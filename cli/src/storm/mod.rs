@@ -518,6 +518,9 @@ pub async fn run(b: &BackendUrls, api_urls: &[String], args: &StormArgs) -> Outc
         write_lines(path, &report.shots)?;
     }
     if args.json {
+        if let Some(warning) = report.rate_missed() {
+            eprintln!("{warning}");
+        }
         output::json(&report);
     } else {
         report.print();
@@ -551,11 +554,6 @@ pub async fn storm_and_settle(
     let mut report = execute(plan, target, stop, live).await;
     done.cancel();
     let _ = display.await;
-    if let Some(warning) = report.rate_missed()
-        && !show
-    {
-        eprintln!("{warning}");
-    }
     if plan.verify {
         let settled = drain::settle(
             b,
@@ -615,4 +613,75 @@ fn write_lines(path: &std::path::Path, shots: &[Shot<BuyResult>]) -> Result<(), 
         writeln!(out, "{line}").map_err(cannot)?;
     }
     out.flush().map_err(cannot)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{Cli, Command};
+    use clap::Parser;
+
+    fn plan(args: &[&str]) -> Result<StormPlan, Failure> {
+        let cli = Cli::try_parse_from([&["fsctl", "storm"], args].concat())
+            .map_err(|e| Failure::usage(e.to_string()))?;
+        let Command::Storm(args) = cli.command else {
+            unreachable!("parsed as storm")
+        };
+        StormPlan::resolve(&args)
+    }
+
+    #[test]
+    fn every_shipped_scenario_resolves_to_a_storm() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../scenarios");
+        for entry in std::fs::read_dir(dir).expect("scenarios/") {
+            let path = entry.expect("entry").path();
+            if path.extension().is_some_and(|e| e == "toml") {
+                let p = plan(&["--scenario", path.to_str().expect("utf-8")])
+                    .unwrap_or_else(|e| panic!("{}: {}", path.display(), e.message));
+                let catalog = p
+                    .scenario
+                    .as_ref()
+                    .expect("scenario")
+                    .catalog()
+                    .expect("catalog");
+                for id in &p.mix.products {
+                    assert!(
+                        catalog.iter().any(|c| c.id == *id),
+                        "{} storms product {id} it does not seed",
+                        path.display()
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn flags_override_the_scenario() {
+        let hot = concat!(env!("CARGO_MANIFEST_DIR"), "/../scenarios/hot-item.toml");
+        let p = plan(&["--scenario", hot]).expect("valid");
+        assert_eq!(p.load.requests, Some(5000));
+        assert_eq!(p.load.start_level, 500.0);
+        assert_eq!(p.thresholds.len(), 1);
+        let p = plan(&[
+            "--scenario",
+            hot,
+            "-n",
+            "10",
+            "-c",
+            "3",
+            "--threshold",
+            "p50<1s",
+            "--threshold",
+            "lost==0",
+        ])
+        .expect("valid");
+        assert_eq!(p.load.requests, Some(10));
+        assert_eq!(p.load.start_level, 3.0);
+        assert_eq!(p.thresholds.len(), 2);
+        let p = plan(&["-q", "100", "-z", "5s"]).expect("valid");
+        assert!(p.load.open);
+        assert_eq!(p.load.max_in_flight, 1000);
+        assert_eq!(p.load.time_limit(), Some(Duration::from_secs(5)));
+        assert_eq!(p.load.request_limit(), None, "duration wins over -n");
+    }
 }

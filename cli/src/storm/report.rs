@@ -96,6 +96,7 @@ pub struct Drain {
 
 /// The ledger check after the drain.
 #[derive(Debug, Clone, Default, Serialize)]
+#[serde(rename_all = "camelCase")]
 pub struct VerifySummary {
     pub ok: bool,
     pub violations: Vec<Violation>,
