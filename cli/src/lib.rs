@@ -56,7 +56,7 @@ pub enum Command {
     /// Put products in: create missing ones, --reset or --restock them.
     Seed(seed::SeedArgs),
     /// Fire a buy storm at the API and report latency, outcomes and the books.
-    Storm(storm::StormArgs),
+    Storm(Box<storm::StormArgs>),
     /// Prove the books: invariants 1-5, the DLQ, and accepted orders.
     Verify(verify::VerifyArgs),
     /// Look inside: queue, locks, workers, dlq, product ID, order ID.
