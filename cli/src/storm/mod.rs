@@ -528,7 +528,9 @@ pub async fn run(b: &BackendUrls, api_urls: &[String], args: &StormArgs) -> Outc
         if let Some(audit) = &report.audit {
             // The books of the products stormed; violations anywhere.
             let mut stormed = audit.clone();
-            stormed.products.retain(|p| plan.mix.products.contains(&p.id));
+            stormed
+                .products
+                .retain(|p| plan.mix.products.contains(&p.id));
             verify::print_report(&stormed);
         }
         report.print_thresholds();
