@@ -413,7 +413,8 @@ async fn preflight(client: &reqwest::Client, api_urls: &[String]) -> Result<(), 
     Ok(())
 }
 
-/// Seeds the scenario's missing products when PostgreSQL is reachable.
+/// Seeds the scenario's missing products when PostgreSQL is reachable, and
+/// warns when existing ones differ from what the scenario describes.
 async fn seed_scenario(b: &BackendUrls, scenario: &Scenario, quiet: bool) {
     let catalog = match scenario.catalog() {
         Ok(c) if !c.is_empty() => c,
@@ -421,17 +422,38 @@ async fn seed_scenario(b: &BackendUrls, scenario: &Scenario, quiet: bool) {
     };
     let seeded = async {
         let ledger = backends::ledger(b).await?;
-        Ok::<_, Failure>(ledger.create_missing(&catalog).await?)
+        let created = ledger.create_missing(&catalog).await?;
+        let existing = ledger.products().await?;
+        Ok::<_, Failure>((created, existing))
     };
     match tokio::time::timeout(Duration::from_secs(10), seeded).await {
-        Ok(Ok(created)) if !quiet && !created.is_empty() => {
-            eprintln!(
-                "seeded {} missing products of {:?}",
-                created.len(),
-                scenario.name
-            );
+        Ok(Ok((created, existing))) => {
+            if !quiet && !created.is_empty() {
+                eprintln!("seeded {} missing products of {:?}", created.len(), scenario.name);
+            }
+            let differing: Vec<String> = catalog
+                .iter()
+                .filter_map(|want| {
+                    let have = existing.iter().find(|p| p.id == want.id)?;
+                    let differs = have.stock < want.stock
+                        || have.max_per_order != want.max_per_order
+                        || have.per_user_limit != want.per_user_limit;
+                    differs.then(|| {
+                        format!(
+                            "product {}: stock {} of {}, max per order {}",
+                            have.id, have.stock, want.stock, have.max_per_order
+                        )
+                    })
+                })
+                .collect();
+            if let Some(first) = differing.first() {
+                eprintln!(
+                    "fsctl: {} of the scenario's products already exist and differ from it ({first}); \
+                     `fsctl seed --scenario FILE --reset` starts the sale afresh",
+                    differing.len()
+                );
+            }
         }
-        Ok(Ok(_)) => {}
         Ok(Err(e)) => eprintln!(
             "fsctl: could not seed {:?} ({}); storming the products as they are",
             scenario.name, e.message
