@@ -1,5 +1,5 @@
 //! `fsctl`: the operator's tool. `migrate`, `seed`, `storm`, `verify`,
-//! `inspect`, `up` and `completions`.
+//! `inspect`, `top`, `up` and `completions`.
 
 pub mod backends;
 pub mod exit;
@@ -8,6 +8,7 @@ pub mod output;
 pub mod scenario;
 pub mod seed;
 pub mod storm;
+pub mod top;
 pub mod up;
 pub mod verify;
 
@@ -61,6 +62,8 @@ pub enum Command {
     Verify(verify::VerifyArgs),
     /// Look inside: queue, locks, workers, dlq, product ID, order ID.
     Inspect(inspect::InspectArgs),
+    /// Live dashboard of the running sale (a terminal UI).
+    Top(top::TopArgs),
     /// Run the API and N workers as child processes against the configured services.
     Up(up::UpArgs),
     /// Print shell completions: fsctl completions bash > /etc/bash_completion.d/fsctl
@@ -75,6 +78,7 @@ pub async fn run(cli: Cli) -> ExitCode {
         Command::Storm(args) => storm::run(b, &cli.api_url, args).await,
         Command::Verify(args) => verify::run(b, args).await,
         Command::Inspect(args) => inspect::run(b, args).await,
+        Command::Top(args) => top::run(b, &cli.api_url, args).await,
         Command::Up(args) => up::run(b, args).await,
         Command::Completions { shell } => {
             clap_complete::generate(*shell, &mut Cli::command(), "fsctl", &mut std::io::stdout());

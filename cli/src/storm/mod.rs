@@ -429,7 +429,11 @@ async fn seed_scenario(b: &BackendUrls, scenario: &Scenario, quiet: bool) {
     match tokio::time::timeout(Duration::from_secs(10), seeded).await {
         Ok(Ok((created, existing))) => {
             if !quiet && !created.is_empty() {
-                eprintln!("seeded {} missing products of {:?}", created.len(), scenario.name);
+                eprintln!(
+                    "seeded {} missing products of {:?}",
+                    created.len(),
+                    scenario.name
+                );
             }
             let differing: Vec<String> = catalog
                 .iter()

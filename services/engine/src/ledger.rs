@@ -208,6 +208,20 @@ impl StockLedger {
         .collect()
     }
 
+    /// Orders with a row: (confirmed, rejected).
+    pub async fn totals(&self) -> Result<(u64, u64), sqlx::Error> {
+        let rows: Vec<(String, i64)> =
+            sqlx::query_as("SELECT status, COUNT(*) FROM orders GROUP BY status")
+                .fetch_all(&self.pool)
+                .await?;
+        let count = |status: &str| {
+            rows.iter()
+                .find(|(s, _)| s == status)
+                .map_or(0, |(_, n)| *n as u64)
+        };
+        Ok((count("confirmed"), count("rejected")))
+    }
+
     /// How many of these orders have a row: (confirmed, rejected).
     pub async fn outcomes(&self, order_ids: &[String]) -> Result<(usize, usize), sqlx::Error> {
         let (mut confirmed, mut rejected) = (0, 0);

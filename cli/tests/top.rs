@@ -1,0 +1,76 @@
+//! `fsctl top`'s data collectors against the real services, and its refusal
+//! to draw anywhere but a terminal.
+#![allow(clippy::unwrap_used)]
+
+use flashsale_testkit::env;
+use fsctl::top::app::{App, Source};
+use fsctl::top::collect;
+use fsctl::top::event::Event;
+use std::time::{Duration, Instant};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn collectors_reflect_orders_made_through_the_api() {
+    let mut env = env().await;
+    env.seed(1, 10, None).await;
+    let api = env.start_api().await;
+    env.start_worker().await;
+    let answers = env.storm(&api, 1, 4, 4, |i| format!("u{i}")).await;
+    assert!(answers.iter().all(|a| a.status == 202));
+    env.wait_for_rows(&answers.iter().map(|a| a.key.clone()).collect::<Vec<_>>())
+        .await;
+
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let tasks = collect::start(&env.backends(), &api, Duration::from_millis(200), &tx);
+    let mut app = App::new(
+        &env.backends().namespace,
+        &api,
+        Duration::from_millis(200),
+        false,
+        Instant::now(),
+    );
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let reflects = |app: &App| {
+        let product = app.shown.products.iter().find(|p| p.id == 1);
+        product.is_some_and(|p| p.confirmed == 4 && p.stock == 6)
+            && app.shown.violations.as_ref().is_some_and(Vec::is_empty)
+            && app
+                .shown
+                .queue
+                .as_ref()
+                .is_some_and(|q| q.orders_consumers == 1)
+            && app.shown.workers.iter().any(|w| !w.gone)
+            && app.shown.accept_latency.is_some_and(|l| l.count >= 4.0)
+            && Source::ALL.iter().all(|s| app.health[s].is_up())
+    };
+    while !reflects(&app) {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match tokio::time::timeout(left, rx.recv()).await {
+            Ok(Some(Event::Sample(at, sample))) => app.on_sample(at, sample),
+            Ok(_) => {}
+            Err(_) => panic!(
+                "the snapshot never showed the 4 orders: products {:?}, queue {:?}, workers {}, health {:?}",
+                app.shown.products,
+                app.shown.queue,
+                app.shown.workers.len(),
+                app.health
+            ),
+        }
+    }
+    drop(tasks);
+    env.finish().await;
+}
+
+#[tokio::test]
+async fn top_refuses_a_non_terminal_with_exit_2() {
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_fsctl"))
+        .arg("top")
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("needs a terminal") && err.contains("--json"),
+        "{err}"
+    );
+}
