@@ -204,7 +204,10 @@ fn panel<'a>(
     match stale {
         None => (Block::bordered().title(format!(" {title} ")), Style::new()),
         Some((source, (age, error))) => {
-            let mut note = format!(" {title} · {} stale {}s", source.name(), age.as_secs());
+            let mut note = match age.as_secs() {
+                0 => format!(" {title} · {} down", source.name()),
+                s => format!(" {title} · {} stale {s}s", source.name()),
+            };
             if let Some(e) = error {
                 note.push_str(&format!(": {e}"));
             }
@@ -444,23 +447,16 @@ fn draw_workers(frame: &mut Frame, app: &App, now: Instant, paint: &Paint, area:
         rows,
         [
             Constraint::Min(12),
-            Constraint::Length(6),
-            Constraint::Length(6),
-            Constraint::Length(10),
-            Constraint::Length(9),
+            Constraint::Length(5),
+            Constraint::Length(5),
             Constraint::Length(8),
+            Constraint::Length(5),
+            Constraint::Length(7),
         ],
     )
     .header(
-        Row::new([
-            "worker",
-            "state",
-            "beat",
-            "processed",
-            "in flight",
-            "product",
-        ])
-        .style(Style::new().add_modifier(Modifier::BOLD)),
+        Row::new(["worker", "state", "beat", "orders", "held", "product"])
+            .style(Style::new().add_modifier(Modifier::BOLD)),
     )
     .style(style)
     .block(block);
