@@ -1,7 +1,8 @@
 //! `fsctl`: the operator's tool. `migrate`, `seed`, `storm`, `verify`,
-//! `inspect`, `top`, `up` and `completions`.
+//! `inspect`, `top`, `up`, `doctor` and `completions`.
 
 pub mod backends;
+pub mod doctor;
 pub mod exit;
 pub mod inspect;
 pub mod output;
@@ -66,6 +67,8 @@ pub enum Command {
     Top(top::TopArgs),
     /// Run the API and N workers as child processes against the configured services.
     Up(up::UpArgs),
+    /// Raw capacity of PostgreSQL, Redis and RabbitMQ here, beside what the engine achieves.
+    Doctor(doctor::DoctorArgs),
     /// Print shell completions: fsctl completions bash > /etc/bash_completion.d/fsctl
     Completions { shell: clap_complete::Shell },
 }
@@ -80,6 +83,7 @@ pub async fn run(cli: Cli) -> ExitCode {
         Command::Inspect(args) => inspect::run(b, args).await,
         Command::Top(args) => top::run(b, &cli.api_url, args).await,
         Command::Up(args) => up::run(b, args).await,
+        Command::Doctor(args) => doctor::run(b, args).await,
         Command::Completions { shell } => {
             clap_complete::generate(*shell, &mut Cli::command(), "fsctl", &mut std::io::stdout());
             Ok(OK)
