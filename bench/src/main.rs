@@ -47,13 +47,6 @@ enum Command {
         #[arg(long, default_value_t = 600)]
         timeout_secs: u64,
     },
-    /// Raw batched insert rate into a scratch copy of the orders table.
-    PgInsert {
-        #[arg(long, default_value_t = 20_000)]
-        rows: usize,
-        #[arg(long, default_value_t = 500)]
-        batch: usize,
-    },
 }
 
 #[tokio::main]
@@ -80,7 +73,6 @@ async fn main() -> anyhow::Result<()> {
             baseline,
             timeout_secs,
         } => wait_rows(&cli.backends, count, baseline, timeout_secs).await?,
-        Command::PgInsert { rows, batch } => pg_insert(&cli.backends, rows, batch).await?,
     };
     println!("{report}");
     Ok(())
@@ -185,42 +177,3 @@ async fn wait_rows(
     }
 }
 
-async fn pg_insert(
-    backends: &BackendUrls,
-    rows: usize,
-    batch: usize,
-) -> anyhow::Result<serde_json::Value> {
-    let pool = postgres::connect_and_migrate(&backends.database_url, 1).await?;
-    sqlx::raw_sql(
-        "DROP TABLE IF EXISTS bench_orders; CREATE TABLE bench_orders (LIKE orders INCLUDING ALL)",
-    )
-    .execute(&pool)
-    .await?;
-    let run = uuid_like();
-    let started = Instant::now();
-    for chunk in (0..rows).collect::<Vec<_>>().chunks(batch.max(1)) {
-        let keys: Vec<String> = chunk.iter().map(|i| format!("{run}-{i}")).collect();
-        let users: Vec<String> = chunk.iter().map(|i| format!("buyer-{i}")).collect();
-        sqlx::query(
-            "INSERT INTO bench_orders (idempotency_key, user_id, product_id, quantity, status,
-                                       accepted_at, processed_at)
-             SELECT k, u, 1, 1, 'confirmed', now(), now() FROM unnest($1::text[], $2::text[]) AS t(k, u)
-             ON CONFLICT (idempotency_key) DO NOTHING",
-        )
-        .bind(&keys)
-        .bind(&users)
-        .execute(&pool)
-        .await?;
-    }
-    let seconds = started.elapsed().as_secs_f64();
-    sqlx::raw_sql("DROP TABLE bench_orders")
-        .execute(&pool)
-        .await?;
-    Ok(json!({
-        "rows": rows,
-        "batch": batch,
-        "seconds": seconds,
-        "rowsPerSecond": rows as f64 / seconds,
-        "note": "one transaction per batch, synchronous commit as configured",
-    }))
-}
