@@ -176,4 +176,3 @@ async fn wait_rows(
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
-

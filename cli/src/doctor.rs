@@ -659,7 +659,7 @@ fn print(r: &DoctorReport) {
         number(e.accepted as f64),
         number(e.drain_per_second)
     );
-    let mut t = output::table(&["engine path", "achieved", "limit", "ratio", "bottleneck"]);
+    let mut t = output::table(&["engine path", "achieved", "limit", "ratio"]);
     for v in &r.verdicts {
         t.add_row(vec![
             Cell::new(v.path),
@@ -670,8 +670,10 @@ fn print(r: &DoctorReport) {
                 &format!("{:.0}%", v.ratio * 100.0),
                 &format!("{:.0}% (goal {:.0}%)", v.ratio * 100.0, v.goal * 100.0),
             ),
-            Cell::new(&v.bottleneck),
         ]);
     }
     println!("{t}");
+    for v in &r.verdicts {
+        println!("bottleneck of {}: {}", v.path, v.bottleneck);
+    }
 }
