@@ -444,3 +444,27 @@ async fn the_real_api_answers_retries_and_bad_inputs_as_the_contract_says() {
     env.assert_invariants().await;
     env.finish().await;
 }
+
+#[tokio::test]
+async fn several_apis_share_the_storm_round_robin() {
+    let (a, seen_a) = scripted_api(Duration::ZERO).await;
+    let (b, seen_b) = scripted_api(Duration::ZERO).await;
+    let out = run(&[
+        "storm",
+        "--api-url",
+        &a,
+        "--api-url",
+        &b,
+        "-n",
+        "400",
+        "-c",
+        "8",
+        "--no-verify",
+        "--json",
+    ])
+    .await;
+    assert_eq!(code(&out), 0, "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(report(&out)["requests"], 400);
+    assert_eq!(seen_a.lock().unwrap().requests, 200);
+    assert_eq!(seen_b.lock().unwrap().requests, 200);
+}
