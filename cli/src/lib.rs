@@ -35,6 +35,7 @@ pub struct Cli {
     #[arg(
         long,
         global = true,
+        help_heading = "Backends",
         env = "FSCTL_API_URL",
         value_delimiter = ',',
         default_value = "http://127.0.0.1:3000"

@@ -8,6 +8,7 @@ use crate::scenario::{self, Scenario};
 use clap::Args;
 use flashsale_engine::ledger::NewProduct;
 use flashsale_engine::redis_conn::timed;
+use flashsale_engine::stock_feed::StockFeed;
 use flashsale_engine::{BackendUrls, observe};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::json;
@@ -88,6 +89,16 @@ pub async fn run(b: &BackendUrls, args: &SeedArgs) -> Outcome {
     if args.restock {
         let units = args.stock.unwrap_or(0);
         let changed = ledger.restock(&ids, units).await?;
+        // Tell the APIs now rather than at their next catalog poll.
+        let feed = StockFeed::new(backends::redis(b).await?, &ns);
+        for p in ledger
+            .products()
+            .await?
+            .iter()
+            .filter(|p| ids.contains(&p.id))
+        {
+            feed.announce(p.id, p.stock).await;
+        }
         let missing = ids.len() as u64 - changed;
         if args.json {
             output::json(&json!({"restocked": changed, "units": units, "missing": missing}));
@@ -155,6 +166,10 @@ pub async fn run(b: &BackendUrls, args: &SeedArgs) -> Outcome {
             let mut conn = redis.clone();
             for chunk in keys.chunks(1000) {
                 timed(redis::cmd("DEL").arg(chunk).query_async::<()>(&mut conn)).await?;
+            }
+            let feed = StockFeed::new(redis, &ns);
+            for p in &existing {
+                feed.announce(p.id, p.stock).await;
             }
         }
     }

@@ -10,6 +10,7 @@ pub const DEFAULT_NAMESPACE: &str = "flashsale";
 
 /// The backends and namespace, read from the environment or flags.
 #[derive(Debug, Clone, Args)]
+#[command(next_help_heading = "Backends")]
 pub struct BackendUrls {
     /// PostgreSQL URL; the database is created when missing.
     #[arg(long, global = true, env = "DATABASE_URL", default_value = DEFAULT_DATABASE_URL)]
