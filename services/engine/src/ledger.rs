@@ -285,6 +285,66 @@ fn product_from_row(r: &sqlx::postgres::PgRow) -> Result<ProductRecord, sqlx::Er
     })
 }
 
+/// What a group's orders come to, decided in arrival order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Decisions {
+    pub outcomes: Vec<OrderOutcome>,
+    /// Units confirmed in the group.
+    pub taken: i32,
+    /// Stock after the group; `None` for an unknown product.
+    pub stock_left: Option<i32>,
+}
+
+/// The booking rules, one place for every ledger (PostgreSQL's and the
+/// embedded one): a key already `booked`, or seen earlier in the group, is
+/// a duplicate; an unknown product (`stock` `None`) rejects; an order for
+/// more than is left is sold out; one that would take its user past
+/// `per_user_limit` (counting `held`, updated here) is rejected; the rest
+/// are confirmed and taken from the stock.
+pub fn decide(
+    orders: &[QueuedOrder],
+    booked: &HashSet<String>,
+    held: &mut HashMap<String, i64>,
+    mut stock: Option<i32>,
+    per_user_limit: Option<i32>,
+) -> Decisions {
+    let mut seen: HashSet<&str> = HashSet::new();
+    let mut outcomes = Vec::with_capacity(orders.len());
+    let mut taken: i32 = 0;
+    for order in orders {
+        let key = order.order_id.as_str();
+        if booked.contains(key) || !seen.insert(key) {
+            outcomes.push(OrderOutcome::Duplicate);
+            continue;
+        }
+        let qty = order.quantity.get();
+        let outcome = match stock {
+            None => OrderOutcome::Rejected(RejectReason::UnknownProduct),
+            Some(left) if qty > left => OrderOutcome::Rejected(RejectReason::SoldOut),
+            Some(left) => {
+                let user = held.entry(order.user_id.as_str().to_owned()).or_insert(0);
+                match per_user_limit {
+                    Some(limit) if *user + i64::from(qty) > i64::from(limit) => {
+                        OrderOutcome::Rejected(RejectReason::PerUserLimit)
+                    }
+                    _ => {
+                        *user += i64::from(qty);
+                        stock = Some(left - qty);
+                        taken += qty;
+                        OrderOutcome::Confirmed
+                    }
+                }
+            }
+        };
+        outcomes.push(outcome);
+    }
+    Decisions {
+        outcomes,
+        taken,
+        stock_left: stock,
+    }
+}
+
 /// The group's transaction; `None` when a key was booked concurrently
 /// (roll back and try again: the next attempt sees that row).
 async fn apply_in(
@@ -301,7 +361,7 @@ async fn apply_in(
     .bind(token.0)
     .fetch_optional(&mut **tx)
     .await?;
-    let (mut stock, per_user_limit) = match fenced {
+    let (stock, per_user_limit) = match fenced {
         Some(row) => (Some(row.0), row.1),
         None => {
             let fence: Option<i64> =
@@ -340,37 +400,11 @@ async fn apply_in(
         held.extend(rows);
     }
 
-    // Decide in arrival order; a key seen earlier in the group is a duplicate.
-    let mut seen: HashSet<&str> = HashSet::new();
-    let mut outcomes = Vec::with_capacity(orders.len());
-    let mut taken: i32 = 0;
-    for order in orders {
-        let key = order.order_id.as_str();
-        if booked.contains(key) || !seen.insert(key) {
-            outcomes.push(OrderOutcome::Duplicate);
-            continue;
-        }
-        let qty = order.quantity.get();
-        let outcome = match stock {
-            None => OrderOutcome::Rejected(RejectReason::UnknownProduct),
-            Some(left) if qty > left => OrderOutcome::Rejected(RejectReason::SoldOut),
-            Some(left) => {
-                let user = held.entry(order.user_id.as_str().to_owned()).or_insert(0);
-                match per_user_limit {
-                    Some(limit) if *user + i64::from(qty) > i64::from(limit) => {
-                        OrderOutcome::Rejected(RejectReason::PerUserLimit)
-                    }
-                    _ => {
-                        *user += i64::from(qty);
-                        stock = Some(left - qty);
-                        taken += qty;
-                        OrderOutcome::Confirmed
-                    }
-                }
-            }
-        };
-        outcomes.push(outcome);
-    }
+    let Decisions {
+        outcomes,
+        taken,
+        stock_left: stock,
+    } = decide(orders, &booked, &mut held, stock, per_user_limit);
 
     let new: Vec<(&QueuedOrder, OrderOutcome)> = orders
         .iter()

@@ -1,12 +1,14 @@
 //! Flash Sale Engine core: the domain types every part shares, the stock
 //! ledger in PostgreSQL, the fenced product lock and the accept log in Redis,
-//! the order queue in RabbitMQ, metric names and configuration.
+//! the order queue in RabbitMQ, metric names and configuration; the seams
+//! with two implementations, and the in-memory (embedded) one.
 
 pub mod accept_log;
 pub mod audit;
 pub mod broker;
 pub mod config;
 pub mod domain;
+pub mod embedded;
 pub mod ledger;
 pub mod lock;
 pub mod metrics;
@@ -14,6 +16,7 @@ pub mod observe;
 pub mod postgres;
 pub mod redis_conn;
 pub mod scratch;
+pub mod seams;
 pub mod shutdown;
 pub mod stock_feed;
 pub mod telemetry;

@@ -58,6 +58,22 @@ local floor = tonumber(ARGV[1])
 if current < floor then redis.call('SET', KEYS[1], floor) return floor end
 return current";
 
+impl HeldLock {
+    /// The lock `holder` holds on `product` with `token`.
+    pub fn new(product: ProductId, token: FencingToken, holder: &str) -> Self {
+        Self {
+            product,
+            token,
+            value: format!("{holder}:{}", token.0),
+        }
+    }
+
+    /// What the lock key holds: `<holder>:<token>`.
+    pub fn value(&self) -> &str {
+        &self.value
+    }
+}
+
 impl ProductLock {
     pub fn new(redis: ConnectionManager, ns: Namespace, holder: impl Into<String>) -> Self {
         Self {
@@ -86,11 +102,7 @@ impl ProductLock {
                 .invoke_async(&mut conn),
         )
         .await?;
-        Ok(token.map(|t| HeldLock {
-            product,
-            token: FencingToken(t),
-            value: format!("{}:{t}", self.holder),
-        }))
+        Ok(token.map(|t| HeldLock::new(product, FencingToken(t), &self.holder)))
     }
 
     /// Releases the lock if this holder still owns it.

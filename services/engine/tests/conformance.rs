@@ -1,0 +1,248 @@
+//! One conformance suite for the seams with two implementations: every
+//! check runs against the embedded (in-memory) backend and against the real
+//! PostgreSQL / Redis, so the two cannot drift.
+#![allow(clippy::unwrap_used)]
+
+use chrono::Utc;
+use flashsale_engine::config::{DEFAULT_AMQP_URL, DEFAULT_DATABASE_URL, DEFAULT_REDIS_URL};
+use flashsale_engine::embedded::{MemoryLedger, MemoryLocks};
+use flashsale_engine::ledger::{LedgerError, NewProduct, OrderOutcome, StockLedger};
+use flashsale_engine::lock::{FencingToken, ProductLock};
+use flashsale_engine::scratch::Scratch;
+use flashsale_engine::seams::{Ledger, ProductLocks};
+use flashsale_engine::{
+    BackendUrls, IdempotencyKey, ProductId, Quantity, RejectReason, UserId, domain::QueuedOrder,
+    postgres, redis_conn,
+};
+use std::time::Duration;
+
+fn servers() -> BackendUrls {
+    let var = |k: &str, d: &str| std::env::var(k).unwrap_or_else(|_| d.to_owned());
+    BackendUrls {
+        database_url: var("DATABASE_URL", DEFAULT_DATABASE_URL),
+        redis_url: var("REDIS_URL", DEFAULT_REDIS_URL),
+        amqp_url: var("AMQP_URL", DEFAULT_AMQP_URL),
+        namespace: String::new(),
+    }
+}
+
+fn pid(id: i64) -> ProductId {
+    ProductId::new(id).unwrap()
+}
+
+fn order(key: &str, user: &str, product: i64, units: i64) -> QueuedOrder {
+    QueuedOrder {
+        order_id: IdempotencyKey::parse(key).unwrap(),
+        user_id: UserId::parse(user).unwrap(),
+        product_id: pid(product),
+        quantity: Quantity::new(units).unwrap(),
+        accepted_at: Utc::now(),
+    }
+}
+
+fn product(id: i64, stock: i32, per_user_limit: Option<i32>) -> NewProduct {
+    NewProduct {
+        id,
+        name: format!("p{id}"),
+        stock,
+        max_per_order: 10,
+        per_user_limit,
+    }
+}
+
+use OrderOutcome::{Confirmed, Duplicate, Rejected};
+
+/// The ledger's rules, on any implementation.
+async fn ledger_conforms(l: &dyn Ledger) {
+    assert_eq!(
+        l.create_missing(&[
+            product(1, 3, None),
+            product(2, 10, Some(2)),
+            product(3, 5, None)
+        ])
+        .await
+        .unwrap(),
+        vec![1, 2, 3]
+    );
+    assert!(
+        l.create_missing(&[product(1, 99, None)])
+            .await
+            .unwrap()
+            .is_empty()
+    );
+
+    // Conditional stock update, in arrival order.
+    let r = l
+        .apply_group(
+            pid(1),
+            FencingToken(1),
+            &[
+                order("a1", "u1", 1, 2),
+                order("a2", "u2", 1, 2),
+                order("a3", "u3", 1, 1),
+            ],
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        r.outcomes,
+        vec![Confirmed, Rejected(RejectReason::SoldOut), Confirmed]
+    );
+    assert_eq!(r.stock_after, Some(0));
+    assert_eq!(l.product(pid(1)).await.unwrap().unwrap().stock, 0);
+
+    // Idempotent insert: a redelivered group, and a key twice in one group.
+    let again = l
+        .apply_group(
+            pid(1),
+            FencingToken(2),
+            &[
+                order("a1", "u1", 1, 2),
+                order("a4", "u4", 1, 1),
+                order("a4", "u4", 1, 1),
+            ],
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        again.outcomes,
+        vec![Duplicate, Rejected(RejectReason::SoldOut), Duplicate]
+    );
+    let a1 = l.order("a1").await.unwrap().unwrap();
+    assert_eq!(
+        (a1.quantity, a1.status),
+        (2, flashsale_engine::OrderStatus::Confirmed)
+    );
+    assert_eq!(
+        l.order("a4").await.unwrap().unwrap().reason.as_deref(),
+        Some("sold_out")
+    );
+    assert!(l.order("never").await.unwrap().is_none());
+
+    // Per-user limit, across groups.
+    let r = l
+        .apply_group(
+            pid(2),
+            FencingToken(1),
+            &[
+                order("b1", "u1", 2, 1),
+                order("b2", "u1", 2, 2),
+                order("b3", "u2", 2, 2),
+            ],
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        r.outcomes,
+        vec![Confirmed, Rejected(RejectReason::PerUserLimit), Confirmed]
+    );
+    let r = l
+        .apply_group(
+            pid(2),
+            FencingToken(2),
+            &[order("b4", "u1", 2, 1), order("b5", "u1", 2, 1)],
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        r.outcomes,
+        vec![Confirmed, Rejected(RejectReason::PerUserLimit)]
+    );
+    assert_eq!(l.held_by(pid(2), "u1").await.unwrap(), 2);
+    assert_eq!(l.product(pid(2)).await.unwrap().unwrap().stock, 6);
+
+    // Fencing: a token not above the last writer's changes nothing.
+    l.apply_group(pid(3), FencingToken(7), &[order("c1", "u1", 3, 1)])
+        .await
+        .unwrap();
+    match l
+        .apply_group(pid(3), FencingToken(7), &[order("c2", "u1", 3, 1)])
+        .await
+    {
+        Err(LedgerError::FencedOut { fence, .. }) => assert_eq!(fence, 7),
+        other => panic!("expected fenced out, got {other:?}"),
+    }
+    assert!(
+        l.apply_group(pid(3), FencingToken(5), &[order("c3", "u1", 3, 1)])
+            .await
+            .is_err()
+    );
+    assert!(l.order("c2").await.unwrap().is_none() && l.order("c3").await.unwrap().is_none());
+    assert_eq!(l.product(pid(3)).await.unwrap().unwrap().stock, 4);
+    assert_eq!(l.product(pid(3)).await.unwrap().unwrap().lock_fence, 7);
+
+    // An unknown product rejects, and takes nothing.
+    let r = l
+        .apply_group(pid(404), FencingToken(1), &[order("d1", "u1", 404, 1)])
+        .await
+        .unwrap();
+    assert_eq!(r.outcomes, vec![Rejected(RejectReason::UnknownProduct)]);
+    assert_eq!(r.stock_after, None);
+}
+
+/// The lock's exclusivity, lease and fencing, on any implementation;
+/// `a` and `b` are two holders of the same lock table.
+async fn locks_conform(a: &dyn ProductLocks, b: &dyn ProductLocks, short_a: &dyn ProductLocks) {
+    let held = a.try_acquire(pid(1)).await.unwrap().expect("free lock");
+    assert!(b.try_acquire(pid(1)).await.unwrap().is_none(), "held by a");
+    assert!(a.release(&held).await.unwrap());
+    assert!(!a.release(&held).await.unwrap(), "released once");
+    let next = b.try_acquire(pid(1)).await.unwrap().expect("free again");
+    assert!(next.token > held.token, "tokens only grow");
+    assert!(b.release(&next).await.unwrap());
+
+    // A lease ends on its own; the next holder gets a higher token, and the
+    // old holder can no longer release.
+    let short = short_a.try_acquire(pid(2)).await.unwrap().expect("free");
+    assert!(b.try_acquire(pid(2)).await.unwrap().is_none());
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let taken_over = b.try_acquire(pid(2)).await.unwrap().expect("lease ended");
+    assert!(taken_over.token > short.token);
+    assert!(!short_a.release(&short).await.unwrap());
+    assert!(b.release(&taken_over).await.unwrap());
+
+    // raise_fence lifts the counter (after PostgreSQL fenced a holder out),
+    // never lowers it.
+    assert_eq!(a.raise_fence(pid(3), 40).await.unwrap(), 40);
+    assert_eq!(a.raise_fence(pid(3), 10).await.unwrap(), 40);
+    let after = a.try_acquire(pid(3)).await.unwrap().unwrap();
+    assert_eq!(after.token, FencingToken(41));
+}
+
+#[tokio::test]
+async fn embedded_ledger_conforms() {
+    ledger_conforms(&MemoryLedger::new()).await;
+}
+
+#[tokio::test]
+async fn postgres_ledger_conforms() {
+    let scratch = Scratch::new(&servers());
+    let pool = postgres::connect_and_migrate(&scratch.backends.database_url, 2)
+        .await
+        .expect("PostgreSQL is not answering (scripts/test starts it)");
+    ledger_conforms(&StockLedger::new(pool.clone())).await;
+    pool.close().await;
+    scratch.remove().await.unwrap();
+}
+
+#[tokio::test]
+async fn embedded_locks_conform() {
+    let a = MemoryLocks::new("a");
+    let b = a.holder("b");
+    let short = a.holder("a-short").with_lease(Duration::from_millis(200));
+    locks_conform(&a, &b, &short).await;
+}
+
+#[tokio::test]
+async fn redis_locks_conform() {
+    let scratch = Scratch::new(&servers());
+    let redis = redis_conn::connect(&scratch.backends.redis_url)
+        .await
+        .expect("Redis is not answering (scripts/test starts it)");
+    let ns = scratch.backends.namespace();
+    let a = ProductLock::new(redis.clone(), ns.clone(), "a");
+    let b = ProductLock::new(redis.clone(), ns.clone(), "b");
+    let short = ProductLock::new(redis, ns, "a-short").with_lease(Duration::from_millis(200));
+    locks_conform(&a, &b, &short).await;
+    scratch.remove().await.unwrap();
+}
