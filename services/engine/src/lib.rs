@@ -7,6 +7,7 @@ pub mod accept_log;
 pub mod audit;
 pub mod broker;
 pub mod config;
+pub mod consumer;
 pub mod domain;
 pub mod embedded;
 pub mod ledger;

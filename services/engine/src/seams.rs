@@ -5,9 +5,9 @@
 //! cannot drift. The booking rules themselves live once, in
 //! [`crate::ledger::decide`].
 //!
-//! Still to come (issue "fsctl demo"): the order queue seam (publish with
-//! confirm, prefetch, ack, redelivery, dead letters) and the accept log,
-//! and the API and worker running on these traits.
+//! Seams: the ledger, the product locks, the order queue and the accept
+//! log. Still to come (issue "fsctl demo"): the API and the worker running
+//! on these traits rather than on the concrete types, and the demo itself.
 
 use crate::domain::{OrderView, ProductId, QueuedOrder};
 use crate::ledger::{GroupReceipt, LedgerError, NewProduct, ProductRecord, StockLedger};
@@ -95,5 +95,243 @@ impl ProductLocks for ProductLock {
         ProductLock::raise_fence(self, product, seen)
             .await
             .map_err(|e| BackendFailed(format!("Redis: {e}")))
+    }
+}
+
+/// A message as a consumer sees it.
+#[derive(Debug, Clone)]
+pub struct Delivered {
+    /// Grows with each delivery on a consumer; `ack_through` takes it.
+    pub tag: u64,
+    pub message_id: String,
+    pub payload: Vec<u8>,
+    /// Delivered before to a consumer that did not ack it.
+    pub redelivered: bool,
+}
+
+/// The order queue: publish with a confirm, consume with a prefetch, ack,
+/// redelivery of what a consumer held when it went away, dead letters.
+#[async_trait::async_trait]
+pub trait OrderQueue: Send + Sync {
+    /// Returns once the broker has the message durably (its confirm).
+    async fn publish(&self, message_id: &str, payload: &[u8]) -> Result<(), BackendFailed>;
+    /// A consumer holding at most `prefetch` unacknowledged messages.
+    async fn consume(&self, prefetch: u16) -> Result<Box<dyn QueueConsumer>, BackendFailed>;
+    /// The dead-letter queue's messages: `(message id, reason)`.
+    async fn dead_letters(&self) -> Result<Vec<(String, Option<String>)>, BackendFailed>;
+}
+
+/// One consumer of the order queue.
+#[async_trait::async_trait]
+pub trait QueueConsumer: Send {
+    /// Waits for a message, then takes every one already there (at most
+    /// the prefetch). `None` when the consumer ended.
+    async fn next_batch(&mut self) -> Result<Option<Vec<Delivered>>, BackendFailed>;
+    /// Acknowledges every delivery up to and including `tag`.
+    async fn ack_through(&mut self, tag: u64) -> Result<(), BackendFailed>;
+    /// Moves one delivery to the dead-letter queue with `reason`.
+    async fn dead_letter(
+        &mut self,
+        delivery: &Delivered,
+        reason: &str,
+    ) -> Result<(), BackendFailed>;
+    /// Goes away; what it held unacknowledged is delivered again.
+    async fn close(self: Box<Self>);
+}
+
+/// The order queue on RabbitMQ: the API's publisher and the worker's consumer.
+pub struct RabbitQueue {
+    url: String,
+    ns: crate::Namespace,
+    publisher: crate::broker::OrderPublisher,
+}
+
+impl RabbitQueue {
+    pub fn start(url: &str, ns: &crate::Namespace) -> Self {
+        Self {
+            url: url.to_owned(),
+            ns: ns.clone(),
+            publisher: crate::broker::OrderPublisher::start(url, ns),
+        }
+    }
+
+    pub fn is_connected(&self) -> bool {
+        self.publisher.is_connected()
+    }
+}
+
+fn broker_failed(e: impl std::fmt::Display) -> BackendFailed {
+    BackendFailed(format!("RabbitMQ: {e}"))
+}
+
+#[async_trait::async_trait]
+impl OrderQueue for RabbitQueue {
+    async fn publish(&self, message_id: &str, payload: &[u8]) -> Result<(), BackendFailed> {
+        self.publisher
+            .publish(message_id, payload)
+            .await
+            .map_err(broker_failed)
+    }
+
+    async fn consume(&self, prefetch: u16) -> Result<Box<dyn QueueConsumer>, BackendFailed> {
+        let consumer = crate::consumer::OrderConsumer::open(&self.url, &self.ns, prefetch, "seam")
+            .await
+            .map_err(broker_failed)?;
+        Ok(Box::new(RabbitConsumer {
+            consumer,
+            held: std::collections::BTreeMap::new(),
+        }))
+    }
+
+    async fn dead_letters(&self) -> Result<Vec<(String, Option<String>)>, BackendFailed> {
+        Ok(
+            crate::observe::peek_dead_letters(&self.url, &self.ns, 10_000)
+                .await
+                .map_err(broker_failed)?
+                .into_iter()
+                .map(|d| (d.message_id.unwrap_or_default(), d.reason))
+                .collect(),
+        )
+    }
+}
+
+struct RabbitConsumer {
+    consumer: crate::consumer::OrderConsumer,
+    held: std::collections::BTreeMap<u64, lapin::message::Delivery>,
+}
+
+#[async_trait::async_trait]
+impl QueueConsumer for RabbitConsumer {
+    async fn next_batch(&mut self) -> Result<Option<Vec<Delivered>>, BackendFailed> {
+        let Some(batch) = self.consumer.next_batch().await.map_err(broker_failed)? else {
+            return Ok(None);
+        };
+        let mut out = Vec::with_capacity(batch.len());
+        for d in batch {
+            out.push(Delivered {
+                tag: d.delivery_tag,
+                message_id: d
+                    .properties
+                    .message_id()
+                    .as_ref()
+                    .map(|s| s.as_str().to_owned())
+                    .unwrap_or_default(),
+                payload: d.data.clone(),
+                redelivered: d.redelivered,
+            });
+            self.held.insert(d.delivery_tag, d);
+        }
+        Ok(Some(out))
+    }
+
+    async fn ack_through(&mut self, tag: u64) -> Result<(), BackendFailed> {
+        // The newest held delivery at or below `tag` (one may have been
+        // dead-lettered, and so acked, already).
+        if let Some((_, d)) = self.held.range(..=tag).next_back() {
+            d.acker
+                .ack(lapin::options::BasicAckOptions { multiple: true })
+                .await
+                .map_err(broker_failed)?;
+        }
+        self.held.retain(|t, _| *t > tag);
+        Ok(())
+    }
+
+    async fn dead_letter(
+        &mut self,
+        delivery: &Delivered,
+        reason: &str,
+    ) -> Result<(), BackendFailed> {
+        let Some(d) = self.held.remove(&delivery.tag) else {
+            return Ok(());
+        };
+        crate::broker::publish_confirmed(
+            self.consumer.channel(),
+            &self.consumer.dead_letter_queue(),
+            &delivery.message_id,
+            &d.data,
+            Some(crate::broker::reason_headers(reason)),
+        )
+        .await
+        .map_err(broker_failed)?;
+        d.acker
+            .ack(lapin::options::BasicAckOptions::default())
+            .await
+            .map(|_| ())
+            .map_err(broker_failed)
+    }
+
+    async fn close(self: Box<Self>) {
+        self.consumer.close().await;
+    }
+}
+
+/// The accept log: which keys were claimed or answered `202`.
+#[async_trait::async_trait]
+pub trait AcceptStore: Send + Sync {
+    /// Claims `key` for `record` unless it is taken (then: what holds it).
+    async fn claim(
+        &self,
+        key: &crate::IdempotencyKey,
+        record: &crate::accept_log::AcceptRecord,
+    ) -> Result<crate::accept_log::Claim, BackendFailed>;
+    async fn get(
+        &self,
+        key: &str,
+    ) -> Result<Option<crate::accept_log::AcceptRecord>, BackendFailed>;
+    /// The claimed key was accepted (its message confirmed).
+    async fn mark_queued(
+        &self,
+        key: &crate::IdempotencyKey,
+        record: &crate::accept_log::AcceptRecord,
+    ) -> Result<(), BackendFailed>;
+    /// Withdraws this record's claim, and only its own.
+    async fn withdraw(
+        &self,
+        key: &crate::IdempotencyKey,
+        record: &crate::accept_log::AcceptRecord,
+    ) -> Result<(), BackendFailed>;
+}
+
+fn redis_failed(e: redis::RedisError) -> BackendFailed {
+    BackendFailed(format!("Redis: {e}"))
+}
+
+#[async_trait::async_trait]
+impl AcceptStore for crate::accept_log::AcceptLog {
+    async fn claim(
+        &self,
+        key: &crate::IdempotencyKey,
+        record: &crate::accept_log::AcceptRecord,
+    ) -> Result<crate::accept_log::Claim, BackendFailed> {
+        crate::accept_log::AcceptLog::claim(self, key, record)
+            .await
+            .map_err(redis_failed)
+    }
+    async fn get(
+        &self,
+        key: &str,
+    ) -> Result<Option<crate::accept_log::AcceptRecord>, BackendFailed> {
+        crate::accept_log::AcceptLog::get(self, key)
+            .await
+            .map_err(redis_failed)
+    }
+    async fn mark_queued(
+        &self,
+        key: &crate::IdempotencyKey,
+        record: &crate::accept_log::AcceptRecord,
+    ) -> Result<(), BackendFailed> {
+        crate::accept_log::AcceptLog::mark_queued(self, key, record)
+            .await
+            .map_err(redis_failed)
+    }
+    async fn withdraw(
+        &self,
+        key: &crate::IdempotencyKey,
+        record: &crate::accept_log::AcceptRecord,
+    ) -> Result<(), BackendFailed> {
+        crate::accept_log::AcceptLog::withdraw(self, key, record)
+            .await
+            .map_err(redis_failed)
     }
 }

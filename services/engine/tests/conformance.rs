@@ -1,15 +1,18 @@
 //! One conformance suite for the seams with two implementations: every
 //! check runs against the embedded (in-memory) backend and against the real
-//! PostgreSQL / Redis, so the two cannot drift.
+//! PostgreSQL / Redis / RabbitMQ, so the two cannot drift.
 #![allow(clippy::unwrap_used)]
 
 use chrono::Utc;
+use flashsale_engine::accept_log::{AcceptLog, AcceptRecord, AcceptState, Claim};
 use flashsale_engine::config::{DEFAULT_AMQP_URL, DEFAULT_DATABASE_URL, DEFAULT_REDIS_URL};
-use flashsale_engine::embedded::{MemoryLedger, MemoryLocks};
+use flashsale_engine::embedded::{MemoryAcceptLog, MemoryLedger, MemoryLocks, MemoryQueue};
 use flashsale_engine::ledger::{LedgerError, NewProduct, OrderOutcome, StockLedger};
 use flashsale_engine::lock::{FencingToken, ProductLock};
 use flashsale_engine::scratch::Scratch;
-use flashsale_engine::seams::{Ledger, ProductLocks};
+use flashsale_engine::seams::{
+    AcceptStore, Delivered, Ledger, OrderQueue, ProductLocks, QueueConsumer, RabbitQueue,
+};
 use flashsale_engine::{
     BackendUrls, IdempotencyKey, ProductId, Quantity, RejectReason, UserId, domain::QueuedOrder,
     postgres, redis_conn,
@@ -244,5 +247,149 @@ async fn redis_locks_conform() {
     let b = ProductLock::new(redis.clone(), ns.clone(), "b");
     let short = ProductLock::new(redis, ns, "a-short").with_lease(Duration::from_millis(200));
     locks_conform(&a, &b, &short).await;
+    scratch.remove().await.unwrap();
+}
+
+/// The next batch, or an empty one when nothing comes within `wait`.
+async fn batch(c: &mut Box<dyn QueueConsumer>, wait: Duration) -> Vec<Delivered> {
+    match tokio::time::timeout(wait, c.next_batch()).await {
+        Ok(b) => b.unwrap().unwrap_or_default(),
+        Err(_) => Vec::new(),
+    }
+}
+
+/// Takes deliveries until `n` are held (or a few seconds pass).
+async fn take(c: &mut Box<dyn QueueConsumer>, n: usize) -> Vec<Delivered> {
+    let mut got = Vec::new();
+    for _ in 0..50 {
+        if got.len() >= n {
+            break;
+        }
+        got.extend(batch(c, Duration::from_millis(200)).await);
+    }
+    got
+}
+
+fn ids(ds: &[Delivered]) -> Vec<&str> {
+    ds.iter().map(|d| d.message_id.as_str()).collect()
+}
+
+/// The order queue's guarantees, on any implementation.
+async fn queue_conforms(q: &dyn OrderQueue) {
+    for i in 1..=5 {
+        // Returns only once the message is held durably (the confirm).
+        q.publish(&format!("m{i}"), format!("body {i}").as_bytes())
+            .await
+            .unwrap();
+    }
+    let mut c = q.consume(2).await.unwrap();
+    let first = take(&mut c, 2).await;
+    assert_eq!(
+        ids(&first),
+        vec!["m1", "m2"],
+        "in order, at most the prefetch"
+    );
+    assert_eq!(first[0].payload, b"body 1");
+    assert!(!first[0].redelivered);
+    assert!(
+        batch(&mut c, Duration::from_millis(300)).await.is_empty(),
+        "prefetch full"
+    );
+    c.ack_through(first[1].tag).await.unwrap();
+    let second = take(&mut c, 2).await;
+    assert_eq!(ids(&second), vec!["m3", "m4"]);
+
+    // The consumer goes away holding m3 and m4: they come back, redelivered.
+    c.close().await;
+    let mut c = q.consume(10).await.unwrap();
+    let again = take(&mut c, 3).await;
+    assert_eq!(ids(&again), vec!["m3", "m4", "m5"]);
+    assert!(again[0].redelivered && again[1].redelivered && !again[2].redelivered);
+
+    // A dead-lettered delivery leaves the queue for the DLQ with its reason.
+    c.dead_letter(&again[0], "poison").await.unwrap();
+    c.ack_through(again[2].tag).await.unwrap();
+    c.close().await;
+    let mut c = q.consume(10).await.unwrap();
+    assert!(
+        batch(&mut c, Duration::from_millis(500)).await.is_empty(),
+        "all settled"
+    );
+    c.close().await;
+    let dead = q.dead_letters().await.unwrap();
+    assert_eq!(dead, vec![("m3".to_owned(), Some("poison".to_owned()))]);
+}
+
+#[tokio::test]
+async fn embedded_queue_conforms() {
+    queue_conforms(&MemoryQueue::new()).await;
+}
+
+#[tokio::test]
+async fn rabbitmq_queue_conforms() {
+    let scratch = Scratch::new(&servers());
+    let q = RabbitQueue::start(&scratch.backends.amqp_url, &scratch.backends.namespace());
+    for _ in 0..100 {
+        if q.is_connected() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        q.is_connected(),
+        "RabbitMQ is not answering (scripts/test starts it)"
+    );
+    queue_conforms(&q).await;
+    drop(q);
+    scratch.remove().await.unwrap();
+}
+
+fn request(user: &str, units: i64) -> flashsale_engine::OrderRequest {
+    flashsale_engine::OrderRequest::parse(
+        format!(r#"{{"userId":"{user}","productId":1,"quantity":{units}}}"#).as_bytes(),
+    )
+    .unwrap()
+}
+
+/// The accept log's claims, on any implementation.
+async fn accept_store_conforms(log: &dyn AcceptStore) {
+    let key = IdempotencyKey::parse("k1").unwrap();
+    let first = AcceptRecord::pending(&request("u1", 1), Utc::now());
+    let second = AcceptRecord::pending(&request("u1", 1), Utc::now());
+    assert_eq!(log.claim(&key, &first).await.unwrap(), Claim::Claimed);
+    assert_eq!(
+        log.claim(&key, &second).await.unwrap(),
+        Claim::Taken(first.clone())
+    );
+    // Only the claim's owner withdraws it.
+    log.withdraw(&key, &second).await.unwrap();
+    assert_eq!(log.get("k1").await.unwrap(), Some(first.clone()));
+    log.withdraw(&key, &first).await.unwrap();
+    assert_eq!(log.get("k1").await.unwrap(), None, "a retry starts afresh");
+    // Claimed, then queued: a repeat sees the accepted record.
+    assert_eq!(log.claim(&key, &second).await.unwrap(), Claim::Claimed);
+    log.mark_queued(&key, &second).await.unwrap();
+    match log.claim(&key, &first).await.unwrap() {
+        Claim::Taken(r) => {
+            assert_eq!(r.state, AcceptState::Queued);
+            assert_eq!(r.claim, second.claim);
+            assert!(r.same_body(&request("u1", 1)) && !r.same_body(&request("u1", 2)));
+        }
+        Claim::Claimed => panic!("an accepted key was claimed again"),
+    }
+}
+
+#[tokio::test]
+async fn embedded_accept_log_conforms() {
+    accept_store_conforms(&MemoryAcceptLog::new()).await;
+}
+
+#[tokio::test]
+async fn redis_accept_log_conforms() {
+    let scratch = Scratch::new(&servers());
+    let redis = redis_conn::connect(&scratch.backends.redis_url)
+        .await
+        .expect("Redis is not answering (scripts/test starts it)");
+    accept_store_conforms(&AcceptLog::new(redis, scratch.backends.namespace())).await;
     scratch.remove().await.unwrap();
 }

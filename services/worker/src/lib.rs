@@ -3,7 +3,7 @@
 //! the product's Redis lock, and acks only what a committed transaction holds.
 
 pub mod batch;
-pub mod consumer;
+pub use flashsale_engine::consumer;
 pub mod heartbeat;
 
 use anyhow::Context;

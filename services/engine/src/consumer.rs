@@ -1,7 +1,7 @@
 //! One consuming session on RabbitMQ: a connection, a confirm-mode channel
 //! with the worker's prefetch, and the consumer on `<ns>.orders`.
 
-use flashsale_engine::{Namespace, broker};
+use crate::{Namespace, broker};
 use futures_util::{FutureExt, StreamExt};
 use lapin::message::Delivery;
 use lapin::options::{
