@@ -7,6 +7,7 @@
 
 use flashsale_engine::ledger::{ProductRecord, StockLedger};
 use flashsale_engine::metrics::STOCK_LEVEL;
+use flashsale_engine::seams::Ledger;
 use flashsale_engine::{BackendUrls, ProductId, postgres, stock_feed};
 use futures_util::StreamExt;
 use std::collections::HashMap;
@@ -37,7 +38,7 @@ pub enum Lookup {
 
 pub struct Catalog {
     snapshot: Shared,
-    tasks: [tokio::task::JoinHandle<()>; 2],
+    tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
 impl Drop for Catalog {
@@ -53,16 +54,24 @@ fn current(shared: &Shared) -> Option<Snapshot> {
 }
 
 impl Catalog {
+    /// On PostgreSQL: creates the database and migrates first, then polls,
+    /// and follows the workers' stock announcements in Redis.
     pub fn start(ledger: StockLedger, backends: &BackendUrls) -> Self {
         let snapshot: Shared = Arc::new(RwLock::new(None));
-        let tasks = [
-            tokio::spawn(refresh(
-                ledger,
-                backends.database_url.clone(),
-                snapshot.clone(),
-            )),
+        let url = backends.database_url.clone();
+        let source: Arc<dyn Ledger> = Arc::new(ledger.clone());
+        let setup = async move { prepare(&ledger, &url).await };
+        let tasks = vec![
+            tokio::spawn(refresh(source, setup, snapshot.clone())),
             tokio::spawn(follow_announcements(backends.clone(), snapshot.clone())),
         ];
+        Self { snapshot, tasks }
+    }
+
+    /// On any ledger (the embedded one): polls only.
+    pub fn start_on(ledger: Arc<dyn Ledger>) -> Self {
+        let snapshot: Shared = Arc::new(RwLock::new(None));
+        let tasks = vec![tokio::spawn(refresh(ledger, async {}, snapshot.clone()))];
         Self { snapshot, tasks }
     }
 
@@ -84,21 +93,26 @@ impl Catalog {
     }
 }
 
-async fn refresh(ledger: StockLedger, url: String, snapshot: Shared) {
+/// Creates the database and applies the migrations, retrying until done.
+async fn prepare(ledger: &StockLedger, url: &str) {
     let mut backoff = Duration::from_millis(100);
     loop {
         let migrated = async {
-            postgres::ensure_database(&url).await?;
-            postgres::migrate(ledger.pool(), &url).await
+            postgres::ensure_database(url).await?;
+            postgres::migrate(ledger.pool(), url).await
         };
         match tokio::time::timeout(Duration::from_secs(10), migrated).await {
-            Ok(Ok(())) => break,
+            Ok(Ok(())) => return,
             Ok(Err(e)) => tracing::warn!(error = %e, "catalog: database not ready; retrying"),
             Err(_) => tracing::warn!("catalog: database setup timed out; retrying"),
         }
         tokio::time::sleep(backoff).await;
         backoff = (backoff * 2).min(Duration::from_secs(2));
     }
+}
+
+async fn refresh(ledger: Arc<dyn Ledger>, setup: impl Future<Output = ()>, snapshot: Shared) {
+    setup.await;
     let mut failing = false;
     loop {
         match tokio::time::timeout(QUERY_TIMEOUT, ledger.products()).await {

@@ -64,6 +64,20 @@ impl Application {
         })
     }
 
+    /// The same API on embedded backends (`fsctl demo`), on `addr`.
+    pub async fn embedded(
+        backends: &flashsale_engine::embedded::EmbeddedBackends,
+        addr: &str,
+    ) -> anyhow::Result<Self> {
+        let listener = listen(addr)
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot listen on {addr}: {e}"))?;
+        Ok(Self {
+            listener,
+            router: routes::router(AppState::embedded(backends)),
+        })
+    }
+
     pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
         self.listener.local_addr()
     }

@@ -1,13 +1,16 @@
-//! What every handler shares: the catalog cache, the accept log, the
-//! publisher and the ledger (read side).
+//! What every handler shares: the catalog cache, and the seams to the
+//! accept log, the order queue and the ledger — on Redis, RabbitMQ and
+//! PostgreSQL, or embedded in memory for `fsctl demo`.
 
 use crate::catalog::Catalog;
 use flashsale_engine::accept_log::AcceptLog;
-use flashsale_engine::broker::OrderPublisher;
+use flashsale_engine::embedded::EmbeddedBackends;
 use flashsale_engine::ledger::StockLedger;
+use flashsale_engine::seams::{AcceptStore, Ledger, OrderQueue, RabbitQueue};
 use flashsale_engine::{BackendUrls, Namespace, metrics, postgres, redis_conn};
 use metrics_exporter_prometheus::PrometheusHandle;
 use redis::aio::ConnectionManager;
+use sqlx::PgPool;
 use std::sync::Arc;
 
 #[derive(Clone)]
@@ -16,11 +19,22 @@ pub struct AppState(Arc<Shared>);
 pub struct Shared {
     pub namespace: Namespace,
     pub catalog: Catalog,
-    pub accept_log: AcceptLog,
-    pub publisher: OrderPublisher,
-    pub ledger: StockLedger,
-    pub redis: ConnectionManager,
+    pub accept_log: Arc<dyn AcceptStore>,
+    pub queue: Arc<dyn OrderQueue>,
+    pub ledger: Arc<dyn Ledger>,
+    pub probes: Probes,
     pub metrics: PrometheusHandle,
+}
+
+/// How `/health/ready` checks the backends.
+pub enum Probes {
+    Networked {
+        pool: PgPool,
+        redis: ConnectionManager,
+        queue: Arc<RabbitQueue>,
+    },
+    /// In this process: always there.
+    Embedded,
 }
 
 impl std::ops::Deref for AppState {
@@ -37,14 +51,33 @@ impl AppState {
         let namespace = backends.namespace();
         let ledger = StockLedger::new(postgres::connect_lazy(&backends.database_url, 16)?);
         let redis = redis_conn::connect_lazy(&backends.redis_url)?;
+        let queue = Arc::new(RabbitQueue::start(&backends.amqp_url, &namespace));
         Ok(Self(Arc::new(Shared {
             catalog: Catalog::start(ledger.clone(), backends),
-            accept_log: AcceptLog::new(redis.clone(), namespace.clone()),
-            publisher: OrderPublisher::start(&backends.amqp_url, &namespace),
-            ledger,
-            redis,
+            accept_log: Arc::new(AcceptLog::new(redis.clone(), namespace.clone())),
+            queue: queue.clone(),
+            probes: Probes::Networked {
+                pool: ledger.pool().clone(),
+                redis,
+                queue,
+            },
+            ledger: Arc::new(ledger),
             namespace,
             metrics: metrics::install(),
         })))
+    }
+
+    /// The same API on the embedded backends.
+    pub fn embedded(backends: &EmbeddedBackends) -> Self {
+        let ledger: Arc<dyn Ledger> = backends.ledger.clone();
+        Self(Arc::new(Shared {
+            catalog: Catalog::start_on(ledger.clone()),
+            accept_log: backends.accept_log.clone(),
+            queue: Arc::new(backends.queue.clone()),
+            probes: Probes::Embedded,
+            ledger,
+            namespace: Namespace::new("embedded"),
+            metrics: metrics::install(),
+        }))
     }
 }

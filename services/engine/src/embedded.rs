@@ -192,6 +192,10 @@ impl Ledger for MemoryLedger {
         Ok(self.books().products.get(&id.get()).cloned())
     }
 
+    async fn products(&self) -> Result<Vec<ProductRecord>, LedgerError> {
+        Ok(self.books().products.values().cloned().collect())
+    }
+
     async fn order(&self, order_id: &str) -> Result<Option<OrderView>, LedgerError> {
         Ok(self.books().orders.get(order_id).cloned())
     }
@@ -366,6 +370,7 @@ impl crate::seams::OrderQueue for MemoryQueue {
             queue: self.clone(),
             id,
             prefetch: usize::from(prefetch.max(1)),
+            cancelled: false,
         }))
     }
 
@@ -379,12 +384,16 @@ pub struct MemoryConsumer {
     queue: MemoryQueue,
     id: u64,
     prefetch: usize,
+    cancelled: bool,
 }
 
 impl MemoryConsumer {
     /// Takes up to the free prefetch; messages past the delivery limit go
     /// to the dead letters instead, as RabbitMQ's quorum queue does.
     fn take(&self) -> Vec<crate::seams::Delivered> {
+        if self.cancelled {
+            return Vec::new();
+        }
         let mut s = self.queue.state();
         let holding = s.held.get(&self.id).map_or(0, BTreeMap::len);
         let mut out = Vec::new();
@@ -467,6 +476,10 @@ impl crate::seams::QueueConsumer for MemoryConsumer {
         Ok(())
     }
 
+    async fn cancel(&mut self) {
+        self.cancelled = true;
+    }
+
     async fn close(self: Box<Self>) {
         // Drop hands back what it held.
     }
@@ -543,5 +556,25 @@ impl crate::seams::AcceptStore for MemoryAcceptLog {
             r.remove(key.as_str());
         }
         Ok(())
+    }
+}
+
+/// Every embedded backend of one process: the API and the workers share them.
+#[derive(Clone)]
+pub struct EmbeddedBackends {
+    pub ledger: std::sync::Arc<MemoryLedger>,
+    pub locks: MemoryLocks,
+    pub queue: MemoryQueue,
+    pub accept_log: std::sync::Arc<MemoryAcceptLog>,
+}
+
+impl Default for EmbeddedBackends {
+    fn default() -> Self {
+        Self {
+            ledger: std::sync::Arc::default(),
+            locks: MemoryLocks::new("embedded"),
+            queue: MemoryQueue::new(),
+            accept_log: std::sync::Arc::default(),
+        }
     }
 }

@@ -32,6 +32,7 @@ pub trait Ledger: Send + Sync {
         orders: &[QueuedOrder],
     ) -> Result<GroupReceipt, LedgerError>;
     async fn product(&self, id: ProductId) -> Result<Option<ProductRecord>, LedgerError>;
+    async fn products(&self) -> Result<Vec<ProductRecord>, LedgerError>;
     async fn order(&self, order_id: &str) -> Result<Option<OrderView>, LedgerError>;
     /// Units of `product` confirmed to `user`.
     async fn held_by(&self, product: ProductId, user: &str) -> Result<i64, LedgerError>;
@@ -64,6 +65,9 @@ impl Ledger for StockLedger {
     async fn product(&self, id: ProductId) -> Result<Option<ProductRecord>, LedgerError> {
         Ok(StockLedger::product(self, id).await?)
     }
+    async fn products(&self) -> Result<Vec<ProductRecord>, LedgerError> {
+        Ok(StockLedger::products(self).await?)
+    }
     async fn order(&self, order_id: &str) -> Result<Option<OrderView>, LedgerError> {
         Ok(StockLedger::order(self, order_id).await?)
     }
@@ -84,17 +88,17 @@ impl ProductLocks for ProductLock {
     async fn try_acquire(&self, product: ProductId) -> Result<Option<HeldLock>, BackendFailed> {
         ProductLock::try_acquire(self, product)
             .await
-            .map_err(|e| BackendFailed(format!("Redis: {e}")))
+            .map_err(|e| BackendFailed(e.to_string()))
     }
     async fn release(&self, lock: &HeldLock) -> Result<bool, BackendFailed> {
         ProductLock::release(self, lock)
             .await
-            .map_err(|e| BackendFailed(format!("Redis: {e}")))
+            .map_err(|e| BackendFailed(e.to_string()))
     }
     async fn raise_fence(&self, product: ProductId, seen: i64) -> Result<i64, BackendFailed> {
         ProductLock::raise_fence(self, product, seen)
             .await
-            .map_err(|e| BackendFailed(format!("Redis: {e}")))
+            .map_err(|e| BackendFailed(e.to_string()))
     }
 }
 
@@ -123,7 +127,7 @@ pub trait OrderQueue: Send + Sync {
 
 /// One consumer of the order queue.
 #[async_trait::async_trait]
-pub trait QueueConsumer: Send {
+pub trait QueueConsumer: Send + Sync {
     /// Waits for a message, then takes every one already there (at most
     /// the prefetch). `None` when the consumer ended.
     async fn next_batch(&mut self) -> Result<Option<Vec<Delivered>>, BackendFailed>;
@@ -135,6 +139,10 @@ pub trait QueueConsumer: Send {
         delivery: &Delivered,
         reason: &str,
     ) -> Result<(), BackendFailed>;
+    /// Stops new deliveries; those already sent can still be taken.
+    async fn cancel(&mut self);
+    /// Records the queues' depth and consumers as metrics (where it can).
+    async fn record_stats(&self) {}
     /// Goes away; what it held unacknowledged is delivered again.
     async fn close(self: Box<Self>);
 }
@@ -143,44 +151,68 @@ pub trait QueueConsumer: Send {
 pub struct RabbitQueue {
     url: String,
     ns: crate::Namespace,
-    publisher: crate::broker::OrderPublisher,
+    /// The API's publisher (connects in the background); a worker has none.
+    publisher: Option<crate::broker::OrderPublisher>,
 }
 
 impl RabbitQueue {
+    /// For publishing and consuming (the API).
     pub fn start(url: &str, ns: &crate::Namespace) -> Self {
         Self {
             url: url.to_owned(),
             ns: ns.clone(),
-            publisher: crate::broker::OrderPublisher::start(url, ns),
+            publisher: Some(crate::broker::OrderPublisher::start(url, ns)),
+        }
+    }
+
+    /// For consuming only (a worker): no publisher connection.
+    pub fn consumer_only(url: &str, ns: &crate::Namespace) -> Self {
+        Self {
+            url: url.to_owned(),
+            ns: ns.clone(),
+            publisher: None,
         }
     }
 
     pub fn is_connected(&self) -> bool {
-        self.publisher.is_connected()
+        self.publisher.as_ref().is_some_and(|p| p.is_connected())
+    }
+
+    /// A consumer named after `worker_id` (RabbitMQ shows it).
+    pub async fn consume_as(
+        &self,
+        prefetch: u16,
+        worker_id: &str,
+    ) -> Result<Box<dyn QueueConsumer>, BackendFailed> {
+        let consumer =
+            crate::consumer::OrderConsumer::open(&self.url, &self.ns, prefetch, worker_id)
+                .await
+                .map_err(broker_failed)?;
+        Ok(Box::new(RabbitConsumer {
+            consumer,
+            held: std::collections::BTreeMap::new(),
+        }))
     }
 }
 
 fn broker_failed(e: impl std::fmt::Display) -> BackendFailed {
-    BackendFailed(format!("RabbitMQ: {e}"))
+    BackendFailed(e.to_string())
 }
 
 #[async_trait::async_trait]
 impl OrderQueue for RabbitQueue {
     async fn publish(&self, message_id: &str, payload: &[u8]) -> Result<(), BackendFailed> {
-        self.publisher
+        let Some(publisher) = &self.publisher else {
+            return Err(BackendFailed("this queue handle only consumes".into()));
+        };
+        publisher
             .publish(message_id, payload)
             .await
             .map_err(broker_failed)
     }
 
     async fn consume(&self, prefetch: u16) -> Result<Box<dyn QueueConsumer>, BackendFailed> {
-        let consumer = crate::consumer::OrderConsumer::open(&self.url, &self.ns, prefetch, "seam")
-            .await
-            .map_err(broker_failed)?;
-        Ok(Box::new(RabbitConsumer {
-            consumer,
-            held: std::collections::BTreeMap::new(),
-        }))
+        self.consume_as(prefetch, "flashsale").await
     }
 
     async fn dead_letters(&self) -> Result<Vec<(String, Option<String>)>, BackendFailed> {
@@ -261,6 +293,15 @@ impl QueueConsumer for RabbitConsumer {
             .map_err(broker_failed)
     }
 
+    async fn cancel(&mut self) {
+        self.consumer.cancel().await;
+    }
+
+    async fn record_stats(&self) {
+        crate::broker::record_queue_stats(self.consumer.channel(), &self.consumer.namespace())
+            .await;
+    }
+
     async fn close(self: Box<Self>) {
         self.consumer.close().await;
     }
@@ -294,7 +335,7 @@ pub trait AcceptStore: Send + Sync {
 }
 
 fn redis_failed(e: redis::RedisError) -> BackendFailed {
-    BackendFailed(format!("Redis: {e}"))
+    BackendFailed(e.to_string())
 }
 
 #[async_trait::async_trait]

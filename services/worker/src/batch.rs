@@ -3,21 +3,17 @@
 //! each group is applied in one fenced transaction under the product's lock;
 //! then every delivery of the batch is acked.
 
-use crate::consumer::OrderConsumer;
 use crate::heartbeat::WorkerStats;
 use chrono::Utc;
-use flashsale_engine::broker::{self, PublishError};
 use flashsale_engine::domain::QueuedOrder;
-use flashsale_engine::ledger::{GroupReceipt, LedgerError, OrderOutcome, StockLedger};
-use flashsale_engine::lock::ProductLock;
+use flashsale_engine::ledger::{GroupReceipt, LedgerError, OrderOutcome};
 use flashsale_engine::metrics::{
     BATCH_SIZE, LOCK_WAIT, ORDER_LATENCY, ORDERS_PROCESSED, STOCK_LEVEL,
 };
+use flashsale_engine::seams::{BackendFailed, Delivered, Ledger, ProductLocks, QueueConsumer};
 use flashsale_engine::stock_feed::StockFeed;
 use flashsale_engine::{OrderMessage, ProductId};
 use futures_util::StreamExt;
-use lapin::message::Delivery;
-use lapin::options::BasicAckOptions;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -30,10 +26,10 @@ pub enum BookError {
     /// the queue when the channel closes.
     #[error("abandoned on shutdown while {0}")]
     Abandoned(String),
-    #[error("dead-lettering failed: {0}")]
-    DeadLetter(#[from] PublishError),
-    #[error("RabbitMQ: {0}")]
-    Broker(#[from] lapin::Error),
+    /// The queue failed (consuming, acking or dead-lettering): reconnect;
+    /// what was not acked is delivered again.
+    #[error("order queue: {0}")]
+    Queue(#[from] BackendFailed),
 }
 
 /// The orders of one product, in arrival order, with their deliveries.
@@ -44,32 +40,35 @@ pub struct ProductGroup {
 
 /// Deliveries whose transactions committed, waiting for their ack.
 pub struct Committed {
-    deliveries: Vec<Delivery>,
+    /// The newest delivery's tag; acking through it settles the batch.
+    last_tag: Option<u64>,
+    count: usize,
 }
 
 impl Committed {
-    /// Acks every delivery; one `multiple` ack of the last tag, valid because
-    /// every earlier delivery on the channel is settled by then.
-    pub async fn ack(self) -> Result<(), lapin::Error> {
-        if let Some(last) = self.deliveries.last() {
-            last.acker.ack(BasicAckOptions { multiple: true }).await?;
+    /// Acks every delivery through the last tag, valid because every
+    /// earlier delivery on the consumer is settled by then.
+    pub async fn ack(self, consumer: &mut dyn QueueConsumer) -> Result<(), BackendFailed> {
+        if let Some(tag) = self.last_tag {
+            consumer.ack_through(tag).await?;
         }
         Ok(())
     }
 
     pub fn len(&self) -> usize {
-        self.deliveries.len()
+        self.count
     }
 
     pub fn is_empty(&self) -> bool {
-        self.deliveries.is_empty()
+        self.count == 0
     }
 }
 
 pub struct OrderBook {
-    ledger: StockLedger,
-    lock: ProductLock,
-    feed: StockFeed,
+    ledger: Arc<dyn Ledger>,
+    lock: Arc<dyn ProductLocks>,
+    /// Stock announcements to the APIs (Redis); none when embedded.
+    feed: Option<StockFeed>,
     stats: Arc<WorkerStats>,
 }
 
@@ -79,9 +78,9 @@ pub const GROUP_CONCURRENCY: usize = 6;
 
 impl OrderBook {
     pub fn new(
-        ledger: StockLedger,
-        lock: ProductLock,
-        feed: StockFeed,
+        ledger: Arc<dyn Ledger>,
+        lock: Arc<dyn ProductLocks>,
+        feed: Option<StockFeed>,
         stats: Arc<WorkerStats>,
     ) -> Self {
         Self {
@@ -95,7 +94,7 @@ impl OrderBook {
     /// Consumes batches until shutdown or until the consumer fails.
     pub async fn consume(
         &self,
-        consumer: &OrderConsumer,
+        consumer: &mut dyn QueueConsumer,
         shutdown: &CancellationToken,
     ) -> Result<(), BookError> {
         let mut tick = tokio::time::interval(Duration::from_secs(1));
@@ -103,7 +102,7 @@ impl OrderBook {
             let batch = tokio::select! {
                 () = shutdown.cancelled() => return self.finish(consumer, shutdown).await,
                 _ = tick.tick() => {
-                    crate::record_queue_stats(consumer).await;
+                    consumer.record_stats().await;
                     continue;
                 }
                 batch = consumer.next_batch() => batch?,
@@ -119,7 +118,7 @@ impl OrderBook {
     /// sent, so a graceful stop hands nothing back to the queue.
     async fn finish(
         &self,
-        consumer: &OrderConsumer,
+        consumer: &mut dyn QueueConsumer,
         shutdown: &CancellationToken,
     ) -> Result<(), BookError> {
         consumer.cancel().await;
@@ -137,15 +136,15 @@ impl OrderBook {
     /// Dead-letters poison, commits the rest, acks everything.
     pub async fn process(
         &self,
-        consumer: &OrderConsumer,
-        deliveries: Vec<Delivery>,
+        consumer: &mut dyn QueueConsumer,
+        deliveries: Vec<Delivered>,
         shutdown: &CancellationToken,
     ) -> Result<(), BookError> {
         let held = deliveries.len();
         self.stats.hold(held);
         let result = async {
             let committed = self.commit(consumer, deliveries, shutdown).await?;
-            committed.ack().await?;
+            committed.ack(consumer).await?;
             Ok(())
         }
         .await;
@@ -157,14 +156,15 @@ impl OrderBook {
     /// (and their originals acked), groups are committed.
     pub async fn commit(
         &self,
-        consumer: &OrderConsumer,
-        deliveries: Vec<Delivery>,
+        consumer: &mut dyn QueueConsumer,
+        deliveries: Vec<Delivered>,
         shutdown: &CancellationToken,
     ) -> Result<Committed, BookError> {
         let mut groups: BTreeMap<ProductId, ProductGroup> = BTreeMap::new();
-        let mut kept = Vec::with_capacity(deliveries.len());
+        let last_tag = deliveries.iter().map(|d| d.tag).max();
+        let mut kept = 0;
         for delivery in deliveries {
-            match OrderMessage::decode(&delivery.data) {
+            match OrderMessage::decode(&delivery.payload) {
                 Ok(order) => {
                     groups
                         .entry(order.product_id)
@@ -174,38 +174,27 @@ impl OrderBook {
                         })
                         .orders
                         .push(order);
-                    kept.push(delivery);
+                    kept += 1;
                 }
                 Err(reason) => self.dead_letter(consumer, &delivery, &reason).await?,
             }
         }
         self.book_groups(groups.into_values().collect(), shutdown)
             .await?;
-        Ok(Committed { deliveries: kept })
+        Ok(Committed {
+            last_tag: if kept > 0 { last_tag } else { None },
+            count: kept,
+        })
     }
 
     async fn dead_letter(
         &self,
-        consumer: &OrderConsumer,
-        delivery: &Delivery,
+        consumer: &mut dyn QueueConsumer,
+        delivery: &Delivered,
         reason: &str,
     ) -> Result<(), BookError> {
         tracing::warn!(reason, "dead-lettering an undecodable message");
-        let id = delivery
-            .properties
-            .message_id()
-            .as_ref()
-            .map(|s| s.as_str().to_owned())
-            .unwrap_or_default();
-        broker::publish_confirmed(
-            consumer.channel(),
-            &consumer.dead_letter_queue(),
-            &id,
-            &delivery.data,
-            Some(broker::reason_headers(reason)),
-        )
-        .await?;
-        delivery.acker.ack(BasicAckOptions::default()).await?;
+        consumer.dead_letter(delivery, reason).await?;
         metrics::counter!(ORDERS_PROCESSED, "status" => "dead_lettered", "reason" => "undecodable")
             .increment(1);
         Ok(())
@@ -255,8 +244,8 @@ impl OrderBook {
                     match applied {
                         Ok(receipt) => {
                             self.record(&group, &receipt);
-                            if let Some(stock) = receipt.stock_after {
-                                self.feed.announce(group.product.get(), stock).await;
+                            if let (Some(feed), Some(stock)) = (&self.feed, receipt.stock_after) {
+                                feed.announce(group.product.get(), stock).await;
                             }
                             return Ok(());
                         }

@@ -8,9 +8,10 @@ pub mod heartbeat;
 
 use anyhow::Context;
 use batch::OrderBook;
-use consumer::OrderConsumer;
+use flashsale_engine::embedded::EmbeddedBackends;
 use flashsale_engine::ledger::StockLedger;
 use flashsale_engine::lock::ProductLock;
+use flashsale_engine::seams::{BackendFailed, OrderQueue, QueueConsumer, RabbitQueue};
 use flashsale_engine::stock_feed::StockFeed;
 use flashsale_engine::{BackendUrls, broker, postgres, redis_conn};
 use heartbeat::WorkerStats;
@@ -60,12 +61,22 @@ fn default_worker_id() -> String {
     format!("{host}-{}", std::process::id())
 }
 
-/// A worker connected to its three backends, ready to run.
+/// A worker connected to its backends, ready to run.
 pub struct Worker {
     pub book: OrderBook,
-    config: WorkerConfig,
+    queue: Arc<dyn OrderQueue>,
+    prefetch: u16,
     stats: Arc<WorkerStats>,
-    metrics_listener: TcpListener,
+    /// Where `/metrics` is served and heartbeats go; none when embedded.
+    networked: Option<Networked>,
+}
+
+struct Networked {
+    redis_url: String,
+    ns: flashsale_engine::Namespace,
+    /// Taken by `run` for the metrics server.
+    metrics_listener: Option<TcpListener>,
+    queue: Arc<RabbitQueue>,
 }
 
 impl Worker {
@@ -92,56 +103,92 @@ impl Worker {
         ));
         let lock = ProductLock::new(redis.clone(), ns.clone(), id);
         let feed = StockFeed::new(redis, &ns);
+        let queue = Arc::new(RabbitQueue::consumer_only(&config.backends.amqp_url, &ns));
         Ok(Self {
-            book: OrderBook::new(StockLedger::new(pool), lock, feed, stats.clone()),
-            config,
+            book: OrderBook::new(
+                Arc::new(StockLedger::new(pool)),
+                Arc::new(lock),
+                Some(feed),
+                stats.clone(),
+            ),
+            queue: queue.clone(),
+            prefetch: config.prefetch,
             stats,
-            metrics_listener,
+            networked: Some(Networked {
+                redis_url: config.backends.redis_url.clone(),
+                ns,
+                metrics_listener: Some(metrics_listener),
+                queue,
+            }),
         })
+    }
+
+    /// A worker on the embedded backends (`fsctl demo`): the same order
+    /// book, with its own holder name on the shared lock table.
+    pub fn embedded(id: &str, backends: &EmbeddedBackends, prefetch: u16) -> Self {
+        let stats = Arc::new(WorkerStats::new(id.to_owned(), String::new()));
+        Self {
+            book: OrderBook::new(
+                backends.ledger.clone(),
+                Arc::new(backends.locks.holder(id)),
+                None,
+                stats.clone(),
+            ),
+            queue: Arc::new(backends.queue.clone()),
+            prefetch,
+            stats,
+            networked: None,
+        }
     }
 
     pub fn id(&self) -> &str {
         &self.stats.id
     }
 
+    /// Deliveries held and orders processed, as the heartbeat reports them.
+    pub fn stats(&self) -> Arc<WorkerStats> {
+        self.stats.clone()
+    }
+
     /// Opens a consumer on the order queue with this worker's prefetch.
-    pub async fn open_consumer(&self) -> Result<OrderConsumer, broker::BrokerError> {
-        OrderConsumer::open(
-            &self.config.backends.amqp_url,
-            &self.config.backends.namespace(),
-            self.config.prefetch,
-            self.id(),
-        )
-        .await
+    pub async fn open_consumer(&self) -> Result<Box<dyn QueueConsumer>, BackendFailed> {
+        match &self.networked {
+            Some(n) => n.queue.consume_as(self.prefetch, self.id()).await,
+            None => self.queue.consume(self.prefetch).await,
+        }
     }
 
     /// Consumes until `shutdown` is cancelled, then finishes and acks what it
-    /// holds and returns. Reconnects to RabbitMQ with backoff when it fails.
-    pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
-        let redis = redis_conn::connect_lazy(&self.config.backends.redis_url)?;
-        let ns = self.config.backends.namespace();
+    /// holds and returns. Reconnects to the queue with backoff when it fails.
+    pub async fn run(mut self, shutdown: CancellationToken) -> anyhow::Result<()> {
         let background = CancellationToken::new();
-        let mut heartbeat = OwnedTask(tokio::spawn(heartbeat::beat(
-            redis,
-            ns.clone(),
-            self.stats.clone(),
-            background.clone(),
-        )));
-        let mut server = OwnedTask(tokio::spawn(heartbeat::serve_metrics(
-            self.metrics_listener,
-            background.clone(),
-        )));
+        let mut tasks = Vec::new();
+        if let Some(n) = &mut self.networked {
+            let redis = redis_conn::connect_lazy(&n.redis_url)?;
+            tasks.push(OwnedTask(tokio::spawn(heartbeat::beat(
+                redis,
+                n.ns.clone(),
+                self.stats.clone(),
+                background.clone(),
+            ))));
+            if let Some(listener) = n.metrics_listener.take() {
+                tasks.push(OwnedTask(tokio::spawn(heartbeat::serve_metrics(
+                    listener,
+                    background.clone(),
+                ))));
+            }
+        }
         tracing::info!(worker = %self.stats.id, metrics = %self.stats.metrics_addr, "flashsale-worker started");
         let mut backoff = Duration::from_millis(100);
         while !shutdown.is_cancelled() {
             let consumer = tokio::select! {
                 () = shutdown.cancelled() => break,
-                c = OrderConsumer::open(&self.config.backends.amqp_url, &ns, self.config.prefetch, &self.stats.id) => c,
+                c = self.open_consumer() => c,
             };
             match consumer {
-                Ok(consumer) => {
+                Ok(mut consumer) => {
                     backoff = Duration::from_millis(100);
-                    if let Err(e) = self.book.consume(&consumer, &shutdown).await {
+                    if let Err(e) = self.book.consume(consumer.as_mut(), &shutdown).await {
                         tracing::warn!(error = %e, "order consumer failed; reconnecting");
                     }
                     consumer.close().await;
@@ -154,7 +201,9 @@ impl Worker {
             }
         }
         background.cancel();
-        let _ = tokio::join!(&mut heartbeat.0, &mut server.0);
+        for t in &mut tasks {
+            let _ = (&mut t.0).await;
+        }
         tracing::info!(worker = %self.stats.id, "flashsale-worker stopped");
         Ok(())
     }
@@ -168,9 +217,4 @@ impl Drop for OwnedTask {
     fn drop(&mut self) {
         self.0.abort();
     }
-}
-
-/// Records the order and dead-letter queues' depth and consumers.
-pub(crate) async fn record_queue_stats(consumer: &OrderConsumer) {
-    broker::record_queue_stats(consumer.channel(), &consumer.namespace()).await;
 }

@@ -115,7 +115,7 @@ async fn accept(state: &AppState, headers: &HeaderMap, body: Body) -> Result<Ans
         .into());
     }
     let record = AcceptRecord::pending(&request, Utc::now());
-    let redis_down = |e: redis::RedisError| ApiError::unavailable("Redis", e);
+    let redis_down = |e: flashsale_engine::seams::BackendFailed| ApiError::unavailable("Redis", e);
     loop {
         let earlier = if product.stock == 0 {
             // Sold out: nothing is claimed or enqueued; only an earlier accept counts.
@@ -187,7 +187,7 @@ async fn publish(
     let task = tokio::spawn(async move {
         let message = OrderMessage::new(&key, &request, record.accepted_at);
         let payload = serde_json::to_vec(&message).unwrap_or_default();
-        match state.publisher.publish(key.as_str(), &payload).await {
+        match state.queue.publish(key.as_str(), &payload).await {
             Ok(()) => {
                 if let Err(e) = state.accept_log.mark_queued(&key, &record).await {
                     // The order is in the queue; a repeat after the claim

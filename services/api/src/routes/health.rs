@@ -1,6 +1,6 @@
 //! `/health/live`, `/health/ready` (each backend answers) and `/metrics`.
 
-use crate::state::AppState;
+use crate::state::{AppState, Probes};
 use axum::extract::State;
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
@@ -23,10 +23,17 @@ async fn live() -> Json<serde_json::Value> {
 }
 
 async fn ready(State(state): State<AppState>) -> Response {
+    let (pool, redis, queue) = match &state.probes {
+        Probes::Networked { pool, redis, queue } => (pool, redis, queue),
+        Probes::Embedded => {
+            return Json(json!({"status": "ready", "components": {"embedded": "ok"}}))
+                .into_response();
+        }
+    };
     let postgres = async {
         tokio::time::timeout(
             PROBE_TIMEOUT,
-            sqlx::query_scalar::<_, i32>("SELECT 1").fetch_one(state.ledger.pool()),
+            sqlx::query_scalar::<_, i32>("SELECT 1").fetch_one(pool),
         )
         .await
         .map_err(|_| "timed out".to_owned())?
@@ -38,13 +45,13 @@ async fn ready(State(state): State<AppState>) -> Response {
         }
     };
     let redis = async {
-        let mut conn = state.redis.clone();
+        let mut conn = redis.clone();
         flashsale_engine::redis_conn::timed(redis::cmd("PING").query_async::<()>(&mut conn))
             .await
             .map_err(|e| e.to_string())
     };
     let (postgres, redis) = tokio::join!(postgres, redis);
-    let rabbitmq = if state.publisher.is_connected() {
+    let rabbitmq = if queue.is_connected() {
         Ok(())
     } else {
         Err("not connected".to_owned())
