@@ -624,16 +624,7 @@ async fn measure(
 }
 
 fn number(n: f64) -> String {
-    let whole = n.round() as u64;
-    let digits = whole.to_string();
-    let mut out = String::new();
-    for (i, c) in digits.chars().enumerate() {
-        if i > 0 && (digits.len() - i).is_multiple_of(3) {
-            out.push(',');
-        }
-        out.push(c);
-    }
-    out
+    output::thousands(n)
 }
 
 fn print(r: &DoctorReport) {

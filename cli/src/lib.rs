@@ -1,7 +1,8 @@
 //! `fsctl`: the operator's tool. `migrate`, `seed`, `storm`, `verify`,
-//! `inspect`, `top`, `up`, `doctor` and `completions`.
+//! `inspect`, `top`, `demo`, `up`, `doctor` and `completions`.
 
 pub mod backends;
+pub mod demo;
 pub mod doctor;
 pub mod exit;
 pub mod inspect;
@@ -64,6 +65,8 @@ pub enum Command {
     Verify(verify::VerifyArgs),
     /// Look inside: queue, locks, workers, dlq, product ID, order ID.
     Inspect(inspect::InspectArgs),
+    /// The whole engine in this process on embedded backends: seed, storm, drain, verify.
+    Demo(Box<demo::DemoArgs>),
     /// Live dashboard of the running sale (a terminal UI).
     Top(top::TopArgs),
     /// Run the API and N workers as child processes against the configured services.
@@ -82,6 +85,7 @@ pub async fn run(cli: Cli) -> ExitCode {
         Command::Storm(args) => storm::run(b, &cli.api_url, args).await,
         Command::Verify(args) => verify::run(b, args).await,
         Command::Inspect(args) => inspect::run(b, args).await,
+        Command::Demo(args) => demo::run(args).await,
         Command::Top(args) => top::run(b, &cli.api_url, args).await,
         Command::Up(args) => up::run(b, args).await,
         Command::Doctor(args) => doctor::run(b, args).await,

@@ -33,3 +33,16 @@ pub fn json(value: &impl Serialize) {
         serde_json::to_string_pretty(value).unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}"))
     );
 }
+
+/// `4900.0` -> `4,900`.
+pub fn thousands(n: f64) -> String {
+    let digits = (n.round() as u64).to_string();
+    let mut out = String::new();
+    for (i, c) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i).is_multiple_of(3) {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}

@@ -133,6 +133,34 @@ pub struct StormArgs {
     pub json: bool,
 }
 
+impl StormArgs {
+    /// A storm as a scenario file describes it, no flags over it.
+    pub fn for_scenario(path: PathBuf) -> Self {
+        Self {
+            concurrency: None,
+            requests: None,
+            duration: None,
+            rate: None,
+            stages: Vec::new(),
+            product: None,
+            products: None,
+            skew: None,
+            users: None,
+            quantity: None,
+            duplicate_ratio: None,
+            invalid_ratio: None,
+            scenario: Some(path),
+            thresholds: Vec::new(),
+            no_verify: false,
+            drain_timeout: None,
+            timeout: Duration::from_secs(30),
+            output: None,
+            seed: None,
+            json: false,
+        }
+    }
+}
+
 /// Everything a storm needs, flags and scenario merged and validated.
 #[derive(Debug, Clone)]
 pub struct StormPlan {
@@ -385,6 +413,27 @@ pub async fn execute(
     report
 }
 
+/// [`execute`] with the live progress bar (when `show`).
+pub async fn execute_with_progress(
+    plan: &StormPlan,
+    target: &BuyTarget,
+    stop: &CancellationToken,
+    show: bool,
+) -> StormReport {
+    let live = Arc::new(LiveCounts::default());
+    let done = CancellationToken::new();
+    let display = tokio::spawn(show_progress(
+        progress(&plan.load, show),
+        plan.load.clone(),
+        live.clone(),
+        done.clone(),
+    ));
+    let report = execute(plan, target, stop, live).await;
+    done.cancel();
+    let _ = display.await;
+    report
+}
+
 /// Checks each API answers `/health/live` before anything is sent.
 async fn preflight(client: &reqwest::Client, api_urls: &[String]) -> Result<(), Failure> {
     for url in api_urls {
@@ -514,7 +563,7 @@ async fn show_progress(
 }
 
 /// First Ctrl-C stops the storm (the report still comes); a second one exits.
-fn stop_on_ctrl_c() -> CancellationToken {
+pub fn stop_on_ctrl_c() -> CancellationToken {
     let stop = CancellationToken::new();
     let token = stop.clone();
     tokio::spawn(async move {
@@ -574,17 +623,7 @@ pub async fn storm_and_settle(
     stop: &CancellationToken,
     show: bool,
 ) -> Result<StormReport, Failure> {
-    let live = Arc::new(LiveCounts::default());
-    let done = CancellationToken::new();
-    let display = tokio::spawn(show_progress(
-        progress(&plan.load, show),
-        plan.load.clone(),
-        live.clone(),
-        done.clone(),
-    ));
-    let mut report = execute(plan, target, stop, live).await;
-    done.cancel();
-    let _ = display.await;
+    let mut report = execute_with_progress(plan, target, stop, show).await;
     if plan.verify {
         let settled = drain::settle(
             b,

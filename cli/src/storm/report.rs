@@ -132,6 +132,12 @@ pub struct StormReport {
     pub stopped_early: bool,
     pub drain: Option<Drain>,
     pub verify: Option<VerifySummary>,
+    /// The books of the products (`fsctl demo`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub books: Option<Vec<flashsale_engine::audit::ProductBooks>>,
+    /// What `fsctl demo --chaos` did.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub chaos: Option<serde_json::Value>,
     pub thresholds: Vec<ThresholdResult>,
     /// Order ids answered 202, for the drain.
     #[serde(skip)]
@@ -270,6 +276,8 @@ impl StormReport {
             stopped_early,
             drain: None,
             verify: None,
+            books: None,
+            chaos: None,
             thresholds: Vec::new(),
             accepted,
             histogram: corrected,

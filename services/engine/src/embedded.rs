@@ -93,6 +93,78 @@ impl MemoryLedger {
     }
 }
 
+impl MemoryLedger {
+    /// The same report `fsctl verify` gives on PostgreSQL: invariants 1-5,
+    /// and 4 for `accepted` (each has a row, or sits in `dead_letters`).
+    pub fn audit(
+        &self,
+        accepted: &[String],
+        dead_letters: &HashSet<String>,
+        drained: bool,
+    ) -> crate::audit::AuditReport {
+        use crate::audit::{AuditReport, ProductBooks, Violation};
+        let mut violations: Vec<Violation> = self
+            .violations()
+            .into_iter()
+            .map(|(invariant, detail)| Violation {
+                invariant,
+                product_id: None,
+                detail,
+            })
+            .collect();
+        let books = self.books();
+        let products = books
+            .products
+            .values()
+            .map(|p| {
+                let orders = books.orders.values().filter(|o| o.product_id == p.id);
+                let (mut confirmed, mut rejected) = (0, 0);
+                for o in orders {
+                    match o.status {
+                        OrderStatus::Confirmed => confirmed += o.quantity,
+                        _ => rejected += 1,
+                    }
+                }
+                ProductBooks {
+                    id: p.id,
+                    seeded_stock: i64::from(p.seeded_stock),
+                    stock: i64::from(p.stock),
+                    confirmed_units: confirmed,
+                    rejected_orders: rejected,
+                    ok: i64::from(p.seeded_stock) == i64::from(p.stock) + confirmed && p.stock >= 0,
+                }
+            })
+            .collect();
+        let (mut pending, mut lost) = (0, 0);
+        for key in accepted {
+            if books.orders.contains_key(key) || dead_letters.contains(key) {
+                continue;
+            }
+            if drained {
+                lost += 1;
+                violations.push(Violation {
+                    invariant: 4,
+                    product_id: None,
+                    detail: format!(
+                        "order {key} was accepted but has no row and is not in the DLQ"
+                    ),
+                });
+            } else {
+                pending += 1;
+            }
+        }
+        AuditReport {
+            ok: violations.is_empty(),
+            drained,
+            products,
+            violations,
+            pending,
+            lost,
+            dlq: dead_letters.len() as u64,
+        }
+    }
+}
+
 #[async_trait::async_trait]
 impl Ledger for MemoryLedger {
     async fn create_missing(&self, products: &[NewProduct]) -> Result<Vec<i64>, LedgerError> {

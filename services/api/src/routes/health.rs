@@ -25,8 +25,17 @@ async fn live() -> Json<serde_json::Value> {
 async fn ready(State(state): State<AppState>) -> Response {
     let (pool, redis, queue) = match &state.probes {
         Probes::Networked { pool, redis, queue } => (pool, redis, queue),
-        Probes::Embedded => {
+        Probes::Embedded if state.catalog.is_loaded() => {
             return Json(json!({"status": "ready", "components": {"embedded": "ok"}}))
+                .into_response();
+        }
+        Probes::Embedded => {
+            let body = json!({"error": {"code": "unavailable", "message": "not ready: catalog not loaded yet"}});
+            return (
+                StatusCode::SERVICE_UNAVAILABLE,
+                [(header::RETRY_AFTER, crate::error::RETRY_AFTER_SECONDS)],
+                Json(body),
+            )
                 .into_response();
         }
     };

@@ -1,0 +1,87 @@
+//! `fsctl demo` as a newcomer runs it: nothing installed (every backend URL
+//! points at a dead port), the whole flow in one process, an exact ledger.
+#![allow(clippy::unwrap_used)]
+
+use serde_json::Value;
+use std::process::Output;
+
+async fn demo(args: &[&str]) -> Output {
+    tokio::process::Command::new(env!("CARGO_BIN_EXE_fsctl"))
+        .arg("demo")
+        .args(args)
+        .env("DATABASE_URL", "postgres://postgres@127.0.0.1:1/nowhere")
+        .env("REDIS_URL", "redis://127.0.0.1:1")
+        .env("AMQP_URL", "amqp://guest:guest@127.0.0.1:1/%2f")
+        .env("NO_COLOR", "1")
+        .output()
+        .await
+        .unwrap()
+}
+
+fn report(out: &Output) -> Value {
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// Exactly the stock confirmed, every 202 resolved, nothing lost.
+fn assert_exact(r: &Value, requests: u64, units: i64) {
+    assert_eq!(r["requests"], requests);
+    let answered: u64 = r["statusCounts"]
+        .as_object()
+        .unwrap()
+        .values()
+        .map(|v| v.as_u64().unwrap())
+        .sum();
+    assert_eq!(answered, requests, "{r}");
+    let books = r["books"].as_array().unwrap();
+    let sold: i64 = books
+        .iter()
+        .map(|b| b["confirmedUnits"].as_i64().unwrap())
+        .sum();
+    assert_eq!(sold, units, "exactly the stock confirmed: {books:?}");
+    assert!(books.iter().all(|b| b["stock"] == 0 && b["ok"] == true));
+    assert_eq!(r["drain"]["lost"], 0);
+    assert_eq!(r["drain"]["pending"], 0);
+    assert_eq!(r["drain"]["resolved"], r["statusCounts"]["202"]);
+    assert_eq!(r["verify"]["ok"], true);
+}
+
+#[tokio::test]
+async fn the_demo_sells_exactly_the_stock_with_nothing_installed() {
+    let r = report(&demo(&["--json"]).await);
+    assert_exact(&r, 5000, 100);
+}
+
+#[tokio::test]
+async fn the_demo_with_chaos_kills_a_worker_and_the_ledger_still_holds() {
+    let r = report(&demo(&["--json", "--chaos", "--products", "3", "--stock", "50"]).await);
+    assert_exact(&r, 5000, 150);
+    assert_eq!(r["chaos"]["killedWorker"], "demo-worker-1");
+}
+
+#[tokio::test]
+async fn the_demo_runs_a_scenario_and_answers_bad_inputs_as_the_contract_says() {
+    let scenario = concat!(env!("CARGO_MANIFEST_DIR"), "/../scenarios/bad-actors.toml");
+    let r = report(&demo(&["--json", "--scenario", scenario]).await);
+    assert_eq!(r["mix"]["unexpected"], 0, "{}", r["mix"]);
+    assert!(r["mix"]["invalid"].as_u64().unwrap() > 0);
+    assert_eq!(r["drain"]["lost"], 0);
+    assert_eq!(r["verify"]["ok"], true);
+}
+
+#[tokio::test]
+async fn the_demo_prints_its_closing_line() {
+    let out = demo(&["-n", "1000", "-c", "100", "--stock", "20"]).await;
+    assert_eq!(out.status.code(), Some(0));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("20 of 20 units sold") && text.contains("0 lost, ledger exact"),
+        "{text}"
+    );
+}
