@@ -16,11 +16,12 @@ use clap::Args;
 use flashsale_api::Application;
 use flashsale_engine::embedded::EmbeddedBackends;
 use flashsale_engine::ledger::NewProduct;
-use flashsale_engine::seams::{Ledger, OrderQueue};
+use flashsale_engine::seams::{BackendFailed, Delivered, Ledger, OrderQueue, QueueConsumer};
 use flashsale_worker::{DEFAULT_PREFETCH, Worker};
 use std::collections::HashSet;
 use std::io::IsTerminal;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -155,8 +156,67 @@ fn plan(args: &DemoArgs) -> Result<(StormPlan, Vec<NewProduct>), Failure> {
 /// A worker running in this process, which `--chaos` may kill.
 struct RunningWorker {
     id: String,
-    stats: std::sync::Arc<flashsale_worker::heartbeat::WorkerStats>,
+    /// Deliveries the `--chaos` victim held when it stalled.
+    held: Arc<std::sync::atomic::AtomicUsize>,
     task: JoinHandle<anyhow::Result<()>>,
+}
+
+/// `--chaos`: the queue as the victim worker sees it. Its first batch is
+/// taken (the deliveries are held, unacknowledged) and then the worker
+/// hangs there until the demo kills it, as a process killed mid-batch.
+struct StallingQueue {
+    inner: flashsale_engine::embedded::MemoryQueue,
+    stalled: Arc<tokio::sync::Notify>,
+    held: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+struct StallingConsumer {
+    inner: Box<dyn QueueConsumer>,
+    stalled: Arc<tokio::sync::Notify>,
+    held: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+#[async_trait::async_trait]
+impl OrderQueue for StallingQueue {
+    async fn publish(&self, message_id: &str, payload: &[u8]) -> Result<(), BackendFailed> {
+        self.inner.publish(message_id, payload).await
+    }
+    async fn consume(&self, prefetch: u16) -> Result<Box<dyn QueueConsumer>, BackendFailed> {
+        Ok(Box::new(StallingConsumer {
+            inner: self.inner.consume(prefetch).await?,
+            stalled: self.stalled.clone(),
+            held: self.held.clone(),
+        }))
+    }
+    async fn dead_letters(&self) -> Result<Vec<(String, Option<String>)>, BackendFailed> {
+        self.inner.dead_letters().await
+    }
+}
+
+#[async_trait::async_trait]
+impl QueueConsumer for StallingConsumer {
+    async fn next_batch(&mut self) -> Result<Option<Vec<Delivered>>, BackendFailed> {
+        let batch = self.inner.next_batch().await?;
+        if let Some(b) = &batch {
+            self.held
+                .store(b.len(), std::sync::atomic::Ordering::SeqCst);
+            self.stalled.notify_one();
+            std::future::pending::<()>().await;
+        }
+        Ok(batch)
+    }
+    async fn ack_through(&mut self, tag: u64) -> Result<(), BackendFailed> {
+        self.inner.ack_through(tag).await
+    }
+    async fn dead_letter(&mut self, d: &Delivered, reason: &str) -> Result<(), BackendFailed> {
+        self.inner.dead_letter(d, reason).await
+    }
+    async fn cancel(&mut self) {
+        self.inner.cancel().await;
+    }
+    async fn close(self: Box<Self>) {
+        self.inner.close().await;
+    }
 }
 
 fn say(quiet: bool, line: impl AsRef<str>) {
@@ -189,13 +249,37 @@ pub async fn run(args: &DemoArgs) -> Outcome {
     let served = tokio::spawn(app.run_until(async move { until.cancelled().await }));
 
     let stop_workers = CancellationToken::new();
+    let stalled = Arc::new(tokio::sync::Notify::new());
+    let victim_held = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let others_go = CancellationToken::new();
     let mut workers: Vec<RunningWorker> = (1..=args.workers)
         .map(|i| {
             let id = format!("demo-worker-{i}");
-            let worker = Worker::embedded(&id, &backends, DEFAULT_PREFETCH);
-            let stats = worker.stats();
-            let task = tokio::spawn(worker.run(stop_workers.clone()));
-            RunningWorker { id, stats, task }
+            let worker = if args.chaos && i == 1 {
+                let queue = Arc::new(StallingQueue {
+                    inner: backends.queue.clone(),
+                    stalled: stalled.clone(),
+                    held: victim_held.clone(),
+                });
+                Worker::embedded_on(&id, &backends, queue, DEFAULT_PREFETCH)
+            } else {
+                Worker::embedded(&id, &backends, DEFAULT_PREFETCH)
+            };
+            // With --chaos the others wait until the victim is down, so it
+            // is the one holding the first orders when it dies.
+            let (go, stop) = (others_go.clone(), stop_workers.clone());
+            let wait = args.chaos && i > 1;
+            let task = tokio::spawn(async move {
+                if wait {
+                    go.cancelled().await;
+                }
+                worker.run(stop).await
+            });
+            RunningWorker {
+                id,
+                held: victim_held.clone(),
+                task,
+            }
         })
         .collect();
 
@@ -218,15 +302,18 @@ pub async fn run(args: &DemoArgs) -> Outcome {
     let storm_over = CancellationToken::new();
     let chaos = args.chaos.then(|| {
         let victim = workers.remove(0);
-        let storm_over = storm_over.clone();
+        let (storm_over, stalled, go) = (storm_over.clone(), stalled.clone(), others_go.clone());
         tokio::spawn(async move {
-            // Mid-storm, while the victim holds deliveries (or at the end).
-            while victim.stats.inflight() == 0 && !storm_over.is_cancelled() {
-                tokio::time::sleep(Duration::from_millis(1)).await;
+            // The victim took a batch and hangs on it; kill it there (or at
+            // the end of the storm if it never got one).
+            tokio::select! {
+                () = stalled.notified() => {}
+                () = storm_over.cancelled() => {}
             }
-            let held = victim.stats.inflight();
+            let held = victim.held.load(std::sync::atomic::Ordering::SeqCst);
             victim.task.abort();
             let _ = victim.task.await;
+            go.cancel();
             (victim.id, held)
         })
     });

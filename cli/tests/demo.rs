@@ -63,6 +63,11 @@ async fn the_demo_with_chaos_kills_a_worker_and_the_ledger_still_holds() {
     let r = report(&demo(&["--json", "--chaos", "--products", "3", "--stock", "50"]).await);
     assert_exact(&r, 5000, 150);
     assert_eq!(r["chaos"]["killedWorker"], "demo-worker-1");
+    assert!(
+        r["chaos"]["heldDeliveries"].as_u64().unwrap() >= 1,
+        "the victim died holding orders: {}",
+        r["chaos"]
+    );
 }
 
 #[tokio::test]

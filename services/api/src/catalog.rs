@@ -62,16 +62,21 @@ impl Catalog {
         let source: Arc<dyn Ledger> = Arc::new(ledger.clone());
         let setup = async move { prepare(&ledger, &url).await };
         let tasks = vec![
-            tokio::spawn(refresh(source, setup, snapshot.clone())),
+            tokio::spawn(refresh(source, setup, snapshot.clone(), REFRESH_EVERY)),
             tokio::spawn(follow_announcements(backends.clone(), snapshot.clone())),
         ];
         Self { snapshot, tasks }
     }
 
-    /// On any ledger (the embedded one): polls only.
-    pub fn start_on(ledger: Arc<dyn Ledger>) -> Self {
+    /// On any ledger (the embedded one, in memory): polls only, `every`.
+    pub fn start_on(ledger: Arc<dyn Ledger>, every: Duration) -> Self {
         let snapshot: Shared = Arc::new(RwLock::new(None));
-        let tasks = vec![tokio::spawn(refresh(ledger, async {}, snapshot.clone()))];
+        let tasks = vec![tokio::spawn(refresh(
+            ledger,
+            async {},
+            snapshot.clone(),
+            every,
+        ))];
         Self { snapshot, tasks }
     }
 
@@ -111,7 +116,12 @@ async fn prepare(ledger: &StockLedger, url: &str) {
     }
 }
 
-async fn refresh(ledger: Arc<dyn Ledger>, setup: impl Future<Output = ()>, snapshot: Shared) {
+async fn refresh(
+    ledger: Arc<dyn Ledger>,
+    setup: impl Future<Output = ()>,
+    snapshot: Shared,
+    every: Duration,
+) {
     setup.await;
     let mut failing = false;
     loop {
@@ -142,7 +152,7 @@ async fn refresh(ledger: Arc<dyn Ledger>, setup: impl Future<Output = ()>, snaps
             }
             _ => {}
         }
-        tokio::time::sleep(REFRESH_EVERY).await;
+        tokio::time::sleep(every).await;
     }
 }
 

@@ -71,7 +71,8 @@ impl AppState {
     pub fn embedded(backends: &EmbeddedBackends) -> Self {
         let ledger: Arc<dyn Ledger> = backends.ledger.clone();
         Self(Arc::new(Shared {
-            catalog: Catalog::start_on(ledger.clone()),
+            // In memory a reload costs next to nothing: keep the cache close.
+            catalog: Catalog::start_on(ledger.clone(), std::time::Duration::from_millis(5)),
             accept_log: backends.accept_log.clone(),
             queue: Arc::new(backends.queue.clone()),
             probes: Probes::Embedded,

@@ -126,6 +126,16 @@ impl Worker {
     /// A worker on the embedded backends (`fsctl demo`): the same order
     /// book, with its own holder name on the shared lock table.
     pub fn embedded(id: &str, backends: &EmbeddedBackends, prefetch: u16) -> Self {
+        Self::embedded_on(id, backends, Arc::new(backends.queue.clone()), prefetch)
+    }
+
+    /// The same, consuming through `queue` (a wrapper that injects faults).
+    pub fn embedded_on(
+        id: &str,
+        backends: &EmbeddedBackends,
+        queue: Arc<dyn OrderQueue>,
+        prefetch: u16,
+    ) -> Self {
         let stats = Arc::new(WorkerStats::new(id.to_owned(), String::new()));
         Self {
             book: OrderBook::new(
@@ -134,7 +144,7 @@ impl Worker {
                 None,
                 stats.clone(),
             ),
-            queue: Arc::new(backends.queue.clone()),
+            queue,
             prefetch,
             stats,
             networked: None,
