@@ -322,10 +322,11 @@ pub async fn run(args: &DemoArgs) -> Outcome {
     storm_over.cancel();
     if let Some(chaos) = chaos {
         let (id, held) = chaos.await.map_err(|e| Failure::usage(e.to_string()))?;
+        let what = if held == 1 { "delivery" } else { "deliveries" };
         say(
             quiet,
             format!(
-                "chaos: killed {id} while it held {held} deliveries; the queue delivers them again"
+                "chaos: killed {id} while it held {held} unacknowledged {what}; the queue gave them to the other workers"
             ),
         );
         report.chaos = Some(serde_json::json!({"killedWorker": id, "heldDeliveries": held}));
