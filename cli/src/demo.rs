@@ -75,6 +75,9 @@ pub struct DemoArgs {
     /// Kill a worker mid-storm; its deliveries are delivered again.
     #[arg(long)]
     pub chaos: bool,
+    /// Watch it on the live dashboard (fsctl top) instead of the text report; q quits.
+    #[arg(long, conflicts_with = "json")]
+    pub top: bool,
     /// Keep the API running afterwards, for curl, until Ctrl-C.
     #[arg(long)]
     pub serve: bool,
@@ -156,6 +159,8 @@ fn plan(args: &DemoArgs) -> Result<(StormPlan, Vec<NewProduct>), Failure> {
 /// A worker running in this process, which `--chaos` may kill.
 struct RunningWorker {
     id: String,
+    stats: Arc<flashsale_worker::heartbeat::WorkerStats>,
+    alive: Arc<std::sync::atomic::AtomicBool>,
     /// Deliveries the `--chaos` victim held when it stalled.
     held: Arc<std::sync::atomic::AtomicUsize>,
     task: JoinHandle<anyhow::Result<()>>,
@@ -227,7 +232,12 @@ fn say(quiet: bool, line: impl AsRef<str>) {
 
 pub async fn run(args: &DemoArgs) -> Outcome {
     let (plan, catalog) = plan(args)?;
-    let quiet = args.json;
+    if args.top && !std::io::stdout().is_terminal() {
+        return Err(Failure::usage(
+            "--top needs a terminal; without it the demo prints its report",
+        ));
+    }
+    let quiet = args.json || args.top;
     let backends = EmbeddedBackends::default();
     backends.ledger.create_missing(&catalog).await?;
     let units: i64 = catalog.iter().map(|p| i64::from(p.stock)).sum();
@@ -269,6 +279,7 @@ pub async fn run(args: &DemoArgs) -> Outcome {
             // is the one holding the first orders when it dies.
             let (go, stop) = (others_go.clone(), stop_workers.clone());
             let wait = args.chaos && i > 1;
+            let stats = worker.stats();
             let task = tokio::spawn(async move {
                 if wait {
                     go.cancelled().await;
@@ -277,6 +288,8 @@ pub async fn run(args: &DemoArgs) -> Outcome {
             });
             RunningWorker {
                 id,
+                stats,
+                alive: Arc::new(std::sync::atomic::AtomicBool::new(true)),
                 held: victim_held.clone(),
                 task,
             }
@@ -298,7 +311,18 @@ pub async fn run(args: &DemoArgs) -> Outcome {
         ),
     );
 
-    let stop = storm::stop_on_ctrl_c();
+    let sources = crate::top::collect::EmbeddedSources {
+        backends: backends.clone(),
+        workers: workers
+            .iter()
+            .map(|w| (w.stats.clone(), w.alive.clone()))
+            .collect(),
+    };
+    let stop = if args.top {
+        CancellationToken::new()
+    } else {
+        storm::stop_on_ctrl_c()
+    };
     let storm_over = CancellationToken::new();
     let chaos = args.chaos.then(|| {
         let victim = workers.remove(0);
@@ -313,30 +337,51 @@ pub async fn run(args: &DemoArgs) -> Outcome {
             let held = victim.held.load(std::sync::atomic::Ordering::SeqCst);
             victim.task.abort();
             let _ = victim.task.await;
+            victim
+                .alive
+                .store(false, std::sync::atomic::Ordering::Relaxed);
             go.cancel();
             (victim.id, held)
         })
     });
-    let show = !args.json && std::io::stdout().is_terminal();
-    let mut report = storm::execute_with_progress(&plan, &target, &stop, show).await;
-    storm_over.cancel();
-    if let Some(chaos) = chaos {
-        let (id, held) = chaos.await.map_err(|e| Failure::usage(e.to_string()))?;
-        let what = if held == 1 { "delivery" } else { "deliveries" };
-        say(
-            quiet,
-            format!(
-                "chaos: killed {id} while it held {held} unacknowledged {what}; the queue gave them to the other workers"
-            ),
-        );
-        report.chaos = Some(serde_json::json!({"killedWorker": id, "heldDeliveries": held}));
-    }
-
-    settle(&backends, &mut report, show).await;
+    let show = !args.json && !args.top && std::io::stdout().is_terminal();
+    let job = {
+        let (backends, stop) = (backends.clone(), stop.clone());
+        async move {
+            let mut report = storm::execute_with_progress(&plan, &target, &stop, show).await;
+            storm_over.cancel();
+            if let Some(chaos) = chaos
+                && let Ok((id, held)) = chaos.await
+            {
+                let what = if held == 1 { "delivery" } else { "deliveries" };
+                say(
+                    quiet,
+                    format!(
+                        "chaos: killed {id} while it held {held} unacknowledged {what}; the queue gave them to the other workers"
+                    ),
+                );
+                report.chaos =
+                    Some(serde_json::json!({"killedWorker": id, "heldDeliveries": held}));
+            }
+            settle(&backends, &mut report, show).await;
+            report
+        }
+    };
+    let report = if args.top {
+        let job = tokio::spawn(job);
+        let shown = crate::top::run_embedded(sources, &api).await;
+        stop.cancel();
+        let report = job.await.map_err(|e| Failure::usage(e.to_string()))?;
+        shown?;
+        println!("{}", closing_line(&report));
+        report
+    } else {
+        job.await
+    };
 
     if args.json {
         output::json(&report);
-    } else {
+    } else if !args.top {
         report.print();
         report.print_drain();
         if let Some(audit) = &report.audit {

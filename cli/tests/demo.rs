@@ -90,3 +90,10 @@ async fn the_demo_prints_its_closing_line() {
         "{text}"
     );
 }
+
+#[tokio::test]
+async fn demo_top_refuses_a_non_terminal() {
+    let out = demo(&["--top"]).await;
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--top needs a terminal"));
+}

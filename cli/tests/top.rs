@@ -74,3 +74,95 @@ async fn top_refuses_a_non_terminal_with_exit_2() {
         "{err}"
     );
 }
+
+#[tokio::test]
+async fn embedded_collectors_read_the_demo_through_the_seams() {
+    use flashsale_engine::embedded::EmbeddedBackends;
+    use flashsale_engine::ledger::NewProduct;
+    use flashsale_engine::lock::FencingToken;
+    use flashsale_engine::seams::{Ledger, OrderQueue, ProductLocks};
+    use flashsale_engine::{IdempotencyKey, ProductId, Quantity, UserId, domain::QueuedOrder};
+    use flashsale_worker::heartbeat::WorkerStats;
+    use std::sync::Arc;
+    use std::sync::atomic::AtomicBool;
+
+    let backends = EmbeddedBackends::default();
+    backends
+        .ledger
+        .create_missing(&[NewProduct {
+            id: 1,
+            name: "Hot item".into(),
+            stock: 10,
+            max_per_order: 10,
+            per_user_limit: None,
+        }])
+        .await
+        .unwrap();
+    let order = QueuedOrder {
+        order_id: IdempotencyKey::parse("o1").unwrap(),
+        user_id: UserId::parse("u1").unwrap(),
+        product_id: ProductId::new(1).unwrap(),
+        quantity: Quantity::new(3).unwrap(),
+        accepted_at: chrono::Utc::now(),
+    };
+    backends
+        .ledger
+        .apply_group(ProductId::new(1).unwrap(), FencingToken(1), &[order])
+        .await
+        .unwrap();
+    backends.queue.publish("o2", b"{}").await.unwrap();
+    let held = backends
+        .locks
+        .try_acquire(ProductId::new(1).unwrap())
+        .await
+        .unwrap();
+    assert!(held.is_some());
+    let sources = fsctl::top::collect::EmbeddedSources {
+        backends,
+        workers: vec![(
+            Arc::new(WorkerStats::new("w1".into(), String::new())),
+            Arc::new(AtomicBool::new(false)),
+        )],
+    };
+
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let _tasks = collect::start_embedded(
+        sources,
+        "http://127.0.0.1:1",
+        Duration::from_millis(50),
+        &tx,
+    );
+    let mut app = App::new(
+        "embedded",
+        "http://127.0.0.1:1",
+        Duration::from_millis(50),
+        false,
+        Instant::now(),
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let reflects = |app: &App| {
+        app.shown
+            .products
+            .first()
+            .is_some_and(|p| p.confirmed == 3 && p.stock == 7)
+            && app
+                .shown
+                .queue
+                .as_ref()
+                .is_some_and(|q| q.orders_ready == 1)
+            && app.shown.locks.len() == 1
+            && app.shown.workers.first().is_some_and(|w| w.gone)
+            && app.shown.violations.as_ref().is_some_and(Vec::is_empty)
+    };
+    while !reflects(&app) {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match tokio::time::timeout(left, rx.recv()).await {
+            Ok(Some(Event::Sample(at, sample))) => app.on_sample(at, sample),
+            Ok(_) => {}
+            Err(_) => panic!(
+                "never reflected: {:?} {:?}",
+                app.shown.products, app.shown.queue
+            ),
+        }
+    }
+}

@@ -85,6 +85,81 @@ pub fn start(
     tasks
 }
 
+/// What `fsctl demo --top` shows: the embedded backends and the workers of
+/// this process, read through the same seams the engine uses.
+#[derive(Clone)]
+pub struct EmbeddedSources {
+    pub backends: flashsale_engine::embedded::EmbeddedBackends,
+    /// Each worker's stats, and whether it is still running.
+    pub workers: Vec<(
+        std::sync::Arc<flashsale_worker::heartbeat::WorkerStats>,
+        std::sync::Arc<std::sync::atomic::AtomicBool>,
+    )>,
+}
+
+/// The collectors on the embedded backends; the API is read over HTTP as
+/// usual (it listens on loopback).
+pub fn start_embedded(
+    sources: EmbeddedSources,
+    api_url: &str,
+    refresh: Duration,
+    events: &UnboundedSender<Event>,
+) -> JoinSet<()> {
+    let mut tasks = JoinSet::new();
+    let http = reqwest::Client::builder()
+        .timeout(COLLECT_TIMEOUT)
+        .build()
+        .unwrap_or_default();
+    let url = api_url.trim_end_matches('/').to_owned();
+    tasks.spawn(poll(refresh, events.clone(), move || {
+        let (http, url) = (http.clone(), url.clone());
+        async move { Sample::Api(timed(api(&http, &url)).await) }
+    }));
+    let s = sources.clone();
+    tasks.spawn(poll(refresh, events.clone(), move || {
+        let ledger = s.backends.ledger.clone();
+        async move {
+            let audit = ledger.audit(&[], &Default::default(), true);
+            let names = ledger
+                .snapshot()
+                .0
+                .into_iter()
+                .map(|p| (p.id, p.name))
+                .collect();
+            let (confirmed_orders, rejected_orders) = ledger.totals();
+            Sample::Postgres(Ok(LedgerSample {
+                books: audit.products,
+                names,
+                violations: audit.violations,
+                confirmed_orders,
+                rejected_orders,
+            }))
+        }
+    }));
+    let s = sources.clone();
+    tasks.spawn(poll(refresh, events.clone(), move || {
+        let s = s.clone();
+        async move {
+            let workers = s
+                .workers
+                .iter()
+                .map(|(stats, alive)| stats.view(alive.load(std::sync::atomic::Ordering::Relaxed)))
+                .collect();
+            let text = flashsale_engine::metrics::install().render();
+            Sample::Redis(Ok(RedisSample {
+                workers,
+                locks: s.backends.locks.held(),
+                commit_latency: buckets(&text, ORDER_LATENCY, ""),
+            }))
+        }
+    }));
+    tasks.spawn(poll(refresh, events.clone(), move || {
+        let queue = sources.backends.queue.clone();
+        async move { Sample::Broker(Ok(queue.view())) }
+    }));
+    tasks
+}
+
 async fn poll<F, Fut>(every: Duration, events: UnboundedSender<Event>, mut collect: F)
 where
     F: FnMut() -> Fut,

@@ -49,27 +49,65 @@ impl Drop for RestoreTerminal {
     }
 }
 
+fn not_a_terminal() -> Failure {
+    Failure::usage(
+        "fsctl top needs a terminal; for scripts use fsctl inspect queue --json or fsctl verify --json",
+    )
+}
+
 pub async fn run(b: &BackendUrls, api_urls: &[String], args: &TopArgs) -> Outcome {
     if !std::io::stdout().is_terminal() {
-        return Err(Failure::usage(
-            "fsctl top needs a terminal; for scripts use fsctl inspect queue --json or fsctl verify --json",
-        ));
+        return Err(not_a_terminal());
     }
     if args.refresh < Duration::from_millis(50) {
         return Err(Failure::usage("--refresh must be at least 50ms"));
     }
-    let color = !args.no_color && std::env::var_os("NO_COLOR").is_none();
     let api_url = api_urls
         .first()
         .map_or("http://127.0.0.1:3000", String::as_str);
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-    let mut tasks = collect::start(b, api_url, args.refresh, &tx);
-    event::start(args.refresh, &tx, &mut tasks);
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let tasks = collect::start(b, api_url, args.refresh, &tx);
+    let color = !args.no_color && std::env::var_os("NO_COLOR").is_none();
+    dashboard(&b.namespace, api_url, args.refresh, color, tasks, tx, rx).await
+}
+
+/// `fsctl demo --top`: the dashboard on the demo's embedded backends.
+pub async fn run_embedded(sources: collect::EmbeddedSources, api_url: &str) -> Outcome {
+    if !std::io::stdout().is_terminal() {
+        return Err(not_a_terminal());
+    }
+    let refresh = Duration::from_millis(250);
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let tasks = collect::start_embedded(sources, api_url, refresh, &tx);
+    let color = std::env::var_os("NO_COLOR").is_none();
+    dashboard(
+        "embedded (fsctl demo)",
+        api_url,
+        refresh,
+        color,
+        tasks,
+        tx,
+        rx,
+    )
+    .await
+}
+
+/// Draws until the operator quits; the collectors in `tasks` feed `rx`.
+async fn dashboard(
+    namespace: &str,
+    api_url: &str,
+    refresh: Duration,
+    color: bool,
+    mut tasks: tokio::task::JoinSet<()>,
+    tx: tokio::sync::mpsc::UnboundedSender<Event>,
+    mut rx: tokio::sync::mpsc::UnboundedReceiver<Event>,
+) -> Outcome {
+    event::start(refresh, &tx, &mut tasks);
     drop(tx);
 
     let mut terminal = ratatui::init();
     let _restore = RestoreTerminal;
-    let mut app = App::new(&b.namespace, api_url, args.refresh, color, Instant::now());
+    let mut app = App::new(namespace, api_url, refresh, color, Instant::now());
     loop {
         terminal
             .draw(|frame| ui::draw(frame, &app, Instant::now()))

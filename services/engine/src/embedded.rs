@@ -46,6 +46,17 @@ impl MemoryLedger {
         )
     }
 
+    /// Orders with a row: (confirmed, rejected).
+    pub fn totals(&self) -> (u64, u64) {
+        let books = self.books();
+        let confirmed = books
+            .orders
+            .values()
+            .filter(|o| o.status == OrderStatus::Confirmed)
+            .count() as u64;
+        (confirmed, books.orders.len() as u64 - confirmed)
+    }
+
     /// The contract's invariants 1, 2 and 5 over what the ledger holds (3,
     /// one row per order id, is the map's key), as `(invariant, detail)`.
     pub fn violations(&self) -> Vec<(u8, String)> {
@@ -330,6 +341,28 @@ impl MemoryLocks {
     fn table(&self) -> MutexGuard<'_, LockTable> {
         self.table.lock().unwrap_or_else(|p| p.into_inner())
     }
+
+    /// The locks held now, as `fsctl inspect locks` shows Redis's.
+    pub fn held(&self) -> Vec<crate::observe::LockView> {
+        let now = Instant::now();
+        let t = self.table();
+        let mut out: Vec<_> = t
+            .held
+            .iter()
+            .filter(|(_, (_, until))| *until > now)
+            .map(|(product, (value, until))| {
+                let (holder, token) = value.rsplit_once(':').unwrap_or((value.as_str(), "0"));
+                crate::observe::LockView {
+                    product_id: *product,
+                    holder: holder.to_owned(),
+                    token: token.parse().unwrap_or(0),
+                    ttl_ms: until.saturating_duration_since(now).as_millis() as i64,
+                }
+            })
+            .collect();
+        out.sort_by_key(|l| l.product_id);
+        out
+    }
 }
 
 #[async_trait::async_trait]
@@ -412,6 +445,17 @@ impl MemoryQueue {
     pub fn depth(&self) -> (usize, usize) {
         let s = self.state();
         (s.ready.len(), s.held.values().map(BTreeMap::len).sum())
+    }
+
+    /// The queues as `fsctl inspect queue` shows RabbitMQ's.
+    pub fn view(&self) -> crate::observe::QueueView {
+        let s = self.state();
+        crate::observe::QueueView {
+            orders_ready: s.ready.len() as u64,
+            orders_consumers: s.held.len() as u64,
+            dlq_ready: s.dead.len() as u64,
+            dlq_consumers: 0,
+        }
     }
 }
 

@@ -58,6 +58,21 @@ impl WorkerStats {
         self.inflight.load(Ordering::Relaxed)
     }
 
+    /// What a heartbeat would say now, for a dashboard in this process.
+    pub fn view(&self, alive: bool) -> flashsale_engine::observe::WorkerView {
+        let product = self.product.load(Ordering::Relaxed);
+        flashsale_engine::observe::WorkerView {
+            id: self.id.clone(),
+            started_at: self.started_at.to_rfc3339(),
+            processed: self.processed.load(Ordering::Relaxed),
+            inflight: self.inflight(),
+            product: (product != 0).then_some(product),
+            metrics_addr: self.metrics_addr.clone(),
+            last_beat_seconds: 0.0,
+            alive,
+        }
+    }
+
     pub fn applying(&self, product: Option<i64>) {
         self.product.store(product.unwrap_or(0), Ordering::Relaxed);
     }
