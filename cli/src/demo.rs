@@ -376,7 +376,9 @@ pub async fn run(args: &DemoArgs) -> Outcome {
         println!("{}", closing_line(&report));
         report
     } else {
-        job.await
+        let report = job.await;
+        stop.cancel();
+        report
     };
 
     if args.json {

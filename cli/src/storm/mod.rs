@@ -563,16 +563,19 @@ async fn show_progress(
 }
 
 /// First Ctrl-C stops the storm (the report still comes); a second one exits.
+/// Cancelling the token yourself once the storm is over leaves Ctrl-C alone.
 pub fn stop_on_ctrl_c() -> CancellationToken {
     let stop = CancellationToken::new();
     let token = stop.clone();
     tokio::spawn(async move {
+        tokio::select! {
+            pressed = tokio::signal::ctrl_c() => if pressed.is_err() { return },
+            () = token.cancelled() => return,
+        }
+        eprintln!("\nstopping: in-flight requests get 2s; Ctrl-C again to quit at once");
+        token.cancel();
         if tokio::signal::ctrl_c().await.is_ok() {
-            eprintln!("\nstopping: in-flight requests get 2s; Ctrl-C again to quit at once");
-            token.cancel();
-            if tokio::signal::ctrl_c().await.is_ok() {
-                std::process::exit(130);
-            }
+            std::process::exit(130);
         }
     });
     stop
