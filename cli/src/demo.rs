@@ -429,7 +429,7 @@ async fn wait_ready(client: &reqwest::Client, api: &str) -> Result<(), Failure> 
 /// Waits for every accepted order to be booked or dead-lettered, then
 /// audits the embedded ledger with exactly those ids.
 async fn settle(backends: &EmbeddedBackends, report: &mut StormReport, show: bool) {
-    let bar = storm::drain::spinner(show);
+    let bar = output::spinner(show);
     let started = Instant::now();
     let accepted = report.accepted.clone();
     let mut dead: HashSet<String> = HashSet::new();

@@ -547,7 +547,7 @@ pub async fn run(b: &BackendUrls, args: &DoctorArgs) -> Outcome {
         Duration::from_secs(5)
     };
     let scratch = Scratch::new(b);
-    let bar = crate::storm::drain::spinner(!args.json && std::io::stderr().is_terminal());
+    let bar = crate::output::spinner(!args.json && std::io::stderr().is_terminal());
     let measured = measure(&scratch.backends, budget, &bar).await;
     step(&bar, "removing the scratch database, queues and keys");
     let removed = scratch.remove().await;

@@ -46,3 +46,17 @@ pub fn thousands(n: f64) -> String {
     }
     out
 }
+
+/// A spinner with a message on stderr, or a hidden one when `show` is false.
+pub fn spinner(show: bool) -> indicatif::ProgressBar {
+    if !show {
+        return indicatif::ProgressBar::hidden();
+    }
+    let s = indicatif::ProgressBar::new_spinner();
+    s.set_style(
+        indicatif::ProgressStyle::with_template("{spinner} {msg}")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_spinner()),
+    );
+    s.enable_steady_tick(std::time::Duration::from_millis(120));
+    s
+}

@@ -9,7 +9,6 @@ use clap::Args;
 use comfy_table::Cell;
 use flashsale_engine::audit::{self, AuditReport, QueueFacts};
 use flashsale_engine::{BackendUrls, observe};
-use indicatif::{ProgressBar, ProgressStyle};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -102,29 +101,17 @@ pub async fn run(b: &BackendUrls, args: &VerifyArgs) -> Outcome {
     let ledger = backends::ledger(b).await?;
     let mut facts = queue_facts(b).await?;
     if let Some(wait) = args.wait_drain {
-        let spinner = (!args.json).then(|| {
-            let s = ProgressBar::new_spinner();
-            s.set_style(
-                ProgressStyle::with_template("{spinner} {msg}")
-                    .unwrap_or_else(|_| ProgressStyle::default_spinner()),
-            );
-            s.enable_steady_tick(Duration::from_millis(120));
-            s
-        });
+        let spinner = output::spinner(!args.json);
         let started = Instant::now();
         while !facts.drained && started.elapsed() < wait {
-            if let Some(s) = &spinner {
-                s.set_message(format!(
-                    "waiting for the drain ({:.0}s)",
-                    started.elapsed().as_secs_f64()
-                ));
-            }
+            spinner.set_message(format!(
+                "waiting for the drain ({:.0}s)",
+                started.elapsed().as_secs_f64()
+            ));
             tokio::time::sleep(Duration::from_millis(250)).await;
             facts = queue_facts(b).await?;
         }
-        if let Some(s) = spinner {
-            s.finish_and_clear();
-        }
+        spinner.finish_and_clear();
     }
     let report = audit::audit(ledger.pool(), accepted.as_deref(), &facts).await?;
     if args.json {

@@ -11,7 +11,7 @@ use flashsale_engine::BackendUrls;
 use flashsale_engine::audit::{self, AuditReport};
 use flashsale_engine::ledger::StockLedger;
 use futures_util::{StreamExt, stream};
-use indicatif::{ProgressBar, ProgressStyle};
+use indicatif::ProgressBar;
 use std::time::{Duration, Instant};
 
 /// How long to try PostgreSQL before asking the API instead.
@@ -27,19 +27,6 @@ pub struct Settled {
     pub audit: Option<AuditReport>,
 }
 
-pub fn spinner(show: bool) -> ProgressBar {
-    if !show {
-        return ProgressBar::hidden();
-    }
-    let s = ProgressBar::new_spinner();
-    s.set_style(
-        ProgressStyle::with_template("{spinner} {msg}")
-            .unwrap_or_else(|_| ProgressStyle::default_spinner()),
-    );
-    s.enable_steady_tick(Duration::from_millis(120));
-    s
-}
-
 /// Waits up to `timeout` for the `accepted` orders to resolve, then checks.
 pub async fn settle(
     backends: &BackendUrls,
@@ -49,7 +36,7 @@ pub async fn settle(
     timeout: Duration,
     show: bool,
 ) -> Result<Settled, Failure> {
-    let bar = spinner(show);
+    let bar = crate::output::spinner(show);
     let settled = match tokio::time::timeout(DATABASE_PROBE, backends::ledger(backends)).await {
         Ok(Ok(ledger)) => through_postgres(backends, &ledger, accepted, timeout, &bar).await,
         _ => Ok(over_http(api_url, client, accepted, timeout, &bar).await),

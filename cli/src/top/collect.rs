@@ -27,18 +27,9 @@ pub fn start(
     events: &UnboundedSender<Event>,
 ) -> JoinSet<()> {
     let mut tasks = JoinSet::new();
-    let http = reqwest::Client::builder()
-        .timeout(COLLECT_TIMEOUT)
-        .build()
-        .unwrap_or_default();
+    let http = http_client();
     let slow = refresh.max(SLOW_SOURCE);
-    {
-        let (http, url) = (http.clone(), api_url.trim_end_matches('/').to_owned());
-        tasks.spawn(poll(refresh, events.clone(), move || {
-            let (http, url) = (http.clone(), url.clone());
-            async move { Sample::Api(timed(api(&http, &url)).await) }
-        }));
-    }
+    poll_api(&mut tasks, &http, api_url, refresh, events);
     {
         let ledger = postgres::connect_lazy(&backends.database_url, 2)
             .map(StockLedger::new)
@@ -106,15 +97,7 @@ pub fn start_embedded(
     events: &UnboundedSender<Event>,
 ) -> JoinSet<()> {
     let mut tasks = JoinSet::new();
-    let http = reqwest::Client::builder()
-        .timeout(COLLECT_TIMEOUT)
-        .build()
-        .unwrap_or_default();
-    let url = api_url.trim_end_matches('/').to_owned();
-    tasks.spawn(poll(refresh, events.clone(), move || {
-        let (http, url) = (http.clone(), url.clone());
-        async move { Sample::Api(timed(api(&http, &url)).await) }
-    }));
+    poll_api(&mut tasks, &http_client(), api_url, refresh, events);
     let s = sources.clone();
     tasks.spawn(poll(refresh, events.clone(), move || {
         let ledger = s.backends.ledger.clone();
@@ -158,6 +141,28 @@ pub fn start_embedded(
         async move { Sample::Broker(Ok(queue.view())) }
     }));
     tasks
+}
+
+fn http_client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .timeout(COLLECT_TIMEOUT)
+        .build()
+        .unwrap_or_default()
+}
+
+/// The API's readiness and `/metrics`, every `refresh`.
+fn poll_api(
+    tasks: &mut JoinSet<()>,
+    http: &reqwest::Client,
+    api_url: &str,
+    refresh: Duration,
+    events: &UnboundedSender<Event>,
+) {
+    let (http, url) = (http.clone(), api_url.trim_end_matches('/').to_owned());
+    tasks.spawn(poll(refresh, events.clone(), move || {
+        let (http, url) = (http.clone(), url.clone());
+        async move { Sample::Api(timed(api(&http, &url)).await) }
+    }));
 }
 
 async fn poll<F, Fut>(every: Duration, events: UnboundedSender<Event>, mut collect: F)

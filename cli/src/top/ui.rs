@@ -462,15 +462,11 @@ fn draw_workers(frame: &mut Frame, app: &App, now: Instant, paint: &Paint, area:
     .block(block);
     frame.render_widget(table, area);
     if empty {
-        let hint = Rect {
-            y: area.y + 2,
-            height: 1,
-            x: area.x + 2,
-            width: area.width.saturating_sub(4),
-        };
-        frame.render_widget(
-            Paragraph::new("no worker heartbeats (start one: fsctl up)").style(paint.dim()),
-            hint,
+        hint(
+            frame,
+            area,
+            "no worker heartbeats (start one: fsctl up)",
+            paint,
         );
     }
 }
@@ -508,17 +504,19 @@ fn draw_locks(frame: &mut Frame, app: &App, now: Instant, paint: &Paint, area: R
     .block(block);
     frame.render_widget(table, area);
     if empty {
-        let hint = Rect {
-            y: area.y + 2,
-            height: 1,
-            x: area.x + 2,
-            width: area.width.saturating_sub(4),
-        };
-        frame.render_widget(
-            Paragraph::new("no product lock held").style(paint.dim()),
-            hint,
-        );
+        hint(frame, area, "no product lock held", paint);
     }
+}
+
+/// A dim line inside an empty table, below its header.
+fn hint(frame: &mut Frame, area: Rect, text: &'static str, paint: &Paint) {
+    let line = Rect {
+        y: area.y + 2,
+        height: 1,
+        x: area.x + 2,
+        width: area.width.saturating_sub(4),
+    };
+    frame.render_widget(Paragraph::new(text).style(paint.dim()), line);
 }
 
 fn draw_footer(frame: &mut Frame, app: &App, paint: &Paint, area: Rect) {

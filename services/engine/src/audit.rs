@@ -53,25 +53,49 @@ pub struct QueueFacts {
     pub dlq_ids: HashSet<String>,
 }
 
-/// Checks invariants 1, 2, 3 and 5, and 4 for `accepted` when given.
-pub async fn audit(
-    pool: &PgPool,
+/// One product's totals, as any ledger can add them up.
+#[derive(Debug, Clone)]
+pub struct ProductTotals {
+    pub id: i64,
+    pub seeded_stock: i64,
+    pub stock: i64,
+    pub confirmed_units: i64,
+    pub rejected_orders: i64,
+}
+
+/// A user holding more of a product than its per-user limit.
+#[derive(Debug, Clone)]
+pub struct OverLimit {
+    pub product_id: i64,
+    pub user_id: String,
+    pub units: i64,
+    pub limit: i64,
+}
+
+/// What a ledger holds, for [`judge`].
+pub struct LedgerFacts<'a> {
+    pub totals: Vec<ProductTotals>,
+    /// Order ids with more than one row, and how many.
+    pub doubled: Vec<(String, i64)>,
+    pub over_limit: Vec<OverLimit>,
+    /// Whether an accepted order id has its row.
+    pub booked: &'a dyn Fn(&str) -> bool,
+}
+
+/// Accepted orders lost past this many are summed up in one violation.
+const LOST_LISTED: usize = 20;
+
+/// The contract's invariants over what a ledger holds (PostgreSQL's, or
+/// the embedded one): 1 and 2 per product, 3, 5, and 4 for `accepted`.
+pub fn judge(
+    ledger: LedgerFacts<'_>,
     accepted: Option<&[String]>,
     facts: &QueueFacts,
-) -> Result<AuditReport, sqlx::Error> {
-    let rows: Vec<(i64, i32, i32, i64, i64)> = sqlx::query_as(
-        "SELECT p.id, p.seeded_stock, p.stock,
-                COALESCE(SUM(o.quantity) FILTER (WHERE o.status = 'confirmed'), 0)::bigint,
-                COUNT(o.idempotency_key) FILTER (WHERE o.status = 'rejected')
-         FROM products p LEFT JOIN orders o ON o.product_id = p.id
-         GROUP BY p.id ORDER BY p.id",
-    )
-    .fetch_all(pool)
-    .await?;
+) -> AuditReport {
     let mut violations = Vec::new();
-    let mut products = Vec::with_capacity(rows.len());
-    for (id, seeded, stock, confirmed, rejected) in rows {
-        let (seeded, stock) = (i64::from(seeded), i64::from(stock));
+    let mut products = Vec::with_capacity(ledger.totals.len());
+    for t in ledger.totals {
+        let (id, seeded, stock, confirmed) = (t.id, t.seeded_stock, t.stock, t.confirmed_units);
         let mut ok = true;
         if seeded != stock + confirmed {
             ok = false;
@@ -97,24 +121,94 @@ pub async fn audit(
             seeded_stock: seeded,
             stock,
             confirmed_units: confirmed,
-            rejected_orders: rejected,
+            rejected_orders: t.rejected_orders,
             ok,
         });
     }
-
-    let twice: Vec<(String, i64)> = sqlx::query_as(
-        "SELECT idempotency_key, COUNT(*) FROM orders GROUP BY idempotency_key HAVING COUNT(*) > 1",
-    )
-    .fetch_all(pool)
-    .await?;
-    for (key, n) in twice {
+    for (key, n) in ledger.doubled {
         violations.push(Violation {
             invariant: 3,
             product_id: None,
             detail: format!("order {key} has {n} rows"),
         });
     }
+    for o in ledger.over_limit {
+        mark_product(&mut products, o.product_id);
+        violations.push(Violation {
+            invariant: 5,
+            product_id: Some(o.product_id),
+            detail: format!(
+                "user {} holds {} units, limit {}",
+                o.user_id, o.units, o.limit
+            ),
+        });
+    }
+    let (mut pending, mut lost) = (0, 0);
+    for key in accepted.unwrap_or_default() {
+        if (ledger.booked)(key) || facts.dlq_ids.contains(key) {
+            continue;
+        }
+        if !facts.drained {
+            pending += 1;
+            continue;
+        }
+        lost += 1;
+        if lost <= LOST_LISTED {
+            violations.push(Violation {
+                invariant: 4,
+                product_id: None,
+                detail: format!("order {key} was accepted but has no row and is not in the DLQ"),
+            });
+        }
+    }
+    if lost > LOST_LISTED {
+        violations.push(Violation {
+            invariant: 4,
+            product_id: None,
+            detail: format!("{} more accepted orders lost", lost - LOST_LISTED),
+        });
+    }
+    AuditReport {
+        ok: violations.is_empty(),
+        drained: facts.drained,
+        products,
+        violations,
+        pending,
+        lost,
+        dlq: facts.dlq_count,
+    }
+}
 
+/// Checks invariants 1, 2, 3 and 5 in PostgreSQL, and 4 for `accepted`.
+pub async fn audit(
+    pool: &PgPool,
+    accepted: Option<&[String]>,
+    facts: &QueueFacts,
+) -> Result<AuditReport, sqlx::Error> {
+    let rows: Vec<(i64, i32, i32, i64, i64)> = sqlx::query_as(
+        "SELECT p.id, p.seeded_stock, p.stock,
+                COALESCE(SUM(o.quantity) FILTER (WHERE o.status = 'confirmed'), 0)::bigint,
+                COUNT(o.idempotency_key) FILTER (WHERE o.status = 'rejected')
+         FROM products p LEFT JOIN orders o ON o.product_id = p.id
+         GROUP BY p.id ORDER BY p.id",
+    )
+    .fetch_all(pool)
+    .await?;
+    let totals = rows
+        .into_iter()
+        .map(|(id, seeded, stock, confirmed, rejected)| ProductTotals {
+            id,
+            seeded_stock: i64::from(seeded),
+            stock: i64::from(stock),
+            confirmed_units: confirmed,
+            rejected_orders: rejected,
+        })
+        .collect();
+    let doubled: Vec<(String, i64)> = sqlx::query_as(
+        "SELECT idempotency_key, COUNT(*) FROM orders GROUP BY idempotency_key HAVING COUNT(*) > 1",
+    )
+    .fetch_all(pool)
+    .await?;
     let over: Vec<(i64, String, i64, i32)> = sqlx::query_as(
         "SELECT o.product_id, o.user_id, SUM(o.quantity)::bigint, p.per_user_limit
          FROM orders o JOIN products p ON p.id = o.product_id
@@ -124,63 +218,36 @@ pub async fn audit(
     )
     .fetch_all(pool)
     .await?;
-    for (product, user, units, limit) in over {
-        mark_product(&mut products, product);
-        violations.push(Violation {
-            invariant: 5,
-            product_id: Some(product),
-            detail: format!("user {user} holds {units} units, limit {limit}"),
-        });
+    let over_limit = over
+        .into_iter()
+        .map(|(product_id, user_id, units, limit)| OverLimit {
+            product_id,
+            user_id,
+            units,
+            limit: i64::from(limit),
+        })
+        .collect();
+    let mut found: HashSet<String> = HashSet::new();
+    for chunk in accepted.unwrap_or_default().chunks(1000) {
+        let rows: Vec<String> = sqlx::query_scalar(
+            "SELECT idempotency_key FROM orders WHERE idempotency_key = ANY($1)",
+        )
+        .bind(chunk)
+        .fetch_all(pool)
+        .await?;
+        found.extend(rows);
     }
-
-    let (mut pending, mut lost) = (0, 0);
-    if let Some(keys) = accepted {
-        let mut found: HashSet<String> = HashSet::new();
-        for chunk in keys.chunks(1000) {
-            let rows: Vec<String> = sqlx::query_scalar(
-                "SELECT idempotency_key FROM orders WHERE idempotency_key = ANY($1)",
-            )
-            .bind(chunk)
-            .fetch_all(pool)
-            .await?;
-            found.extend(rows);
-        }
-        for key in keys {
-            if found.contains(key) || facts.dlq_ids.contains(key) {
-                continue;
-            }
-            if facts.drained {
-                lost += 1;
-                if lost <= 20 {
-                    violations.push(Violation {
-                        invariant: 4,
-                        product_id: None,
-                        detail: format!(
-                            "order {key} was accepted but has no row and is not in the DLQ"
-                        ),
-                    });
-                }
-            } else {
-                pending += 1;
-            }
-        }
-        if lost > 20 {
-            violations.push(Violation {
-                invariant: 4,
-                product_id: None,
-                detail: format!("{} more accepted orders lost", lost - 20),
-            });
-        }
-    }
-    Ok(AuditReport {
-        ok: violations.is_empty(),
-        drained: facts.drained,
-        products,
-        violations,
-        pending,
-        lost,
-        dlq: facts.dlq_count,
-    })
+    let booked = |key: &str| found.contains(key);
+    Ok(judge(
+        LedgerFacts {
+            totals,
+            doubled,
+            over_limit,
+            booked: &booked,
+        },
+        accepted,
+        facts,
+    ))
 }
 
 fn mark_product(products: &mut [ProductBooks], id: i64) {

@@ -57,122 +57,74 @@ impl MemoryLedger {
         (confirmed, books.orders.len() as u64 - confirmed)
     }
 
-    /// The contract's invariants 1, 2 and 5 over what the ledger holds (3,
-    /// one row per order id, is the map's key), as `(invariant, detail)`.
+    /// The contract's invariants over what the ledger holds (3, one row
+    /// per order id, is the map's key), as `(invariant, detail)`.
     pub fn violations(&self) -> Vec<(u8, String)> {
-        let books = self.books();
-        let mut out = Vec::new();
-        for p in books.products.values() {
-            let confirmed: i64 = books
-                .orders
-                .values()
-                .filter(|o| o.product_id == p.id && o.status == OrderStatus::Confirmed)
-                .map(|o| o.quantity)
-                .sum();
-            if i64::from(p.seeded_stock) != i64::from(p.stock) + confirmed {
-                out.push((
-                    1,
-                    format!(
-                        "product {}: seeded {} != stock {} + confirmed {confirmed}",
-                        p.id, p.seeded_stock, p.stock
-                    ),
-                ));
-            }
-            if p.stock < 0 {
-                out.push((2, format!("product {}: stock {}", p.id, p.stock)));
-            }
-            if let Some(limit) = p.per_user_limit {
-                let mut held: HashMap<&str, i64> = HashMap::new();
-                for o in books
-                    .orders
-                    .values()
-                    .filter(|o| o.product_id == p.id && o.status == OrderStatus::Confirmed)
-                {
-                    *held.entry(o.user_id.as_str()).or_insert(0) += o.quantity;
-                }
-                for (user, units) in held {
-                    if units > i64::from(limit) {
-                        out.push((
-                            5,
-                            format!("product {}: user {user} holds {units}, limit {limit}", p.id),
-                        ));
-                    }
-                }
-            }
-        }
-        out
+        self.audit(&[], &HashSet::new(), true)
+            .violations
+            .into_iter()
+            .map(|v| (v.invariant, v.detail))
+            .collect()
     }
-}
 
-impl MemoryLedger {
-    /// The same report `fsctl verify` gives on PostgreSQL: invariants 1-5,
-    /// and 4 for `accepted` (each has a row, or sits in `dead_letters`).
+    /// The same report `fsctl verify` gives on PostgreSQL, judged by the
+    /// same code: invariants 1-5, and 4 for `accepted` (each has a row, or
+    /// sits in `dead_letters`).
     pub fn audit(
         &self,
         accepted: &[String],
         dead_letters: &HashSet<String>,
         drained: bool,
     ) -> crate::audit::AuditReport {
-        use crate::audit::{AuditReport, ProductBooks, Violation};
-        let mut violations: Vec<Violation> = self
-            .violations()
-            .into_iter()
-            .map(|(invariant, detail)| Violation {
-                invariant,
-                product_id: None,
-                detail,
-            })
-            .collect();
+        use crate::audit::{LedgerFacts, OverLimit, ProductTotals, QueueFacts, judge};
         let books = self.books();
-        let products = books
-            .products
-            .values()
-            .map(|p| {
-                let orders = books.orders.values().filter(|o| o.product_id == p.id);
-                let (mut confirmed, mut rejected) = (0, 0);
-                for o in orders {
-                    match o.status {
-                        OrderStatus::Confirmed => confirmed += o.quantity,
-                        _ => rejected += 1,
+        let mut totals = Vec::with_capacity(books.products.len());
+        let mut over_limit = Vec::new();
+        for p in books.products.values() {
+            let (mut confirmed, mut rejected) = (0, 0);
+            let mut held: BTreeMap<&str, i64> = BTreeMap::new();
+            for o in books.orders.values().filter(|o| o.product_id == p.id) {
+                match o.status {
+                    OrderStatus::Confirmed => {
+                        confirmed += o.quantity;
+                        *held.entry(o.user_id.as_str()).or_insert(0) += o.quantity;
                     }
+                    _ => rejected += 1,
                 }
-                ProductBooks {
-                    id: p.id,
-                    seeded_stock: i64::from(p.seeded_stock),
-                    stock: i64::from(p.stock),
-                    confirmed_units: confirmed,
-                    rejected_orders: rejected,
-                    ok: i64::from(p.seeded_stock) == i64::from(p.stock) + confirmed && p.stock >= 0,
-                }
-            })
-            .collect();
-        let (mut pending, mut lost) = (0, 0);
-        for key in accepted {
-            if books.orders.contains_key(key) || dead_letters.contains(key) {
-                continue;
             }
-            if drained {
-                lost += 1;
-                violations.push(Violation {
-                    invariant: 4,
-                    product_id: None,
-                    detail: format!(
-                        "order {key} was accepted but has no row and is not in the DLQ"
-                    ),
-                });
-            } else {
-                pending += 1;
+            totals.push(ProductTotals {
+                id: p.id,
+                seeded_stock: i64::from(p.seeded_stock),
+                stock: i64::from(p.stock),
+                confirmed_units: confirmed,
+                rejected_orders: rejected,
+            });
+            if let Some(limit) = p.per_user_limit {
+                over_limit.extend(held.into_iter().filter(|(_, u)| *u > i64::from(limit)).map(
+                    |(user, units)| OverLimit {
+                        product_id: p.id,
+                        user_id: user.to_owned(),
+                        units,
+                        limit: i64::from(limit),
+                    },
+                ));
             }
         }
-        AuditReport {
-            ok: violations.is_empty(),
-            drained,
-            products,
-            violations,
-            pending,
-            lost,
-            dlq: dead_letters.len() as u64,
-        }
+        let booked = |key: &str| books.orders.contains_key(key);
+        judge(
+            LedgerFacts {
+                totals,
+                doubled: Vec::new(),
+                over_limit,
+                booked: &booked,
+            },
+            Some(accepted),
+            &QueueFacts {
+                drained,
+                dlq_count: dead_letters.len() as u64,
+                dlq_ids: dead_letters.clone(),
+            },
+        )
     }
 }
 
