@@ -277,7 +277,19 @@ async fn inspect_shows_workers_locks_and_dead_letters() {
     );
     env.publish_raw("poison-1", b"not an order").await;
     env.start_worker().await;
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    // The worker dead-letters the poison message (and beats) on its own time.
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        let out = fsctl(&env, &["inspect", "queue", "--json"]);
+        if json(&out)["queue"]["dlq"] == 1 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the poison message never reached the DLQ"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 
     let out = fsctl(&env, &["inspect", "workers", "--json"]);
     assert_eq!(code(&out), 0);
@@ -297,7 +309,7 @@ async fn inspect_shows_workers_locks_and_dead_letters() {
     assert_eq!(workers[0]["id"], "test-worker-0");
     assert_eq!(workers[0]["alive"], true);
 
-    for _ in 0..2 {
+    for _ in 0..5 {
         let out = fsctl(&env, &["inspect", "dlq", "--json"]);
         assert_eq!(code(&out), 0);
         let dlq = json(&out)["dlq"].clone();

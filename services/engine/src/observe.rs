@@ -7,14 +7,19 @@ use crate::broker::{self, BrokerError, REASON_HEADER};
 use crate::config::Namespace;
 use crate::redis_conn::timed;
 use chrono::Utc;
-use lapin::options::BasicGetOptions;
+use lapin::options::{BasicGetOptions, BasicNackOptions};
 use lapin::types::AMQPValue;
 use redis::aio::ConnectionManager;
 use serde::Serialize;
 use std::collections::HashMap;
+use std::time::Duration;
 
 /// Heartbeats older than this are from a worker that is gone.
 pub const HEARTBEAT_TTL_SECONDS: f64 = 5.0;
+
+/// How long a peek waits for the broker to count its dead letters ready again
+/// (someone else may have consumed them meanwhile, so it cannot wait forever).
+const PEEK_RETURN_WAIT: Duration = Duration::from_secs(2);
 
 /// Ready messages and consumers of the order queue and the DLQ.
 #[derive(Debug, Clone, Default, Serialize)]
@@ -167,7 +172,10 @@ pub async fn locks(redis: &ConnectionManager, ns: &Namespace) -> redis::RedisRes
 }
 
 /// The first `limit` dead letters, read without consuming them: they are
-/// taken unacked and handed back when the channel closes.
+/// taken unacked, handed back with one requeueing nack, and the peek returns
+/// only once the broker counts them ready again (a quorum queue requeues
+/// asynchronously; without the wait, a peek right after this one could find
+/// the queue empty).
 pub async fn peek_dead_letters(
     amqp_url: &str,
     ns: &Namespace,
@@ -177,7 +185,10 @@ pub async fn peek_dead_letters(
     let result = async {
         let channel = conn.create_channel().await?;
         broker::declare_queues(&channel, ns).await?;
+        let dlq = ns.dead_letter_queue();
+        let (ready_before, _) = broker::queue_stats(&channel, &dlq).await?;
         let mut out = Vec::new();
+        let mut last_tag = None;
         while out.len() < limit {
             let got = channel
                 .basic_get(
@@ -187,6 +198,7 @@ pub async fn peek_dead_letters(
                 .await?;
             let Some(got) = got else { break };
             let d = got.delivery;
+            last_tag = Some(d.delivery_tag);
             // Our own reason, or RabbitMQ's (`delivery_limit`) for the queue's own.
             let reason = d.properties.headers().as_ref().and_then(|h| {
                 let h = h.inner();
@@ -203,6 +215,19 @@ pub async fn peek_dead_letters(
                 reason,
                 body: String::from_utf8_lossy(&d.data).into_owned(),
             });
+        }
+        if let Some(tag) = last_tag {
+            let all_back = BasicNackOptions {
+                multiple: true,
+                requeue: true,
+            };
+            channel.basic_nack(tag, all_back).await?;
+            let deadline = tokio::time::Instant::now() + PEEK_RETURN_WAIT;
+            while broker::queue_stats(&channel, &dlq).await?.0 < ready_before
+                && tokio::time::Instant::now() < deadline
+            {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
         }
         Ok::<_, lapin::Error>(out)
     }
