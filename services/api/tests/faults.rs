@@ -431,6 +431,32 @@ async fn api_starts_without_its_backends_and_answers_503() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sold_out_without_a_key_is_answered_while_redis_and_the_broker_are_away() {
+    let mut env = common::env().await;
+    env.seed(1, 0, None).await;
+    let mut backends = env.backends();
+    backends.redis_url = "redis://127.0.0.1:1".into();
+    backends.amqp_url = "amqp://guest:guest@127.0.0.1:1/%2f".into();
+    let api = env.start_api_with(backends, false).await;
+    let body = json!({"userId": "u", "productId": 1, "quantity": 1});
+    // The catalog loads from PostgreSQL; until then the answer is 503.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let answer = loop {
+        let a = env.buy(&api, None, body.clone()).await;
+        if a.status != StatusCode::SERVICE_UNAVAILABLE || std::time::Instant::now() > deadline {
+            break a;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(answer.status, StatusCode::CONFLICT, "{:?}", answer.body);
+    assert_eq!(answer.body["reason"], "sold_out");
+    // A key the client chose may have been accepted before: only Redis knows.
+    let keyed = env.buy(&api, Some("sold-out-keyed"), body).await;
+    assert_eq!(keyed.status, StatusCode::SERVICE_UNAVAILABLE);
+    env.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_message_over_the_delivery_limit_is_dead_lettered_by_the_queue() {
     use lapin::options::BasicNackOptions;
     let env = common::env().await;

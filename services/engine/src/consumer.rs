@@ -69,11 +69,11 @@ impl OrderConsumer {
     }
 
     /// Waits for a delivery, then takes every delivery already buffered (at
-    /// most the prefetch). `Ok(None)` when the consumer ended (channel or
+    /// most [`MAX_BATCH`](crate::seams::MAX_BATCH)). `Ok(None)` when the consumer ended (channel or
     /// connection gone). Cancel-safe: nothing is taken until it returns.
     pub async fn next_batch(&self) -> Result<Option<Vec<Delivery>>, lapin::Error> {
         let mut consumer = self.consumer.lock().await;
-        let max = usize::from(self.prefetch.max(1));
+        let max = usize::from(self.prefetch.max(1)).min(crate::seams::MAX_BATCH);
         let first = match consumer.next().await {
             None => return Ok(None),
             Some(d) => d?,

@@ -456,8 +456,9 @@ pub struct MemoryConsumer {
 }
 
 impl MemoryConsumer {
-    /// Takes up to the free prefetch; messages past the delivery limit go
-    /// to the dead letters instead, as RabbitMQ's quorum queue does.
+    /// Takes up to the free prefetch, at most a batch; messages past the
+    /// delivery limit go to the dead letters instead, as RabbitMQ's quorum
+    /// queue does.
     fn take(&self) -> Vec<crate::seams::Delivered> {
         if self.cancelled {
             return Vec::new();
@@ -465,7 +466,7 @@ impl MemoryConsumer {
         let mut s = self.queue.state();
         let holding = s.held.get(&self.id).map_or(0, BTreeMap::len);
         let mut out = Vec::new();
-        while holding + out.len() < self.prefetch {
+        while holding + out.len() < self.prefetch && out.len() < crate::seams::MAX_BATCH {
             let Some(mut m) = s.ready.pop_front() else {
                 break;
             };

@@ -113,13 +113,19 @@ pub struct Delivered {
     pub redelivered: bool,
 }
 
+/// The most deliveries one batch holds. A prefetch above it keeps
+/// deliveries arriving while a batch commits, so a worker never waits on the
+/// broker's round trip between an ack and the next deliveries.
+pub const MAX_BATCH: usize = 500;
+
 /// The order queue: publish with a confirm, consume with a prefetch, ack,
 /// redelivery of what a consumer held when it went away, dead letters.
 #[async_trait::async_trait]
 pub trait OrderQueue: Send + Sync {
     /// Returns once the broker has the message durably (its confirm).
     async fn publish(&self, message_id: &str, payload: &[u8]) -> Result<(), BackendFailed>;
-    /// A consumer holding at most `prefetch` unacknowledged messages.
+    /// A consumer holding at most `prefetch` unacknowledged messages, handed
+    /// out in batches of at most [`MAX_BATCH`].
     async fn consume(&self, prefetch: u16) -> Result<Box<dyn QueueConsumer>, BackendFailed>;
     /// The dead-letter queue's messages: `(message id, reason)`.
     async fn dead_letters(&self) -> Result<Vec<(String, Option<String>)>, BackendFailed>;
@@ -129,7 +135,7 @@ pub trait OrderQueue: Send + Sync {
 #[async_trait::async_trait]
 pub trait QueueConsumer: Send + Sync {
     /// Waits for a message, then takes every one already there (at most
-    /// the prefetch). `None` when the consumer ended.
+    /// [`MAX_BATCH`], and within the prefetch). `None` when the consumer ended.
     async fn next_batch(&mut self) -> Result<Option<Vec<Delivered>>, BackendFailed>;
     /// Acknowledges every delivery up to and including `tag`.
     async fn ack_through(&mut self, tag: u64) -> Result<(), BackendFailed>;

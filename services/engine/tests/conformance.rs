@@ -11,7 +11,7 @@ use flashsale_engine::ledger::{LedgerError, NewProduct, OrderOutcome, StockLedge
 use flashsale_engine::lock::{FencingToken, ProductLock};
 use flashsale_engine::scratch::Scratch;
 use flashsale_engine::seams::{
-    AcceptStore, Delivered, Ledger, OrderQueue, ProductLocks, QueueConsumer, RabbitQueue,
+    AcceptStore, Delivered, Ledger, MAX_BATCH, OrderQueue, ProductLocks, QueueConsumer, RabbitQueue,
 };
 use flashsale_engine::{
     BackendUrls, IdempotencyKey, ProductId, Quantity, RejectReason, UserId, domain::QueuedOrder,
@@ -318,6 +318,31 @@ async fn queue_conforms(q: &dyn OrderQueue) {
     c.close().await;
     let dead = q.dead_letters().await.unwrap();
     assert_eq!(dead, vec![("m3".to_owned(), Some("poison".to_owned()))]);
+
+    // A prefetch above one batch: no batch exceeds MAX_BATCH, and the rest
+    // arrives while the first batch is still unacknowledged (the pipeline).
+    let total = MAX_BATCH + 50;
+    for i in 0..total {
+        q.publish(&format!("p{i}"), b"x").await.unwrap();
+    }
+    let mut c = q
+        .consume(u16::try_from(2 * MAX_BATCH).unwrap())
+        .await
+        .unwrap();
+    let mut held = Vec::new();
+    while held.len() < total {
+        let b = batch(&mut c, Duration::from_secs(5)).await;
+        assert!(
+            !b.is_empty(),
+            "only {} of {total} arrived unacked",
+            held.len()
+        );
+        assert!(b.len() <= MAX_BATCH, "a batch of {}", b.len());
+        held.extend(b);
+    }
+    assert_eq!(ids(&held)[MAX_BATCH + 49], format!("p{}", MAX_BATCH + 49));
+    c.ack_through(held.last().unwrap().tag).await.unwrap();
+    c.close().await;
 }
 
 #[tokio::test]

@@ -20,8 +20,10 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-/// Deliveries a worker may hold unacknowledged: also its largest group.
-pub const DEFAULT_PREFETCH: u16 = 500;
+/// Deliveries a worker may hold unacknowledged: three batches of
+/// [`MAX_BATCH`](flashsale_engine::seams::MAX_BATCH), so two arrive while one
+/// commits.
+pub const DEFAULT_PREFETCH: u16 = 1500;
 
 #[derive(Debug, Clone, clap::Parser)]
 #[command(

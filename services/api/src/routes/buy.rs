@@ -77,22 +77,23 @@ async fn read_body(headers: &HeaderMap, body: Body) -> Result<axum::body::Bytes,
         .map_err(|_| too_large)
 }
 
-fn idempotency_key(headers: &HeaderMap) -> Result<IdempotencyKey, ApiError> {
+/// The request's key, or a fresh one (`false`: no earlier request can hold it).
+fn idempotency_key(headers: &HeaderMap) -> Result<(IdempotencyKey, bool), ApiError> {
     match headers.get("idempotency-key") {
-        None => Ok(IdempotencyKey::generate()),
+        None => Ok((IdempotencyKey::generate(), false)),
         Some(v) => {
             let raw = v.to_str().map_err(|_| InvalidField {
                 field: "Idempotency-Key",
                 message: "Idempotency-Key must be 1-128 characters from [A-Za-z0-9._~:-]".into(),
             })?;
-            Ok(IdempotencyKey::parse(raw)?)
+            Ok((IdempotencyKey::parse(raw)?, true))
         }
     }
 }
 
 async fn accept(state: &AppState, headers: &HeaderMap, body: Body) -> Result<Answer, ApiError> {
     let bytes = read_body(headers, body).await?;
-    let key = idempotency_key(headers)?;
+    let (key, supplied) = idempotency_key(headers)?;
     let request = OrderRequest::parse(&bytes)?;
     let product = match state.catalog.lookup(request.product_id) {
         Lookup::Found(p) => p,
@@ -118,7 +119,11 @@ async fn accept(state: &AppState, headers: &HeaderMap, body: Body) -> Result<Ans
     let redis_down = |e: flashsale_engine::seams::BackendFailed| ApiError::unavailable("Redis", e);
     loop {
         let earlier = if product.stock == 0 {
-            // Sold out: nothing is claimed or enqueued; only an earlier accept counts.
+            // Sold out: nothing is claimed or enqueued; only an earlier accept
+            // counts, and a key made up here has none (Redis is not asked).
+            if !supplied {
+                return Ok(Answer::SoldOut(key));
+            }
             match state
                 .accept_log
                 .get(key.as_str())
