@@ -263,13 +263,20 @@ async fn fsctl_up_runs_the_stack_that_prometheus_scrapes() {
             .unwrap();
         assert_eq!(r.status().as_u16(), 202);
     }
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    let mut exported = get_text(&format!("{api}/metrics")).await.unwrap();
-    exported.push_str(
-        &get_text(&format!("http://127.0.0.1:{metrics_port}/metrics"))
-            .await
-            .unwrap(),
-    );
+    // The worker's metrics appear once it has booked the orders.
+    let mut exported = String::new();
+    for _ in 0..75 {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        exported = get_text(&format!("{api}/metrics")).await.unwrap();
+        exported.push_str(
+            &get_text(&format!("http://127.0.0.1:{metrics_port}/metrics"))
+                .await
+                .unwrap(),
+        );
+        if CONTRACT_METRICS.iter().all(|m| exported.contains(m)) {
+            break;
+        }
+    }
     for m in CONTRACT_METRICS {
         assert!(
             exported.contains(m),

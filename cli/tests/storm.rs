@@ -264,7 +264,15 @@ async fn ctrl_c_stops_the_storm_and_still_reports() {
     .stderr(std::process::Stdio::piped())
     .spawn()
     .unwrap();
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    // Interrupt once the storm is well under way, however slow the start.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while seen.lock().unwrap().requests < 40 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the storm never got going"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     let pid = child.id().unwrap().to_string();
     let killed = std::process::Command::new("kill")
         .args(["-INT", &pid])
