@@ -37,13 +37,19 @@ enum Command {
         #[arg(long, default_value_t = 1000)]
         window: usize,
     },
-    /// Waits until the orders table holds `count` rows; prints the rate.
-    WaitRows {
+    /// Waits until `units` units of products first..first+products-1 are
+    /// sold (fresh products: the workers may start before this does); prints
+    /// the rate. Every `fill` order is one unit of a product
+    /// with ample stock, so units sold are orders booked, read from the
+    /// products table: counting the orders table every few milliseconds
+    /// would take a core from the drain it times.
+    WaitSold {
         #[arg(long)]
-        count: i64,
-        /// Rows already there when the drain began (not counted in the rate).
-        #[arg(long, default_value_t = 0)]
-        baseline: i64,
+        units: i64,
+        #[arg(long, default_value_t = 1)]
+        first_product: i64,
+        #[arg(long, default_value_t = 1)]
+        products: i64,
         #[arg(long, default_value_t = 600)]
         timeout_secs: u64,
     },
@@ -68,11 +74,20 @@ async fn main() -> anyhow::Result<()> {
             )
             .await?
         }
-        Command::WaitRows {
-            count,
-            baseline,
+        Command::WaitSold {
+            units,
+            first_product,
+            products,
             timeout_secs,
-        } => wait_rows(&cli.backends, count, baseline, timeout_secs).await?,
+        } => {
+            wait_sold(
+                &cli.backends,
+                units,
+                first_product..first_product + products,
+                timeout_secs,
+            )
+            .await?
+        }
     };
     println!("{report}");
     Ok(())
@@ -150,29 +165,37 @@ async fn fill(
     }))
 }
 
-async fn wait_rows(
+async fn wait_sold(
     backends: &BackendUrls,
-    count: i64,
-    baseline: i64,
+    units: i64,
+    products: std::ops::Range<i64>,
     timeout_secs: u64,
 ) -> anyhow::Result<serde_json::Value> {
     let pool = postgres::connect_and_migrate(&backends.database_url, 1).await?;
+    let sold = || async {
+        sqlx::query_scalar::<_, i64>(
+            "SELECT COALESCE(SUM(seeded_stock - stock), 0)::bigint FROM products
+             WHERE id >= $1 AND id < $2",
+        )
+        .bind(products.start)
+        .bind(products.end)
+        .fetch_one(&pool)
+        .await
+    };
     let started = Instant::now();
     loop {
-        let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM orders")
-            .fetch_one(&pool)
-            .await?;
-        if rows >= count {
+        let now = sold().await?;
+        if now >= units {
             let seconds = started.elapsed().as_secs_f64();
             return Ok(json!({
-                "rows": rows - baseline,
+                "orders": now,
                 "seconds": seconds,
-                "ordersPerSecond": (rows - baseline) as f64 / seconds,
+                "ordersPerSecond": now as f64 / seconds,
             }));
         }
         if started.elapsed() > Duration::from_secs(timeout_secs) {
-            anyhow::bail!("only {rows} of {count} rows after {timeout_secs} s");
+            anyhow::bail!("only {now} of {units} units sold after {timeout_secs} s");
         }
-        tokio::time::sleep(Duration::from_millis(10)).await;
+        tokio::time::sleep(Duration::from_millis(5)).await;
     }
 }

@@ -69,6 +69,10 @@ pub struct NewProduct {
 /// rows 6 ms); chunks of this size stay clear of that.
 const ROWS_PER_STATEMENT: usize = 128;
 
+/// The keys of a group that already have a row (a redelivery, a repeat).
+/// Its plan matters: see [`crate::postgres::connect_for_lookups`].
+pub const BOOKED_KEYS: &str = "SELECT idempotency_key FROM orders WHERE idempotency_key = ANY($1)";
+
 /// How many times a group is retried when a key was booked concurrently by
 /// another product's transaction (a reused key); then the error is returned.
 const CONFLICT_RETRIES: usize = 5;
@@ -377,13 +381,12 @@ async fn apply_in(
     };
 
     let keys: Vec<&str> = orders.iter().map(|o| o.order_id.as_str()).collect();
-    let booked: HashSet<String> =
-        sqlx::query_scalar("SELECT idempotency_key FROM orders WHERE idempotency_key = ANY($1)")
-            .bind(&keys)
-            .fetch_all(&mut **tx)
-            .await?
-            .into_iter()
-            .collect();
+    let booked: HashSet<String> = sqlx::query_scalar(BOOKED_KEYS)
+        .bind(&keys)
+        .fetch_all(&mut **tx)
+        .await?
+        .into_iter()
+        .collect();
 
     let mut held: HashMap<String, i64> = HashMap::new();
     if per_user_limit.is_some() {

@@ -98,9 +98,29 @@ pub async fn ensure_database(url: &str) -> Result<(), DatabaseError> {
 
 /// Creates the database if needed, connects and applies the migrations.
 pub async fn connect_and_migrate(url: &str, max_connections: u32) -> Result<PgPool, DatabaseError> {
+    connect_with_migrations(url, max_connections, connect_options(url)?).await
+}
+
+/// Like [`connect_and_migrate`], for a pool whose statements all look rows
+/// up by key or id (the worker's): sequential scans are off. Without
+/// statistics (a fresh orders table, before autovacuum analyzes it)
+/// PostgreSQL plans a scan of the whole table for a batch's
+/// `idempotency_key = ANY($1)`, and each batch scans a bigger table: the
+/// first 40,000 orders on a new database drained at 2,600 orders/s (83
+/// scans reading 1.6 million rows) instead of 25,000.
+pub async fn connect_for_lookups(url: &str, max_connections: u32) -> Result<PgPool, DatabaseError> {
+    let options = connect_options(url)?.options([("enable_seqscan", "off")]);
+    connect_with_migrations(url, max_connections, options).await
+}
+
+async fn connect_with_migrations(
+    url: &str,
+    max_connections: u32,
+    options: PgConnectOptions,
+) -> Result<PgPool, DatabaseError> {
     ensure_database(url).await?;
     let pool = pool_options(max_connections)
-        .connect_with(connect_options(url)?)
+        .connect_with(options)
         .await
         .map_err(unreachable(url))?;
     migrate(&pool, url).await?;

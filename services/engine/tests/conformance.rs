@@ -7,7 +7,7 @@ use chrono::Utc;
 use flashsale_engine::accept_log::{AcceptLog, AcceptRecord, AcceptState, Claim};
 use flashsale_engine::config::{DEFAULT_AMQP_URL, DEFAULT_DATABASE_URL, DEFAULT_REDIS_URL};
 use flashsale_engine::embedded::{MemoryAcceptLog, MemoryLedger, MemoryLocks, MemoryQueue};
-use flashsale_engine::ledger::{LedgerError, NewProduct, OrderOutcome, StockLedger};
+use flashsale_engine::ledger::{BOOKED_KEYS, LedgerError, NewProduct, OrderOutcome, StockLedger};
 use flashsale_engine::lock::{FencingToken, ProductLock};
 use flashsale_engine::scratch::Scratch;
 use flashsale_engine::seams::{
@@ -220,10 +220,54 @@ async fn embedded_ledger_conforms() {
 #[tokio::test]
 async fn postgres_ledger_conforms() {
     let scratch = Scratch::new(&servers());
-    let pool = postgres::connect_and_migrate(&scratch.backends.database_url, 2)
+    // The worker's pool, with its session settings.
+    let pool = postgres::connect_for_lookups(&scratch.backends.database_url, 2)
         .await
         .expect("PostgreSQL is not answering (scripts/test starts it)");
     ledger_conforms(&StockLedger::new(pool.clone())).await;
+    pool.close().await;
+    scratch.remove().await.unwrap();
+}
+
+/// A batch's key look-up goes through the primary key even on a fresh
+/// orders table without statistics, generic plan or not; with default
+/// settings PostgreSQL 15 plans a scan of the whole table here.
+#[tokio::test]
+async fn the_workers_key_lookup_uses_the_index_on_a_fresh_table() {
+    let scratch = Scratch::new(&servers());
+    let pool = postgres::connect_for_lookups(&scratch.backends.database_url, 1)
+        .await
+        .expect("PostgreSQL is not answering (scripts/test starts it)");
+    sqlx::query(
+        "INSERT INTO orders SELECT 'k' || i, 'u', 1, 1, 'confirmed', NULL, now(), now()
+         FROM generate_series(1, 20000) AS i",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    let keys: Vec<String> = (0..500).map(|i| format!("k{}", i * 7)).collect();
+    for mode in ["force_custom_plan", "force_generic_plan"] {
+        let mut conn = pool.acquire().await.unwrap();
+        sqlx::query(sqlx::AssertSqlSafe(format!("SET plan_cache_mode = {mode}")))
+            .execute(&mut *conn)
+            .await
+            .unwrap();
+        let plan: Vec<String> =
+            sqlx::query_scalar(sqlx::AssertSqlSafe(format!("EXPLAIN {BOOKED_KEYS}")))
+                .bind(&keys)
+                .fetch_all(&mut *conn)
+                .await
+                .unwrap();
+        let plan = plan.join("\n");
+        assert!(
+            plan.contains("orders_pkey") && !plan.contains("Seq Scan"),
+            "{mode}: {plan}"
+        );
+        sqlx::query("RESET plan_cache_mode")
+            .execute(&mut *conn)
+            .await
+            .unwrap();
+    }
     pool.close().await;
     scratch.remove().await.unwrap();
 }

@@ -87,7 +87,7 @@ impl Worker {
         flashsale_engine::metrics::install();
         let id = config.worker_id.clone().unwrap_or_else(default_worker_id);
         let ns = config.backends.namespace();
-        let pool = postgres::connect_and_migrate(&config.backends.database_url, 8).await?;
+        let pool = postgres::connect_for_lookups(&config.backends.database_url, 8).await?;
         let redis = redis_conn::connect(&config.backends.redis_url).await?;
         // Fail now, not in the reconnect loop, when RabbitMQ is unreachable.
         let probe = broker::connect(&config.backends.amqp_url, "flashsale-worker").await?;
