@@ -1,0 +1,42 @@
+-- wrk script for bench/run: buys of one product (PRODUCT, in the
+-- environment), each with a key of its own, as real clients send them.
+-- Prints how many answers had the EXPECTed status, so that a rate counts
+-- only the path it names (409: the sold-out fast path; 202: durable accepts).
+local threads = {}
+local product = os.getenv("PRODUCT") or "6"
+local expect = tonumber(os.getenv("EXPECT") or "409")
+local run = tostring(os.time())
+
+function setup(thread)
+  thread:set("id", #threads + 1)
+  table.insert(threads, thread)
+end
+
+function init(args)
+  n = 0
+  expected = 0
+end
+
+function request()
+  n = n + 1
+  local headers = {
+    ["Content-Type"] = "application/json",
+    ["Idempotency-Key"] = string.format("wrk-%s-%d-%d", run, id, n),
+  }
+  local body = string.format('{"userId":"u%d","productId":%s,"quantity":1}', n % 1000, product)
+  return wrk.format("POST", nil, headers, body)
+end
+
+function response(status, headers, body)
+  if status == expect then
+    expected = expected + 1
+  end
+end
+
+function done(summary, latency, requests)
+  local total = 0
+  for _, t in ipairs(threads) do
+    total = total + t:get("expected")
+  end
+  io.write(string.format("%ds %d of %d\n", expect, total, summary.requests))
+end
