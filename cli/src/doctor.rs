@@ -375,10 +375,7 @@ async fn engine(
             per_user_limit: None,
         }])
         .await?;
-    let app = Application::build(ApiConfig {
-        backends: b.clone(),
-        api_addr: "127.0.0.1:0".into(),
-    })
+    let app = Application::build(ApiConfig::new(b.clone(), "127.0.0.1:0"))
     .await
     .map_err(Failure::unreachable)?;
     let api = format!("http://{}", app.local_addr()?);

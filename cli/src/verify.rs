@@ -43,25 +43,7 @@ pub struct VerifyArgs {
     pub json: bool,
 }
 
-/// `30s`, `500ms`, `2m`, `1h`, or plain seconds.
-pub fn parse_duration(raw: &str) -> Result<Duration, String> {
-    let raw = raw.trim();
-    let split = raw
-        .find(|c: char| !c.is_ascii_digit() && c != '.')
-        .unwrap_or(raw.len());
-    let (number, unit) = raw.split_at(split);
-    let n: f64 = number
-        .parse()
-        .map_err(|_| format!("{raw:?} is not a duration like 30s, 500ms or 2m"))?;
-    let seconds = match unit {
-        "" | "s" => n,
-        "ms" => n / 1000.0,
-        "m" => n * 60.0,
-        "h" => n * 3600.0,
-        _ => return Err(format!("{raw:?}: unknown unit {unit:?} (ms, s, m, h)")),
-    };
-    Ok(Duration::from_secs_f64(seconds))
-}
+pub use flashsale_engine::config::parse_duration;
 
 /// Queue facts for the audit: drained or not, and the DLQ's contents.
 pub async fn queue_facts(b: &BackendUrls) -> Result<QueueFacts, Failure> {

@@ -14,6 +14,8 @@ pub enum ApiError {
     Invalid(#[from] InvalidField),
     #[error("body is larger than {limit} bytes")]
     TooLarge { limit: usize },
+    #[error("the body was not received within {0:?}")]
+    BodyTimeout(std::time::Duration),
     #[error("product {0} does not exist")]
     UnknownProduct(i64),
     #[error("order {0} was never accepted")]
@@ -35,6 +37,7 @@ impl ApiError {
         match self {
             Self::Invalid(_) => (StatusCode::BAD_REQUEST, "invalid_request"),
             Self::TooLarge { .. } => (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large"),
+            Self::BodyTimeout(_) => (StatusCode::REQUEST_TIMEOUT, "request_timeout"),
             Self::UnknownProduct(_) => (StatusCode::NOT_FOUND, "unknown_product"),
             Self::UnknownOrder(_) => (StatusCode::NOT_FOUND, "unknown_order"),
             Self::KeyReused => (StatusCode::UNPROCESSABLE_ENTITY, "idempotency_key_reused"),
@@ -45,7 +48,8 @@ impl ApiError {
     /// The `flashsale_order_requests_total` status label of this error.
     pub fn metric_label(&self) -> &'static str {
         match self {
-            Self::Invalid(_) => "invalid",
+            // The contract's labels have no timeout: a body that never came is bad input.
+            Self::Invalid(_) | Self::BodyTimeout(_) => "invalid",
             Self::TooLarge { .. } => "too_large",
             Self::UnknownProduct(_) | Self::UnknownOrder(_) => "unknown_product",
             Self::KeyReused => "idempotency_conflict",

@@ -5,12 +5,16 @@
 pub mod catalog;
 pub mod error;
 pub mod routes;
+pub mod serve;
+pub mod settling;
 pub mod state;
 
 use axum::Router;
 use flashsale_engine::BackendUrls;
 use state::AppState;
+use flashsale_engine::config::parse_duration;
 use std::net::SocketAddr;
+use std::time::Duration;
 use tokio::net::TcpListener;
 
 /// The API's configuration: the backends plus where to listen.
@@ -22,6 +26,58 @@ pub struct ApiConfig {
     /// Address to listen on (`127.0.0.1:0` picks a free port).
     #[arg(long, env = "API_ADDR", default_value = "0.0.0.0:3000")]
     pub api_addr: String,
+    #[command(flatten)]
+    pub limits: HttpLimits,
+}
+
+/// What one client may hold of the API: the contract's HTTP limits.
+#[derive(Debug, Clone, Copy, clap::Args)]
+#[command(next_help_heading = "HTTP limits")]
+pub struct HttpLimits {
+    /// A connection that has not sent a whole request head by then is closed.
+    #[arg(long, env = "API_HEADER_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    pub header_timeout: Duration,
+    /// A body not fully read by then is answered 408 request_timeout.
+    #[arg(long, env = "API_BODY_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    pub body_timeout: Duration,
+    /// Open client connections beyond this wait until some close.
+    #[arg(long, env = "API_MAX_CONNECTIONS", default_value_t = 20_000)]
+    pub max_connections: usize,
+    /// Buys in progress beyond this are answered 503 at once (load shedding).
+    #[arg(long, env = "API_MAX_INFLIGHT", default_value_t = 4096)]
+    pub max_inflight: usize,
+}
+
+impl Default for HttpLimits {
+    fn default() -> Self {
+        Self {
+            header_timeout: Duration::from_secs(10),
+            body_timeout: Duration::from_secs(10),
+            max_connections: 20_000,
+            max_inflight: 4096,
+        }
+    }
+}
+
+impl HttpLimits {
+    fn connections(&self) -> serve::ConnectionLimits {
+        serve::ConnectionLimits {
+            header_timeout: self.header_timeout,
+            idle_timeout: serve::IDLE_TIMEOUT,
+            max_connections: self.max_connections,
+        }
+    }
+}
+
+impl ApiConfig {
+    /// The contract's defaults for everything but the backends and address.
+    pub fn new(backends: BackendUrls, api_addr: &str) -> Self {
+        Self {
+            backends,
+            api_addr: api_addr.to_owned(),
+            limits: HttpLimits::default(),
+        }
+    }
 }
 
 /// Pending connections the kernel queues for us. A flash sale opens
@@ -48,6 +104,7 @@ async fn listen(addr: &str) -> std::io::Result<TcpListener> {
 pub struct Application {
     listener: TcpListener,
     router: Router,
+    limits: HttpLimits,
 }
 
 impl Application {
@@ -57,10 +114,11 @@ impl Application {
         let listener = listen(&config.api_addr)
             .await
             .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", config.api_addr))?;
-        let state = AppState::start(&config.backends)?;
+        let state = AppState::start(&config.backends, &config.limits)?;
         Ok(Self {
             listener,
             router: routes::router(state),
+            limits: config.limits,
         })
     }
 
@@ -72,9 +130,11 @@ impl Application {
         let listener = listen(addr)
             .await
             .map_err(|e| anyhow::anyhow!("cannot listen on {addr}: {e}"))?;
+        let limits = HttpLimits::default();
         Ok(Self {
             listener,
-            router: routes::router(AppState::embedded(backends)),
+            router: routes::router(AppState::embedded(backends, &limits)),
+            limits,
         })
     }
 
@@ -88,14 +148,12 @@ impl Application {
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> std::io::Result<()> {
         tracing::info!(addr = %self.listener.local_addr()?, "flashsale-api listening");
-        use axum::serve::ListenerExt;
-        let listener = self.listener.tap_io(|tcp| {
-            if let Err(e) = tcp.set_nodelay(true) {
-                tracing::debug!(error = %e, "cannot set TCP_NODELAY");
-            }
-        });
-        axum::serve(listener, self.router)
-            .with_graceful_shutdown(shutdown)
-            .await
+        serve::serve(
+            self.listener,
+            self.router,
+            self.limits.connections(),
+            shutdown,
+        )
+        .await
     }
 }

@@ -2,7 +2,9 @@
 //! accept log, the order queue and the ledger — on Redis, RabbitMQ and
 //! PostgreSQL, or embedded in memory for `fsctl demo`.
 
+use crate::HttpLimits;
 use crate::catalog::Catalog;
+use crate::settling::Settling;
 use flashsale_engine::accept_log::AcceptLog;
 use flashsale_engine::embedded::EmbeddedBackends;
 use flashsale_engine::ledger::StockLedger;
@@ -12,6 +14,7 @@ use metrics_exporter_prometheus::PrometheusHandle;
 use redis::aio::ConnectionManager;
 use sqlx::PgPool;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 #[derive(Clone)]
 pub struct AppState(Arc<Shared>);
@@ -24,6 +27,32 @@ pub struct Shared {
     pub ledger: Arc<dyn Ledger>,
     pub probes: Probes,
     pub metrics: PrometheusHandle,
+    /// Repeats of a key whose first request is still publishing wait here.
+    pub settling: Arc<Settling>,
+    /// Buys in progress, for load shedding above `API_MAX_INFLIGHT`.
+    pub buys: BuysInFlight,
+    pub limits: HttpLimits,
+}
+
+/// Counts the buys in progress; entering fails above the limit.
+#[derive(Default)]
+pub struct BuysInFlight(Arc<AtomicUsize>);
+
+/// One buy in progress; leaving happens on drop (also when the client hangs up).
+pub struct BuyPass(Arc<AtomicUsize>);
+
+impl BuysInFlight {
+    pub fn enter(&self, limit: usize) -> Option<BuyPass> {
+        let before = self.0.fetch_add(1, Ordering::AcqRel);
+        let pass = BuyPass(Arc::clone(&self.0));
+        (before < limit).then_some(pass)
+    }
+}
+
+impl Drop for BuyPass {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 /// How `/health/ready` checks the backends.
@@ -47,7 +76,7 @@ impl std::ops::Deref for AppState {
 impl AppState {
     /// Starts the lazy connections and background tasks; fails only on a
     /// malformed URL, never on an unreachable backend.
-    pub fn start(backends: &BackendUrls) -> anyhow::Result<Self> {
+    pub fn start(backends: &BackendUrls, limits: &HttpLimits) -> anyhow::Result<Self> {
         let namespace = backends.namespace();
         let ledger = StockLedger::new(postgres::connect_lazy(&backends.database_url, 16)?);
         let redis = redis_conn::connect_lazy(&backends.redis_url)?;
@@ -64,11 +93,14 @@ impl AppState {
             ledger: Arc::new(ledger),
             namespace,
             metrics: metrics::install(),
+            settling: Arc::default(),
+            buys: BuysInFlight::default(),
+            limits: *limits,
         })))
     }
 
     /// The same API on the embedded backends.
-    pub fn embedded(backends: &EmbeddedBackends) -> Self {
+    pub fn embedded(backends: &EmbeddedBackends, limits: &HttpLimits) -> Self {
         let ledger: Arc<dyn Ledger> = backends.ledger.clone();
         Self(Arc::new(Shared {
             // In memory a reload costs next to nothing: keep the cache close.
@@ -79,6 +111,9 @@ impl AppState {
             ledger,
             namespace: Namespace::new("embedded"),
             metrics: metrics::install(),
+            settling: Arc::default(),
+            buys: BuysInFlight::default(),
+            limits: *limits,
         }))
     }
 }

@@ -1,7 +1,13 @@
 //! RabbitMQ: the order queue and its dead-letter queue, declared with the
 //! contract's arguments by every service, and the API's publisher: one
-//! long-lived confirm-mode channel with many publishes in flight, each request
-//! awaiting only its own confirm, reconnecting in the background.
+//! long-lived connection with a pool of confirm-mode channels, each carrying
+//! one publish at a time, reconnecting in the background.
+//!
+//! One publish per channel is what makes a returned (unroutable) message
+//! provably its own request's: lapin hands a `basic.return` to whichever
+//! confirm completes next on the channel, and under `multiple` acks that can
+//! be another publish's. With one confirm pending per channel there is no
+//! other, and the returned message's `message_id` is checked besides.
 
 use crate::config::{Namespace, mask_url};
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions, QueueDeclareOptions};
@@ -15,6 +21,10 @@ use tokio::sync::Notify;
 pub const CONFIRM_TIMEOUT: Duration = Duration::from_secs(5);
 /// Connecting (TCP and AMQP handshake) gives up after this long.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Any other call to RabbitMQ (an ack, opening a channel) gives up after this long.
+pub const CALL_TIMEOUT: Duration = Duration::from_secs(5);
+/// Channels the API's publisher keeps; each carries one publish at a time.
+pub const PUBLISH_CHANNELS: usize = 128;
 /// Messages a redelivered order may see before it is dead-lettered.
 pub const DELIVERY_LIMIT: i32 = 20;
 /// The header that says why the worker dead-lettered a message.
@@ -164,9 +174,16 @@ pub async fn publish_confirmed(
         Err(_) => Err(PublishError::Timeout(CONFIRM_TIMEOUT)),
         Ok(Err(e)) => Err(PublishError::Channel(e)),
         Ok(Ok(Confirmation::Ack(None))) => Ok(()),
-        Ok(Ok(Confirmation::Ack(Some(_)))) => Err(PublishError::Returned),
-        Ok(Ok(Confirmation::Nack(_))) => Err(PublishError::Nacked),
-        Ok(Ok(Confirmation::NotRequested)) => Err(PublishError::Nacked),
+        Ok(Ok(Confirmation::Ack(Some(returned)) | Confirmation::Nack(Some(returned)))) => {
+            let id = returned.properties.message_id().as_ref().map(|s| s.as_str().to_owned());
+            if id.as_deref() != Some(message_id) {
+                // Never with one publish in flight per channel; either way
+                // this publish is not known to be accepted.
+                tracing::error!(returned = ?id, ours = message_id, "a returned message came back with another publish's confirm");
+            }
+            Err(PublishError::Returned)
+        }
+        Ok(Ok(Confirmation::Nack(None) | Confirmation::NotRequested)) => Err(PublishError::Nacked),
     }
 }
 
@@ -178,11 +195,45 @@ pub fn reason_headers(reason: &str) -> FieldTable {
 }
 
 struct PublisherState {
-    channel: RwLock<Option<Channel>>,
+    /// The live connection, if any.
+    connection: RwLock<Option<Arc<Connection>>>,
+    /// Confirm-mode channels with nothing in flight.
+    idle: std::sync::Mutex<Vec<Channel>>,
+    /// One permit per channel: publishes beyond [`PUBLISH_CHANNELS`] wait.
+    slots: tokio::sync::Semaphore,
     kick: Notify,
 }
 
-/// The API's order publisher. Cloning shares the one channel.
+impl PublisherState {
+    fn connection(&self) -> Option<Arc<Connection>> {
+        let guard = self.connection.read().unwrap_or_else(|p| p.into_inner());
+        guard.as_ref().filter(|c| c.status().connected()).cloned()
+    }
+
+    fn set_connection(&self, connection: Option<Arc<Connection>>) {
+        *self.connection.write().unwrap_or_else(|p| p.into_inner()) = connection;
+        self.idle.lock().unwrap_or_else(|p| p.into_inner()).clear();
+    }
+
+    fn take_idle(&self) -> Option<Channel> {
+        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+        while let Some(channel) = idle.pop() {
+            if channel.status().connected() {
+                return Some(channel);
+            }
+        }
+        None
+    }
+
+    fn give_back(&self, channel: Channel) {
+        self.idle
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(channel);
+    }
+}
+
+/// The API's order publisher. Cloning shares the connection and its channels.
 #[derive(Clone)]
 pub struct OrderPublisher {
     state: Arc<PublisherState>,
@@ -198,12 +249,22 @@ impl Drop for AbortOnDrop {
     }
 }
 
+async fn confirm_channel(connection: &Connection) -> Result<Channel, lapin::Error> {
+    let channel = connection.create_channel().await?;
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await?;
+    Ok(channel)
+}
+
 impl OrderPublisher {
     /// Starts the publisher; it connects (and reconnects) in the background,
     /// so the API starts even while RabbitMQ is away.
     pub fn start(url: &str, ns: &Namespace) -> Self {
         let state = Arc::new(PublisherState {
-            channel: RwLock::new(None),
+            connection: RwLock::new(None),
+            idle: std::sync::Mutex::new(Vec::new()),
+            slots: tokio::sync::Semaphore::new(PUBLISH_CHANNELS),
             kick: Notify::new(),
         });
         let task = tokio::spawn(maintain(Arc::downgrade(&state), url.to_owned(), ns.clone()));
@@ -214,49 +275,66 @@ impl OrderPublisher {
         }
     }
 
-    /// A channel ready for publishing, if connected.
-    fn channel(&self) -> Option<Channel> {
-        let guard = self.state.channel.read().unwrap_or_else(|p| p.into_inner());
-        guard.as_ref().filter(|c| c.status().connected()).cloned()
-    }
-
     pub fn is_connected(&self) -> bool {
-        self.channel().is_some()
+        self.state.connection().is_some()
     }
 
-    /// Publishes one order and waits for RabbitMQ's confirm.
+    /// Publishes one order and waits for RabbitMQ's confirm, on a channel
+    /// that carries nothing else meanwhile.
     pub async fn publish(&self, message_id: &str, payload: &[u8]) -> Result<(), PublishError> {
-        let channel = self.channel().ok_or_else(|| {
+        let not_connected = || {
             self.state.kick.notify_one();
             PublishError::NotConnected
-        })?;
+        };
+        let connection = self.state.connection().ok_or_else(not_connected)?;
+        let _slot = tokio::time::timeout(CONFIRM_TIMEOUT, self.state.slots.acquire())
+            .await
+            .map_err(|_| PublishError::Timeout(CONFIRM_TIMEOUT))?
+            .map_err(|_| not_connected())?;
+        let channel = match self.state.take_idle() {
+            Some(channel) => channel,
+            None => tokio::time::timeout(CALL_TIMEOUT, confirm_channel(&connection))
+                .await
+                .map_err(|_| PublishError::Timeout(CALL_TIMEOUT))??,
+        };
         let result = publish_confirmed(&channel, &self.queue, message_id, payload, None).await;
-        if matches!(result, Err(PublishError::Channel(_))) {
-            self.state.kick.notify_one();
+        match &result {
+            // The confirm came: the channel has nothing in flight.
+            Ok(()) | Err(PublishError::Returned | PublishError::Nacked) => {
+                self.state.give_back(channel);
+            }
+            // A confirm may still come on it: never reuse it.
+            Err(PublishError::Timeout(_)) => {
+                tokio::spawn(async move {
+                    let _ = tokio::time::timeout(CALL_TIMEOUT, channel.close(200, "timed out".into())).await;
+                });
+            }
+            Err(_) => self.state.kick.notify_one(),
         }
         result
     }
 }
 
-async fn open_channel(url: &str, ns: &Namespace) -> Result<(Connection, Channel), BrokerError> {
+async fn open_connection(url: &str, ns: &Namespace) -> Result<Connection, BrokerError> {
     let conn = connect(url, "flashsale-api").await?;
     let channel = conn.create_channel().await?;
-    channel
-        .confirm_select(ConfirmSelectOptions::default())
-        .await?;
     declare_queues(&channel, ns).await?;
-    Ok((conn, channel))
+    let _ = channel.close(200, "declared".into()).await;
+    Ok(conn)
 }
 
-/// Keeps one confirm-mode channel open; reconnects with backoff when it fails.
+/// Keeps one connection open; reconnects with backoff when it fails.
 async fn maintain(state: Weak<PublisherState>, url: String, ns: Namespace) {
     use futures_util::StreamExt;
     let mut backoff = Duration::from_millis(100);
     loop {
-        match open_channel(&url, &ns).await {
-            Ok((conn, channel)) => {
+        match open_connection(&url, &ns).await {
+            Ok(conn) => {
+                let conn = Arc::new(conn);
+                // A channel for the queue statistics, apart from the publishers'.
+                let stats = confirm_channel(&conn).await.ok();
                 let Some(s) = state.upgrade() else { return };
-                *s.channel.write().unwrap_or_else(|p| p.into_inner()) = Some(channel.clone());
+                s.set_connection(Some(Arc::clone(&conn)));
                 drop(s);
                 tracing::info!(url = %mask_url(&url), "publisher connected to RabbitMQ");
                 backoff = Duration::from_millis(100);
@@ -277,19 +355,21 @@ async fn maintain(state: Weak<PublisherState>, url: String, ns: Namespace) {
                         },
                         () = s.kick.notified() => true,
                         () = tokio::time::sleep(Duration::from_secs(1)) => {
-                            record_queue_stats(&channel, &ns).await;
+                            if let Some(channel) = &stats {
+                                record_queue_stats(channel, &ns).await;
+                            }
                             false
                         }
                     };
-                    if !conn.status().connected() || !channel.status().connected() {
+                    if !conn.status().connected() {
                         if kicked {
-                            tracing::warn!("RabbitMQ channel lost");
+                            tracing::warn!("RabbitMQ connection lost");
                         }
                         break;
                     }
                 }
                 if let Some(s) = state.upgrade() {
-                    *s.channel.write().unwrap_or_else(|p| p.into_inner()) = None;
+                    s.set_connection(None);
                 }
                 let _ = tokio::time::timeout(
                     Duration::from_secs(1),

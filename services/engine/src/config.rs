@@ -2,6 +2,7 @@
 //! namespace that prefixes every Redis key and RabbitMQ queue.
 
 use clap::Args;
+use std::time::Duration;
 
 pub const DEFAULT_DATABASE_URL: &str = "postgres://postgres@127.0.0.1:5432/flashsale";
 pub const DEFAULT_REDIS_URL: &str = "redis://127.0.0.1:6379";
@@ -80,6 +81,26 @@ impl Namespace {
     pub fn key_pattern(&self) -> String {
         format!("{}:*", self.0)
     }
+}
+
+/// `30s`, `500ms`, `2m`, `1h`, or plain seconds.
+pub fn parse_duration(raw: &str) -> Result<Duration, String> {
+    let raw = raw.trim();
+    let split = raw
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .unwrap_or(raw.len());
+    let (number, unit) = raw.split_at(split);
+    let n: f64 = number
+        .parse()
+        .map_err(|_| format!("{raw:?} is not a duration like 30s, 500ms or 2m"))?;
+    let seconds = match unit {
+        "" | "s" => n,
+        "ms" => n / 1000.0,
+        "m" => n * 60.0,
+        "h" => n * 3600.0,
+        _ => return Err(format!("{raw:?}: unknown unit {unit:?} (ms, s, m, h)")),
+    };
+    Ok(Duration::from_secs_f64(seconds))
 }
 
 /// The URL with its password replaced by `***`, for messages and logs.

@@ -59,7 +59,9 @@ impl fmt::Display for IdempotencyKey {
     }
 }
 
-/// A buyer: 1–64 characters.
+/// A buyer: 1–64 characters, none of them a control character (Unicode
+/// category Cc: U+0000–U+001F, U+007F–U+009F). PostgreSQL refuses a NUL in
+/// text, and a log or terminal would be at the mercy of the others.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize)]
 #[serde(transparent)]
 pub struct UserId(String);
@@ -71,6 +73,12 @@ impl UserId {
             return Err(InvalidField::new(
                 "userId",
                 "userId must be a string of 1-64 characters",
+            ));
+        }
+        if raw.chars().any(char::is_control) {
+            return Err(InvalidField::new(
+                "userId",
+                "userId must not contain control characters",
             ));
         }
         Ok(Self(raw.to_owned()))
@@ -294,6 +302,11 @@ mod tests {
             field_of(r#"{"userId":"","productId":1,"quantity":1}"#),
             "userId"
         );
+        for control in ["a\\u0000b", "tab\\there", "\\u007f", "x\\u009fy", "line\\n"] {
+            let body = format!(r#"{{"userId":"{control}","productId":1,"quantity":1}}"#);
+            assert_eq!(field_of(&body), "userId", "userId {control}");
+        }
+        assert!(UserId::parse("zoë-😀 \u{a0}").is_ok(), "printable non-ASCII is fine");
         let long = "x".repeat(65);
         assert_eq!(
             field_of(&format!(
@@ -330,6 +343,8 @@ mod tests {
         let good = br#"{"orderId":"k1","userId":"u","productId":1,"quantity":1,"acceptedAt":"2026-01-01T00:00:00Z"}"#;
         assert!(OrderMessage::decode(good).is_ok());
         assert!(OrderMessage::decode(b"garbage").is_err());
+        let nul_user = br#"{"orderId":"k1","userId":"a\u0000b","productId":1,"quantity":1,"acceptedAt":"2026-01-01T00:00:00Z"}"#;
+        assert!(OrderMessage::decode(nul_user).is_err());
         let bad_qty = br#"{"orderId":"k1","userId":"u","productId":1,"quantity":0,"acceptedAt":"2026-01-01T00:00:00Z"}"#;
         assert!(OrderMessage::decode(bad_qty).is_err());
     }

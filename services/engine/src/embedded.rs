@@ -235,6 +235,13 @@ impl Ledger for MemoryLedger {
         Ok(self.books().orders.get(order_id).cloned())
     }
 
+    /// Memory holds any string: nothing is ever refused as data.
+    async fn refused(
+        &self,
+        _orders: &[QueuedOrder],
+    ) -> Result<Vec<crate::ledger::Refusal>, LedgerError> {
+        Ok(Vec::new())
+    }
     async fn held_by(&self, product: ProductId, user: &str) -> Result<i64, LedgerError> {
         Ok(self
             .books()

@@ -35,9 +35,52 @@ pub enum LedgerError {
     /// at least `fence` and take the lock again.
     #[error("fenced out: product {product} was written with token {fence}")]
     FencedOut { product: ProductId, fence: i64 },
-    /// PostgreSQL failed or is unreachable: keep the deliveries and retry.
+    /// PostgreSQL refused the group's data (SQLSTATE class 22 or 23, other
+    /// than the idempotency key's own unique violation): a permanent fault.
+    /// Find the orders at fault with `refused`, dead-letter them, apply the rest.
+    #[error("PostgreSQL refused the data: {0}")]
+    Refused(#[source] sqlx::Error),
+    /// PostgreSQL failed or is unreachable: a passing fault; keep the
+    /// deliveries and retry.
     #[error("PostgreSQL: {0}")]
-    Database(#[from] sqlx::Error),
+    Database(#[source] sqlx::Error),
+    /// Another product's transaction kept booking keys of this group (a key
+    /// reused across products): a passing fault; retry.
+    #[error("product {0}: keys kept being booked concurrently")]
+    Contended(ProductId),
+}
+
+impl From<sqlx::Error> for LedgerError {
+    fn from(e: sqlx::Error) -> Self {
+        if is_refusal(&e) {
+            Self::Refused(e)
+        } else {
+            Self::Database(e)
+        }
+    }
+}
+
+/// Whether PostgreSQL refused the data itself (classes 22 "data exception"
+/// and 23 "integrity constraint violation"), as opposed to a passing fault
+/// (connection loss, timeouts, serialization and lock failures, shutdown:
+/// classes 08, 40, 53, 55, 57, 58, and client-side I/O). The idempotency
+/// key's unique violation is a duplicate, never a refusal.
+pub fn is_refusal(e: &sqlx::Error) -> bool {
+    let sqlx::Error::Database(db) = e else {
+        return false;
+    };
+    let code = db.code();
+    let code = code.as_deref().unwrap_or("");
+    let key_conflict = code == "23505" && db.constraint() == Some("orders_pkey");
+    (code.starts_with("22") || code.starts_with("23")) && !key_conflict
+}
+
+/// One order of a group that the ledger refuses as data: its index in the
+/// group and why. It is dead-lettered; the rest of the group is applied.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refusal {
+    pub index: usize,
+    pub reason: String,
 }
 
 /// A product as the ledger holds it.
@@ -109,9 +152,37 @@ impl StockLedger {
                 None => tx.rollback().await?,
             }
         }
-        Err(LedgerError::Database(sqlx::Error::Protocol(format!(
-            "product {product}: keys kept being booked concurrently"
-        ))))
+        Err(LedgerError::Contended(product))
+    }
+
+    /// The orders of a group that PostgreSQL refuses as data, with its
+    /// reason: each row is tried alone, under a savepoint, in a transaction
+    /// that is rolled back (nothing is written). Called only after a group
+    /// failed with [`LedgerError::Refused`].
+    pub async fn refused(&self, orders: &[QueuedOrder]) -> Result<Vec<Refusal>, LedgerError> {
+        let mut tx = self.pool.begin().await.map_err(LedgerError::Database)?;
+        let mut refused = Vec::new();
+        for (index, order) in orders.iter().enumerate() {
+            sqlx::query("SAVEPOINT probe")
+                .execute(&mut *tx)
+                .await
+                .map_err(LedgerError::Database)?;
+            let row = [(order, OrderOutcome::Confirmed)];
+            match insert_orders(&mut tx, &row).await {
+                Ok(_) => {}
+                Err(e) if is_refusal(&e) => refused.push(Refusal {
+                    index,
+                    reason: format!("refused by PostgreSQL: {e}"),
+                }),
+                Err(e) => return Err(LedgerError::Database(e)),
+            }
+            sqlx::query("ROLLBACK TO SAVEPOINT probe")
+                .execute(&mut *tx)
+                .await
+                .map_err(LedgerError::Database)?;
+        }
+        tx.rollback().await.map_err(LedgerError::Database)?;
+        Ok(refused)
     }
 
     /// Inserts the products that do not exist yet; returns the ids created.

@@ -10,7 +10,7 @@
 //! on these traits rather than on the concrete types, and the demo itself.
 
 use crate::domain::{OrderView, ProductId, QueuedOrder};
-use crate::ledger::{GroupReceipt, LedgerError, NewProduct, ProductRecord, StockLedger};
+use crate::ledger::{GroupReceipt, LedgerError, NewProduct, ProductRecord, Refusal, StockLedger};
 use crate::lock::{FencingToken, HeldLock, ProductLock};
 
 /// A backend failed: retry later (the message names it).
@@ -36,6 +36,9 @@ pub trait Ledger: Send + Sync {
     async fn order(&self, order_id: &str) -> Result<Option<OrderView>, LedgerError>;
     /// Units of `product` confirmed to `user`.
     async fn held_by(&self, product: ProductId, user: &str) -> Result<i64, LedgerError>;
+    /// After `apply_group` failed with [`LedgerError::Refused`]: the orders
+    /// of the group the ledger refuses as data, each with its reason.
+    async fn refused(&self, orders: &[QueuedOrder]) -> Result<Vec<Refusal>, LedgerError>;
 }
 
 /// The per-product lock and its fencing counter.
@@ -80,6 +83,9 @@ impl Ledger for StockLedger {
         .bind(user)
         .fetch_one(self.pool())
         .await?)
+    }
+    async fn refused(&self, orders: &[QueuedOrder]) -> Result<Vec<Refusal>, LedgerError> {
+        StockLedger::refused(self, orders).await
     }
 }
 
@@ -205,6 +211,21 @@ fn broker_failed(e: impl std::fmt::Display) -> BackendFailed {
     BackendFailed(e.to_string())
 }
 
+/// An ack under [`crate::broker::CALL_TIMEOUT`]: a silent broker is a
+/// failure (the consumer reconnects), never a hang.
+async fn within_deadline<T>(
+    call: impl Future<Output = Result<T, lapin::Error>>,
+) -> Result<(), BackendFailed> {
+    match tokio::time::timeout(crate::broker::CALL_TIMEOUT, call).await {
+        Ok(Ok(_)) => Ok(()),
+        Ok(Err(e)) => Err(broker_failed(e)),
+        Err(_) => Err(BackendFailed(format!(
+            "RabbitMQ did not take the ack within {:?}",
+            crate::broker::CALL_TIMEOUT
+        ))),
+    }
+}
+
 #[async_trait::async_trait]
 impl OrderQueue for RabbitQueue {
     async fn publish(&self, message_id: &str, payload: &[u8]) -> Result<(), BackendFailed> {
@@ -266,10 +287,10 @@ impl QueueConsumer for RabbitConsumer {
         // The newest held delivery at or below `tag` (one may have been
         // dead-lettered, and so acked, already).
         if let Some((_, d)) = self.held.range(..=tag).next_back() {
-            d.acker
-                .ack(lapin::options::BasicAckOptions { multiple: true })
-                .await
-                .map_err(broker_failed)?;
+            let ack = d
+                .acker
+                .ack(lapin::options::BasicAckOptions { multiple: true });
+            within_deadline(ack).await?;
         }
         self.held.retain(|t, _| *t > tag);
         Ok(())
@@ -292,11 +313,7 @@ impl QueueConsumer for RabbitConsumer {
         )
         .await
         .map_err(broker_failed)?;
-        d.acker
-            .ack(lapin::options::BasicAckOptions::default())
-            .await
-            .map(|_| ())
-            .map_err(broker_failed)
+        within_deadline(d.acker.ack(lapin::options::BasicAckOptions::default())).await
     }
 
     async fn cancel(&mut self) {

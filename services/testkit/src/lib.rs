@@ -125,12 +125,13 @@ impl TestEnv {
     }
 
     pub async fn start_api_with(&mut self, backends: BackendUrls, wait_ready: bool) -> String {
-        let app = Application::build(ApiConfig {
-            backends,
-            api_addr: "127.0.0.1:0".into(),
-        })
-        .await
-        .unwrap();
+        self.start_api_config(ApiConfig::new(backends, "127.0.0.1:0"), wait_ready)
+            .await
+    }
+
+    /// Starts an API with this configuration (its limits, say).
+    pub async fn start_api_config(&mut self, config: ApiConfig, wait_ready: bool) -> String {
+        let app = Application::build(config).await.unwrap();
         let base = format!("http://{}", app.local_addr().unwrap());
         let stop = CancellationToken::new();
         let until = stop.clone();

@@ -2,11 +2,17 @@
 //! messages go to the dead-letter queue; the rest are grouped by product and
 //! each group is applied in one fenced transaction under the product's lock;
 //! then every delivery of the batch is acked.
+//!
+//! Faults are told apart: an order PostgreSQL refuses as data (a permanent
+//! fault) is taken out of its group and dead-lettered with the reason, and
+//! the rest of the group commits; a failing or silent backend (a passing
+//! fault, every call under a deadline) keeps the deliveries and is retried
+//! with backoff. No input can stop the worker from consuming.
 
 use crate::heartbeat::WorkerStats;
 use chrono::Utc;
 use flashsale_engine::domain::QueuedOrder;
-use flashsale_engine::ledger::{GroupReceipt, LedgerError, OrderOutcome};
+use flashsale_engine::ledger::{GroupReceipt, LedgerError, OrderOutcome, Refusal};
 use flashsale_engine::metrics::{
     BATCH_SIZE, LOCK_WAIT, ORDER_LATENCY, ORDERS_PROCESSED, STOCK_LEVEL,
 };
@@ -14,7 +20,7 @@ use flashsale_engine::seams::{BackendFailed, Delivered, Ledger, ProductLocks, Qu
 use flashsale_engine::stock_feed::StockFeed;
 use flashsale_engine::{OrderMessage, ProductId};
 use futures_util::StreamExt;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
@@ -36,6 +42,45 @@ pub enum BookError {
 pub struct ProductGroup {
     pub product: ProductId,
     pub orders: Vec<QueuedOrder>,
+    /// The delivery tag of each order, index for index.
+    pub tags: Vec<u64>,
+}
+
+impl ProductGroup {
+    pub fn new(product: ProductId) -> Self {
+        Self {
+            product,
+            orders: Vec::new(),
+            tags: Vec::new(),
+        }
+    }
+
+    pub fn push(&mut self, order: QueuedOrder, tag: u64) {
+        self.orders.push(order);
+        self.tags.push(tag);
+    }
+
+    /// Takes the refused orders out; returns their deliveries' tags with the reasons.
+    fn take_out(&mut self, refusals: &[Refusal]) -> Vec<RefusedOrder> {
+        let mut out = Vec::with_capacity(refusals.len());
+        for r in refusals.iter().rev() {
+            if r.index < self.orders.len() {
+                self.orders.remove(r.index);
+                out.push(RefusedOrder {
+                    tag: self.tags.remove(r.index),
+                    reason: r.reason.clone(),
+                });
+            }
+        }
+        out
+    }
+}
+
+/// An order the ledger refused as data: its delivery goes to the DLQ.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RefusedOrder {
+    pub tag: u64,
+    pub reason: String,
 }
 
 /// Deliveries whose transactions committed, waiting for their ack.
@@ -73,6 +118,10 @@ pub struct OrderBook {
 }
 
 const MAX_BACKOFF: Duration = Duration::from_secs(2);
+/// The client-side deadline of one group's transaction (and of the probe
+/// for refused orders): a PostgreSQL that stops answering without closing
+/// the connection is a passing fault, never a hang. Below the lock's lease.
+pub const LEDGER_DEADLINE: Duration = Duration::from_secs(6);
 /// Product groups of one batch applied at once (below the pool's 8 connections).
 pub const GROUP_CONCURRENCY: usize = 6;
 
@@ -162,28 +211,34 @@ impl OrderBook {
     ) -> Result<Committed, BookError> {
         let mut groups: BTreeMap<ProductId, ProductGroup> = BTreeMap::new();
         let last_tag = deliveries.iter().map(|d| d.tag).max();
-        let mut kept = 0;
+        let mut held: HashMap<u64, Delivered> = HashMap::with_capacity(deliveries.len());
         for delivery in deliveries {
             match OrderMessage::decode(&delivery.payload) {
                 Ok(order) => {
                     groups
                         .entry(order.product_id)
-                        .or_insert_with(|| ProductGroup {
-                            product: order.product_id,
-                            orders: Vec::new(),
-                        })
-                        .orders
-                        .push(order);
-                    kept += 1;
+                        .or_insert_with(|| ProductGroup::new(order.product_id))
+                        .push(order, delivery.tag);
+                    held.insert(delivery.tag, delivery);
                 }
-                Err(reason) => self.dead_letter(consumer, &delivery, &reason).await?,
+                Err(reason) => {
+                    self.dead_letter(consumer, &delivery, &reason, "undecodable")
+                        .await?;
+                }
             }
         }
-        self.book_groups(groups.into_values().collect(), shutdown)
+        let refused = self
+            .book_groups(groups.into_values().collect(), shutdown)
             .await?;
+        for r in &refused {
+            if let Some(delivery) = held.remove(&r.tag) {
+                self.dead_letter(consumer, &delivery, &r.reason, "refused")
+                    .await?;
+            }
+        }
         Ok(Committed {
-            last_tag: if kept > 0 { last_tag } else { None },
-            count: kept,
+            last_tag: if held.is_empty() { None } else { last_tag },
+            count: held.len(),
         })
     }
 
@@ -192,10 +247,11 @@ impl OrderBook {
         consumer: &mut dyn QueueConsumer,
         delivery: &Delivered,
         reason: &str,
+        kind: &'static str,
     ) -> Result<(), BookError> {
-        tracing::warn!(reason, "dead-lettering an undecodable message");
+        tracing::warn!(reason, order = %delivery.message_id, "dead-lettering an order");
         consumer.dead_letter(delivery, reason).await?;
-        metrics::counter!(ORDERS_PROCESSED, "status" => "dead_lettered", "reason" => "undecodable")
+        metrics::counter!(ORDERS_PROCESSED, "status" => "dead_lettered", "reason" => kind)
             .increment(1);
         Ok(())
     }
@@ -204,59 +260,84 @@ impl OrderBook {
     /// [`GROUP_CONCURRENCY`] at once (each in its own transaction, so their
     /// commits overlap). A product locked by another worker waits briefly
     /// while the other products go ahead; a failing backend is retried with
-    /// backoff, keeping the deliveries.
+    /// backoff, keeping the deliveries. Returns the orders the ledger refused
+    /// as data (left out of their groups), for the dead-letter queue.
     pub async fn book_groups(
         &self,
         groups: Vec<ProductGroup>,
         shutdown: &CancellationToken,
-    ) -> Result<(), BookError> {
+    ) -> Result<Vec<RefusedOrder>, BookError> {
         let started = Instant::now();
-        let results: Vec<Result<(), BookError>> = futures_util::stream::iter(groups)
-            .map(|group| self.book_group(group, started, shutdown))
-            .buffer_unordered(GROUP_CONCURRENCY)
-            .collect()
-            .await;
-        results.into_iter().collect()
+        let results: Vec<Result<Vec<RefusedOrder>, BookError>> =
+            futures_util::stream::iter(groups)
+                .map(|group| self.book_group(group, started, shutdown))
+                .buffer_unordered(GROUP_CONCURRENCY)
+                .collect()
+                .await;
+        let mut refused = Vec::new();
+        for r in results {
+            refused.extend(r?);
+        }
+        Ok(refused)
     }
 
     /// One group: lock, fenced transaction, release; until it commits.
     async fn book_group(
         &self,
-        group: ProductGroup,
+        mut group: ProductGroup,
         started: Instant,
         shutdown: &CancellationToken,
-    ) -> Result<(), BookError> {
+    ) -> Result<Vec<RefusedOrder>, BookError> {
+        let mut refused = Vec::new();
         let mut lock_backoff = Duration::from_millis(1);
         let mut fault_backoff = Duration::from_millis(50);
         loop {
+            if group.orders.is_empty() {
+                return Ok(refused);
+            }
             let fault = match self.lock.try_acquire(group.product).await {
                 Ok(Some(held)) => {
                     metrics::histogram!(LOCK_WAIT).record(started.elapsed().as_secs_f64());
                     self.stats.applying(Some(group.product.get()));
-                    let applied = self
-                        .ledger
-                        .apply_group(group.product, held.token, &group.orders)
-                        .await;
+                    let applied = tokio::time::timeout(
+                        LEDGER_DEADLINE,
+                        self.ledger
+                            .apply_group(group.product, held.token, &group.orders),
+                    )
+                    .await;
                     self.stats.applying(None);
                     if let Err(e) = self.lock.release(&held).await {
                         tracing::debug!(error = %e, "lock not released; its lease ends it");
                     }
                     match applied {
-                        Ok(receipt) => {
+                        Ok(Ok(receipt)) => {
                             self.record(&group, &receipt);
                             if let (Some(feed), Some(stock)) = (&self.feed, receipt.stock_after) {
                                 feed.announce(group.product.get(), stock).await;
                             }
-                            return Ok(());
+                            return Ok(refused);
                         }
-                        Err(LedgerError::FencedOut { product, fence }) => {
+                        Ok(Err(LedgerError::FencedOut { product, fence })) => {
                             tracing::info!(%product, fence, "fenced out; raising the fence counter");
                             match self.lock.raise_fence(product, fence).await {
                                 Ok(_) => continue,
                                 Err(e) => format!("Redis failed: {e}"),
                             }
                         }
-                        Err(LedgerError::Database(e)) => format!("PostgreSQL failed: {e}"),
+                        Ok(Err(LedgerError::Refused(e))) => {
+                            match self.find_refused(&mut group).await {
+                                Ok(out) if !out.is_empty() => {
+                                    refused.extend(out);
+                                    continue;
+                                }
+                                Ok(_) => format!(
+                                    "PostgreSQL refused the group, but no single order of it: {e}"
+                                ),
+                                Err(fault) => fault,
+                            }
+                        }
+                        Ok(Err(e)) => format!("PostgreSQL failed: {e}"),
+                        Err(_) => format!("PostgreSQL did not answer within {LEDGER_DEADLINE:?}"),
                     }
                 }
                 Ok(None) => {
@@ -273,6 +354,23 @@ impl OrderBook {
                 () = tokio::time::sleep(fault_backoff) => {}
             }
             fault_backoff = (fault_backoff * 2).min(MAX_BACKOFF);
+        }
+    }
+
+    /// Asks the ledger which orders of the group it refuses as data and
+    /// takes them out of the group; the error is a passing fault.
+    async fn find_refused(&self, group: &mut ProductGroup) -> Result<Vec<RefusedOrder>, String> {
+        match tokio::time::timeout(LEDGER_DEADLINE, self.ledger.refused(&group.orders)).await {
+            Ok(Ok(refusals)) => {
+                for r in &refusals {
+                    tracing::warn!(product = %group.product, reason = %r.reason, "order refused by the ledger");
+                }
+                Ok(group.take_out(&refusals))
+            }
+            Ok(Err(e)) => Err(format!("PostgreSQL failed: {e}")),
+            Err(_) => Err(format!(
+                "PostgreSQL did not answer within {LEDGER_DEADLINE:?}"
+            )),
         }
     }
 

@@ -1,5 +1,5 @@
-//! `POST /buy`: validate, de-duplicate, fast-path sold-out, publish with a
-//! confirm, and only then answer `202`.
+//! `POST /buy`: shed load, validate, de-duplicate, fast-path sold-out,
+//! publish with a confirm, and only then answer `202`.
 
 use crate::catalog::Lookup;
 use crate::error::ApiError;
@@ -12,13 +12,13 @@ use axum::routing::post;
 use axum::{Json, Router};
 use chrono::Utc;
 use flashsale_engine::accept_log::{AcceptRecord, AcceptState, Claim};
+use flashsale_engine::seams::BackendFailed;
 use flashsale_engine::broker::CONFIRM_TIMEOUT;
 use flashsale_engine::domain::InvalidField;
 use flashsale_engine::metrics::ORDER_REQUESTS;
 use flashsale_engine::{IdempotencyKey, OrderMessage, OrderRequest, OrderView};
 use serde_json::json;
 use std::time::Duration;
-use tokio::time::Instant;
 
 /// Largest body `POST /buy` reads.
 pub const MAX_BODY_BYTES: usize = 16 * 1024;
@@ -34,34 +34,61 @@ enum Answer {
     Accepted(IdempotencyKey),
     Repeat(OrderView),
     SoldOut(IdempotencyKey),
+    /// The publish failed: `503`, counted where it was decided.
+    NotPublished(ApiError),
+}
+
+impl Answer {
+    fn label(&self) -> &'static str {
+        match self {
+            Self::Accepted(_) => "queued",
+            Self::Repeat(_) => "duplicate",
+            Self::SoldOut(_) => "rejected_sold_out",
+            Self::NotPublished(e) => e.metric_label(),
+        }
+    }
+
+    /// Counted by the publish task, which runs on when the client hangs up.
+    fn counted(&self) -> bool {
+        matches!(self, Self::Accepted(_) | Self::NotPublished(_))
+    }
 }
 
 async fn buy(State(state): State<AppState>, headers: HeaderMap, body: Body) -> Response {
-    let (label, response) = match accept(&state, &headers, body).await {
-        Ok(Answer::Accepted(key)) => (
-            "queued",
-            (
-                StatusCode::ACCEPTED,
-                Json(json!({"orderId": key, "status": "queued", "statusUrl": format!("/orders/{key}")})),
-            )
-                .into_response(),
-        ),
-        Ok(Answer::Repeat(view)) => ("duplicate", (StatusCode::OK, Json(view)).into_response()),
-        Ok(Answer::SoldOut(key)) => (
-            "rejected_sold_out",
-            (
-                StatusCode::CONFLICT,
-                Json(json!({"orderId": key, "status": "rejected", "reason": "sold_out"})),
-            )
-                .into_response(),
-        ),
-        Err(e) => (e.metric_label(), e.into_response()),
+    let Some(_pass) = state.buys.enter(state.limits.max_inflight) else {
+        metrics::counter!(ORDER_REQUESTS, "status" => "unavailable").increment(1);
+        return ApiError::Unavailable("the API is at capacity; retry later".into()).into_response();
     };
-    metrics::counter!(ORDER_REQUESTS, "status" => label).increment(1);
-    response
+    let answer = accept(&state, &headers, body).await;
+    let counted = answer.as_ref().is_ok_and(Answer::counted);
+    let label = match &answer {
+        Ok(a) => a.label(),
+        Err(e) => e.metric_label(),
+    };
+    if !counted {
+        metrics::counter!(ORDER_REQUESTS, "status" => label).increment(1);
+    }
+    match answer {
+        Ok(Answer::Accepted(key)) => (
+            StatusCode::ACCEPTED,
+            Json(json!({"orderId": key, "status": "queued", "statusUrl": format!("/orders/{key}")})),
+        )
+            .into_response(),
+        Ok(Answer::Repeat(view)) => (StatusCode::OK, Json(view)).into_response(),
+        Ok(Answer::SoldOut(key)) => (
+            StatusCode::CONFLICT,
+            Json(json!({"orderId": key, "status": "rejected", "reason": "sold_out"})),
+        )
+            .into_response(),
+        Ok(Answer::NotPublished(e)) | Err(e) => e.into_response(),
+    }
 }
 
-async fn read_body(headers: &HeaderMap, body: Body) -> Result<axum::body::Bytes, ApiError> {
+async fn read_body(
+    headers: &HeaderMap,
+    body: Body,
+    within: Duration,
+) -> Result<axum::body::Bytes, ApiError> {
     let too_large = ApiError::TooLarge {
         limit: MAX_BODY_BYTES,
     };
@@ -72,9 +99,11 @@ async fn read_body(headers: &HeaderMap, body: Body) -> Result<axum::body::Bytes,
     if declared.is_some_and(|n| n > MAX_BODY_BYTES as u64) {
         return Err(too_large);
     }
-    axum::body::to_bytes(body, MAX_BODY_BYTES)
-        .await
-        .map_err(|_| too_large)
+    match tokio::time::timeout(within, axum::body::to_bytes(body, MAX_BODY_BYTES)).await {
+        Ok(Ok(bytes)) => Ok(bytes),
+        Ok(Err(_)) => Err(too_large),
+        Err(_) => Err(ApiError::BodyTimeout(within)),
+    }
 }
 
 /// The request's key, or a fresh one (`false`: no earlier request can hold it).
@@ -92,7 +121,7 @@ fn idempotency_key(headers: &HeaderMap) -> Result<(IdempotencyKey, bool), ApiErr
 }
 
 async fn accept(state: &AppState, headers: &HeaderMap, body: Body) -> Result<Answer, ApiError> {
-    let bytes = read_body(headers, body).await?;
+    let bytes = read_body(headers, body, state.limits.body_timeout).await?;
     let (key, supplied) = idempotency_key(headers)?;
     let request = OrderRequest::parse(&bytes)?;
     let product = match state.catalog.lookup(request.product_id) {
@@ -116,7 +145,7 @@ async fn accept(state: &AppState, headers: &HeaderMap, body: Body) -> Result<Ans
         .into());
     }
     let record = AcceptRecord::pending(&request, Utc::now());
-    let redis_down = |e: flashsale_engine::seams::BackendFailed| ApiError::unavailable("Redis", e);
+    let redis_down = |e: BackendFailed| ApiError::unavailable("Redis", e);
     loop {
         let earlier = if product.stock == 0 {
             // Sold out: nothing is claimed or enqueued; only an earlier accept
@@ -155,33 +184,26 @@ async fn accept(state: &AppState, headers: &HeaderMap, body: Body) -> Result<Ans
     }
 }
 
-/// Waits while the key's first request is still publishing; `None` when it
-/// withdrew its claim.
+/// Waits while the key's first request is still publishing (one shared
+/// wait per key); `None` when it withdrew its claim.
 async fn settle(
     state: &AppState,
     key: &IdempotencyKey,
-    mut record: AcceptRecord,
+    record: AcceptRecord,
 ) -> Result<Option<AcceptRecord>, ApiError> {
-    let deadline = Instant::now() + SETTLE_WAIT;
-    while record.state == AcceptState::Pending {
-        if Instant::now() > deadline {
-            return Err(ApiError::unavailable(
-                "RabbitMQ",
-                "an earlier request with this key is still unconfirmed",
-            ));
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-        match state.accept_log.get(key.as_str()).await {
-            Ok(Some(r)) => record = r,
-            Ok(None) => return Ok(None),
-            Err(e) => return Err(ApiError::unavailable("Redis", e)),
-        }
+    if record.state != AcceptState::Pending {
+        return Ok(Some(record));
     }
-    Ok(Some(record))
+    state
+        .settling
+        .wait(&state.accept_log, key.as_str(), SETTLE_WAIT)
+        .await
+        .map_err(|e| ApiError::unavailable("Redis", e))
 }
 
 /// Claimed: publish and wait for the confirm. Runs in its own task so a
-/// client that hangs up cannot leave a published order unrecorded.
+/// client that hangs up cannot leave a published order unrecorded, and the
+/// outcome is counted there, where it is decided.
 async fn publish(
     state: &AppState,
     key: IdempotencyKey,
@@ -190,27 +212,51 @@ async fn publish(
 ) -> Result<Answer, ApiError> {
     let state = state.clone();
     let task = tokio::spawn(async move {
-        let message = OrderMessage::new(&key, &request, record.accepted_at);
-        let payload = serde_json::to_vec(&message).unwrap_or_default();
-        match state.queue.publish(key.as_str(), &payload).await {
-            Ok(()) => {
-                if let Err(e) = state.accept_log.mark_queued(&key, &record).await {
-                    // The order is in the queue; a repeat after the claim
-                    // expires is published again and booked once by the worker.
-                    tracing::warn!(order = %key, error = %e, "accepted, but not recorded in Redis");
-                }
-                Ok(Answer::Accepted(key))
-            }
-            Err(e) => {
-                if let Err(w) = state.accept_log.withdraw(&key, &record).await {
-                    tracing::warn!(order = %key, error = %w, "cannot withdraw claim; it expires");
-                }
-                Err(ApiError::unavailable("RabbitMQ", e))
-            }
-        }
+        let answer = publish_and_record(&state, key, &request, &record).await;
+        metrics::counter!(ORDER_REQUESTS, "status" => answer.label()).increment(1);
+        answer
     });
     task.await
-        .unwrap_or_else(|e| Err(ApiError::unavailable("API", e)))
+        .map_err(|e| ApiError::unavailable("API", e))
+}
+
+async fn publish_and_record(
+    state: &AppState,
+    key: IdempotencyKey,
+    request: &OrderRequest,
+    record: &AcceptRecord,
+) -> Answer {
+    let message = OrderMessage::new(&key, request, record.accepted_at);
+    let published = match serde_json::to_vec(&message) {
+        Ok(payload) => state
+            .queue
+            .publish(key.as_str(), &payload)
+            .await
+            .map_err(|e| ApiError::unavailable("RabbitMQ", e)),
+        Err(e) => Err(ApiError::unavailable("API", format!("cannot encode the order: {e}"))),
+    };
+    match published {
+        Ok(()) => {
+            let queued = AcceptRecord {
+                state: AcceptState::Queued,
+                ..record.clone()
+            };
+            if let Err(e) = state.accept_log.mark_queued(&key, record).await {
+                // The order is in the queue; a repeat after the claim
+                // expires is published again and booked once by the worker.
+                tracing::warn!(order = %key, error = %e, "accepted, but not recorded in Redis");
+            }
+            state.settling.settle(key.as_str(), Ok(Some(queued)));
+            Answer::Accepted(key)
+        }
+        Err(e) => {
+            if let Err(w) = state.accept_log.withdraw(&key, record).await {
+                tracing::warn!(order = %key, error = %w, "cannot withdraw claim; it expires");
+            }
+            state.settling.settle(key.as_str(), Ok(None));
+            Answer::NotPublished(e)
+        }
+    }
 }
 
 /// A repeat of an accepted key: the order as `GET /orders/{id}` shows it.

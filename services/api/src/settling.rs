@@ -1,0 +1,107 @@
+//! Concurrent repeats of one `Idempotency-Key` share one wait. While the
+//! key's first request is still publishing, every repeat that reaches this
+//! process subscribes to one watch per key: the publish task settles it at
+//! once when the first request is in this process, and one poller per key
+//! (with backoff) reads the accept log when it is in another. A thousand
+//! repeats cost a thousand subscriptions, not a thousand polling loops.
+
+use flashsale_engine::accept_log::{AcceptRecord, AcceptState};
+use flashsale_engine::seams::AcceptStore;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::watch;
+use tokio::time::Instant;
+
+/// How a pending key ended: accepted (the record), withdrawn (`None`), or
+/// unknown (the reason: Redis failed, or no outcome in time).
+pub type Settled = Result<Option<AcceptRecord>, String>;
+
+type Waiting = watch::Sender<Option<Settled>>;
+
+/// The keys this process is waiting on.
+#[derive(Default)]
+pub struct Settling {
+    waits: Mutex<HashMap<String, Waiting>>,
+}
+
+const FIRST_POLL: Duration = Duration::from_millis(2);
+const MAX_POLL: Duration = Duration::from_millis(50);
+
+impl Settling {
+    /// Waits (at most `patience`) until the key's first request settles.
+    pub async fn wait(
+        self: &Arc<Self>,
+        log: &Arc<dyn AcceptStore>,
+        key: &str,
+        patience: Duration,
+    ) -> Settled {
+        let mut settled = {
+            let mut waits = self.waits.lock().unwrap_or_else(|p| p.into_inner());
+            match waits.get(key) {
+                Some(waiting) => waiting.subscribe(),
+                None => {
+                    let (waiting, settled) = watch::channel(None);
+                    waits.insert(key.to_owned(), waiting.clone());
+                    tokio::spawn(Arc::clone(self).poll(
+                        Arc::clone(log),
+                        key.to_owned(),
+                        waiting,
+                        Instant::now() + patience,
+                    ));
+                    settled
+                }
+            }
+        };
+        match settled.wait_for(Option::is_some).await {
+            Ok(outcome) => outcome.clone().unwrap_or_else(|| Err("no outcome".into())),
+            Err(_) => Err("the wait for the first request ended".into()),
+        }
+    }
+
+    /// The key's first request, in this process, has its outcome.
+    pub fn settle(&self, key: &str, outcome: Settled) {
+        let waiting = self
+            .waits
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(key);
+        if let Some(waiting) = waiting {
+            waiting.send_replace(Some(outcome));
+        }
+    }
+
+    /// The one poller of a key: reads the accept log with backoff until the
+    /// record is no longer pending, the first request settles it here, or
+    /// the deadline passes.
+    async fn poll(
+        self: Arc<Self>,
+        log: Arc<dyn AcceptStore>,
+        key: String,
+        waiting: Waiting,
+        deadline: Instant,
+    ) {
+        let mut pause = FIRST_POLL;
+        let outcome = loop {
+            if waiting.borrow().is_some() {
+                return; // settled by the publish task
+            }
+            match log.get(&key).await {
+                Ok(Some(record)) if record.state == AcceptState::Pending => {}
+                Ok(found) => break Ok(found),
+                Err(e) => break Err(format!("Redis failed: {e}")),
+            }
+            if Instant::now() + pause > deadline {
+                break Err("an earlier request with this key is still unconfirmed".into());
+            }
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(MAX_POLL);
+        };
+        let mut waits = self.waits.lock().unwrap_or_else(|p| p.into_inner());
+        if waits.get(&key).is_some_and(|w| w.same_channel(&waiting)) {
+            waits.remove(&key);
+        }
+        drop(waits);
+        waiting.send_replace(Some(outcome));
+    }
+}
