@@ -187,6 +187,62 @@ fn compose_file_has_every_service_with_healthchecks_in_order() {
     );
 }
 
+#[test]
+fn compose_file_is_safe_by_default() {
+    let text = std::fs::read_to_string(repo().join("docker-compose.yml")).unwrap();
+    let mut compose: serde_yaml::Value = serde_yaml::from_str(&text).unwrap();
+    compose.apply_merge().unwrap();
+    let services = compose["services"].as_mapping().unwrap();
+    // Only the API is published on every interface; the operators' pages on loopback.
+    for (name, service) in services {
+        let Some(ports) = service.get("ports") else {
+            continue;
+        };
+        for port in ports.as_sequence().unwrap() {
+            let port = port.as_str().unwrap();
+            if name.as_str() == Some("api") {
+                continue;
+            }
+            assert!(
+                port.starts_with("127.0.0.1:"),
+                "{name:?} publishes {port} beyond loopback"
+            );
+        }
+    }
+    // RabbitMQ keeps its node name and its data (the accepted orders) across re-creation.
+    let rabbit = &services["rabbitmq"];
+    assert!(rabbit.get("hostname").is_some(), "rabbitmq has no fixed hostname");
+    let mounts: Vec<&str> = rabbit["volumes"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .filter_map(|v| v.as_str())
+        .collect();
+    assert!(
+        mounts.contains(&"rabbitmq-data:/var/lib/rabbitmq"),
+        "rabbitmq keeps its data in no named volume: {mounts:?}"
+    );
+    assert!(compose["volumes"].as_mapping().unwrap().contains_key("rabbitmq-data"));
+    // No lifecycle API, no working default password anywhere.
+    assert!(!text.contains("web.enable-lifecycle"), "Prometheus' lifecycle API is on");
+    for weak in ["guest:guest", "postgres:postgres@", "PASSWORD: admin", "PASS: guest"] {
+        assert!(!text.contains(weak), "a default password is set: {weak}");
+    }
+    for secret in [
+        "POSTGRES_PASSWORD:?",
+        "RABBITMQ_PASSWORD:?",
+        "GRAFANA_ADMIN_PASSWORD:?",
+    ] {
+        assert!(text.contains(secret), "{secret} is not required from .env");
+    }
+    let example = std::fs::read_to_string(repo().join(".env.example")).unwrap();
+    for line in example.lines().filter(|l| l.contains("PASSWORD=")) {
+        assert!(line.ends_with('='), "the example sets a password: {line}");
+    }
+    let ignored = std::fs::read_to_string(repo().join(".gitignore")).unwrap();
+    assert!(ignored.lines().any(|l| l.trim() == ".env"), ".env is not ignored by git");
+}
+
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()

@@ -160,6 +160,19 @@ pub async fn publish_confirmed(
     if let Some(h) = headers {
         props = props.with_headers(h);
     }
+    publish_with(channel, queue, payload, props).await
+}
+
+/// Publishes a mandatory message with these properties to `queue` and
+/// waits (at most [`CONFIRM_TIMEOUT`]) for its confirm. A returned message
+/// must carry this publish's `message_id`.
+pub async fn publish_with(
+    channel: &Channel,
+    queue: &str,
+    payload: &[u8],
+    props: BasicProperties,
+) -> Result<(), PublishError> {
+    let message_id = props.message_id().as_ref().map(|s| s.as_str().to_owned());
     let options = BasicPublishOptions {
         mandatory: true,
         ..Default::default()
@@ -176,10 +189,10 @@ pub async fn publish_confirmed(
         Ok(Ok(Confirmation::Ack(None))) => Ok(()),
         Ok(Ok(Confirmation::Ack(Some(returned)) | Confirmation::Nack(Some(returned)))) => {
             let id = returned.properties.message_id().as_ref().map(|s| s.as_str().to_owned());
-            if id.as_deref() != Some(message_id) {
+            if id != message_id {
                 // Never with one publish in flight per channel; either way
                 // this publish is not known to be accepted.
-                tracing::error!(returned = ?id, ours = message_id, "a returned message came back with another publish's confirm");
+                tracing::error!(returned = ?id, ours = ?message_id, "a returned message came back with another publish's confirm");
             }
             Err(PublishError::Returned)
         }

@@ -231,9 +231,18 @@ impl StockLedger {
     /// Puts the products back to a fresh state (their orders deleted, stock
     /// and limits as given; the fence is kept, never lowered). Returns the
     /// keys of the orders deleted.
+    ///
+    /// The product rows are locked first, in id order, as a worker's group
+    /// transaction locks its row first (the fence update): a commit cannot
+    /// slip in between the delete and the stock update, so invariant 1 holds
+    /// even when a reset is forced while workers run.
     pub async fn reset(&self, products: &[NewProduct]) -> Result<Vec<String>, sqlx::Error> {
         let mut tx = self.pool.begin().await?;
         let ids: Vec<i64> = products.iter().map(|p| p.id).collect();
+        sqlx::query("SELECT id FROM products WHERE id = ANY($1) ORDER BY id FOR UPDATE")
+            .bind(&ids)
+            .fetch_all(&mut *tx)
+            .await?;
         let deleted: Vec<String> = sqlx::query_scalar(
             "DELETE FROM orders WHERE product_id = ANY($1) RETURNING idempotency_key",
         )

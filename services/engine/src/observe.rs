@@ -1,14 +1,16 @@
 //! What a running deployment looks like from outside: queue depths (passive
 //! declares: no management plugin), workers (their heartbeats), product
-//! locks, and the dead-letter queue (peeked, never consumed). `fsctl
-//! inspect`, `verify` and `top` read through here.
+//! locks, and the dead-letter queue (peeked: nothing is lost or hidden).
+//! `fsctl inspect`, `verify` and `top` read through here.
 
 use crate::broker::{self, BrokerError, REASON_HEADER};
 use crate::config::Namespace;
 use crate::redis_conn::timed;
 use chrono::Utc;
-use lapin::options::{BasicGetOptions, BasicNackOptions};
-use lapin::types::AMQPValue;
+use lapin::options::{
+    BasicAckOptions, BasicGetOptions, BasicNackOptions, ConfirmSelectOptions, QueueDeclareOptions,
+};
+use lapin::types::{AMQPValue, FieldTable};
 use redis::aio::ConnectionManager;
 use serde::Serialize;
 use std::collections::HashMap;
@@ -17,9 +19,8 @@ use std::time::Duration;
 /// Heartbeats older than this are from a worker that is gone.
 pub const HEARTBEAT_TTL_SECONDS: f64 = 5.0;
 
-/// How long a peek waits for the broker to count its dead letters ready again
-/// (someone else may have consumed them meanwhile, so it cannot wait forever).
-const PEEK_RETURN_WAIT: Duration = Duration::from_secs(2);
+/// How long a peek waits for another peek of the same DLQ to finish.
+const PEEK_TURN_WAIT: Duration = Duration::from_secs(30);
 
 /// Ready messages and consumers of the order queue and the DLQ.
 #[derive(Debug, Clone, Default, Serialize)]
@@ -171,11 +172,19 @@ pub async fn locks(redis: &ConnectionManager, ns: &Namespace) -> redis::RedisRes
     Ok(out)
 }
 
-/// The first `limit` dead letters, read without consuming them: they are
-/// taken unacked, handed back with one requeueing nack, and the peek returns
-/// only once the broker counts them ready again (a quorum queue requeues
-/// asynchronously; without the wait, a peek right after this one could find
-/// the queue empty).
+/// The first `limit` dead letters, read without losing or hiding any.
+///
+/// A requeue cannot serve: RabbitMQ 4.x counts a requeue of a quorum queue
+/// message toward its delivery limit (20 by default, and the DLQ has no
+/// dead-letter target of its own), so repeated peeks would end up dropping
+/// dead letters. Instead each one is taken unacked, a copy (same body and
+/// properties, the reason kept in `x-flashsale-reason`) is published back
+/// to the DLQ and confirmed, and only then is the original acked: at any
+/// instant the message is in the queue, so a peek that dies midway loses
+/// nothing (at worst the dead letter is there twice). The copy starts
+/// with no delivery count. Peeks take turns: each holds the exclusive
+/// queue `<ns>.orders.dlq.peek` while it reads, so two at once cannot
+/// hide messages from each other.
 pub async fn peek_dead_letters(
     amqp_url: &str,
     ns: &Namespace,
@@ -183,22 +192,17 @@ pub async fn peek_dead_letters(
 ) -> Result<Vec<DeadLetter>, BrokerError> {
     let conn = broker::connect(amqp_url, "fsctl").await?;
     let result = async {
-        let channel = conn.create_channel().await?;
+        let channel = take_peek_turn(&conn, ns).await?;
         broker::declare_queues(&channel, ns).await?;
         let dlq = ns.dead_letter_queue();
-        let (ready_before, _) = broker::queue_stats(&channel, &dlq).await?;
+        let (ready, _) = broker::queue_stats(&channel, &dlq).await?;
         let mut out = Vec::new();
-        let mut last_tag = None;
-        while out.len() < limit {
+        while out.len() < limit.min(ready as usize) {
             let got = channel
-                .basic_get(
-                    ns.dead_letter_queue().into(),
-                    BasicGetOptions { no_ack: false },
-                )
+                .basic_get(dlq.as_str().into(), BasicGetOptions { no_ack: false })
                 .await?;
             let Some(got) = got else { break };
             let d = got.delivery;
-            last_tag = Some(d.delivery_tag);
             // Our own reason, or RabbitMQ's (`delivery_limit`) for the queue's own.
             let reason = d.properties.headers().as_ref().and_then(|h| {
                 let h = h.inner();
@@ -206,6 +210,23 @@ pub async fn peek_dead_letters(
                     .or_else(|| h.get("x-first-death-reason"))
                     .and_then(text)
             });
+            let mut headers = d.properties.headers().clone().unwrap_or_default();
+            if let Some(r) = &reason {
+                headers.insert(REASON_HEADER.into(), AMQPValue::LongString(r.as_str().into()));
+            }
+            let copy = d.properties.clone().with_headers(headers);
+            if let Err(e) = broker::publish_with(&channel, &dlq, &d.data, copy).await {
+                // The original stays: hand it back and report the failure.
+                let back = BasicNackOptions {
+                    multiple: false,
+                    requeue: true,
+                };
+                let _ = d.acker.nack(back).await;
+                return Err(lapin::Error::from(std::io::Error::other(format!(
+                    "cannot put a copy of a dead letter back: {e}"
+                ))));
+            }
+            d.acker.ack(BasicAckOptions::default()).await?;
             out.push(DeadLetter {
                 message_id: d
                     .properties
@@ -216,24 +237,43 @@ pub async fn peek_dead_letters(
                 body: String::from_utf8_lossy(&d.data).into_owned(),
             });
         }
-        if let Some(tag) = last_tag {
-            let all_back = BasicNackOptions {
-                multiple: true,
-                requeue: true,
-            };
-            channel.basic_nack(tag, all_back).await?;
-            let deadline = tokio::time::Instant::now() + PEEK_RETURN_WAIT;
-            while broker::queue_stats(&channel, &dlq).await?.0 < ready_before
-                && tokio::time::Instant::now() < deadline
-            {
-                tokio::time::sleep(Duration::from_millis(10)).await;
-            }
-        }
         Ok::<_, lapin::Error>(out)
     }
     .await;
     let _ = conn.close(200, "peeked".into()).await;
     Ok(result?)
+}
+
+/// A confirm-mode channel holding the DLQ's peek turn (an exclusive queue);
+/// waits while another peek holds it.
+async fn take_peek_turn(conn: &lapin::Connection, ns: &Namespace) -> Result<lapin::Channel, lapin::Error> {
+    let turn = format!("{}.peek", ns.dead_letter_queue());
+    let deadline = tokio::time::Instant::now() + PEEK_TURN_WAIT;
+    loop {
+        let channel = conn.create_channel().await?;
+        let exclusive = QueueDeclareOptions {
+            exclusive: true,
+            auto_delete: true,
+            ..Default::default()
+        };
+        match channel
+            .queue_declare(turn.as_str().into(), exclusive, FieldTable::default())
+            .await
+        {
+            Ok(_) => {
+                channel
+                    .confirm_select(ConfirmSelectOptions::default())
+                    .await?;
+                return Ok(channel);
+            }
+            // RESOURCE_LOCKED: another peek holds the turn (the channel is closed).
+            Err(e) if tokio::time::Instant::now() < deadline => {
+                tracing::debug!(error = %e, "another peek of the DLQ is running; waiting");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(e) => return Err(e),
+        }
+    }
 }
 
 fn text(value: &AMQPValue) -> Option<String> {
