@@ -376,8 +376,8 @@ async fn engine(
         }])
         .await?;
     let app = Application::build(ApiConfig::new(b.clone(), "127.0.0.1:0"))
-    .await
-    .map_err(Failure::unreachable)?;
+        .await
+        .map_err(Failure::unreachable)?;
     let api = format!("http://{}", app.local_addr()?);
     let stop_api = CancellationToken::new();
     let until = stop_api.clone();

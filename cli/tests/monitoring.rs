@@ -211,7 +211,10 @@ fn compose_file_is_safe_by_default() {
     }
     // RabbitMQ keeps its node name and its data (the accepted orders) across re-creation.
     let rabbit = &services["rabbitmq"];
-    assert!(rabbit.get("hostname").is_some(), "rabbitmq has no fixed hostname");
+    assert!(
+        rabbit.get("hostname").is_some(),
+        "rabbitmq has no fixed hostname"
+    );
     let mounts: Vec<&str> = rabbit["volumes"]
         .as_sequence()
         .unwrap()
@@ -222,10 +225,23 @@ fn compose_file_is_safe_by_default() {
         mounts.contains(&"rabbitmq-data:/var/lib/rabbitmq"),
         "rabbitmq keeps its data in no named volume: {mounts:?}"
     );
-    assert!(compose["volumes"].as_mapping().unwrap().contains_key("rabbitmq-data"));
+    assert!(
+        compose["volumes"]
+            .as_mapping()
+            .unwrap()
+            .contains_key("rabbitmq-data")
+    );
     // No lifecycle API, no working default password anywhere.
-    assert!(!text.contains("web.enable-lifecycle"), "Prometheus' lifecycle API is on");
-    for weak in ["guest:guest", "postgres:postgres@", "PASSWORD: admin", "PASS: guest"] {
+    assert!(
+        !text.contains("web.enable-lifecycle"),
+        "Prometheus' lifecycle API is on"
+    );
+    for weak in [
+        "guest:guest",
+        "postgres:postgres@",
+        "PASSWORD: admin",
+        "PASS: guest",
+    ] {
         assert!(!text.contains(weak), "a default password is set: {weak}");
     }
     for secret in [
@@ -240,7 +256,10 @@ fn compose_file_is_safe_by_default() {
         assert!(line.ends_with('='), "the example sets a password: {line}");
     }
     let ignored = std::fs::read_to_string(repo().join(".gitignore")).unwrap();
-    assert!(ignored.lines().any(|l| l.trim() == ".env"), ".env is not ignored by git");
+    assert!(
+        ignored.lines().any(|l| l.trim() == ".env"),
+        ".env is not ignored by git"
+    );
 }
 
 fn free_port() -> u16 {

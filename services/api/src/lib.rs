@@ -11,8 +11,8 @@ pub mod state;
 
 use axum::Router;
 use flashsale_engine::BackendUrls;
-use state::AppState;
 use flashsale_engine::config::parse_duration;
+use state::AppState;
 use std::net::SocketAddr;
 use std::time::Duration;
 use tokio::net::TcpListener;

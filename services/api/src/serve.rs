@@ -112,6 +112,8 @@ struct Activity {
     head_started_ms: AtomicU64,
     /// Requests dispatched and not yet answered.
     in_flight: AtomicUsize,
+    /// Wakes the watchdog when a head starts: its deadline moved closer.
+    head_began: tokio::sync::Notify,
 }
 
 impl Activity {
@@ -123,12 +125,12 @@ impl Activity {
     fn bytes_read(&self) {
         if self.in_flight.load(Ordering::Acquire) == 0 {
             let now = self.now_ms() + 1;
-            let _ = self.head_started_ms.compare_exchange(
-                0,
-                now,
-                Ordering::AcqRel,
-                Ordering::Relaxed,
-            );
+            let began =
+                self.head_started_ms
+                    .compare_exchange(0, now, Ordering::AcqRel, Ordering::Relaxed);
+            if began.is_ok() {
+                self.head_began.notify_one();
+            }
         }
     }
 
@@ -168,6 +170,7 @@ async fn serve_connection(
         last_done_ms: AtomicU64::new(0),
         head_started_ms: AtomicU64::new(0),
         in_flight: AtomicUsize::new(0),
+        head_began: tokio::sync::Notify::new(),
     });
     let io = TokioIo::new(Watched {
         inner: tcp,
@@ -208,6 +211,7 @@ async fn serve_connection(
                     connection.as_mut().graceful_shutdown();
                 }
             }
+            () = activity.head_began.notified() => {}
             () = sleep_until(deadline) => {
                 // Still past it (no byte and no request moved it): close.
                 if activity.deadline(&limits).is_some_and(|d| d <= Instant::now()) {
@@ -284,5 +288,151 @@ impl AsyncWrite for Watched {
 
     fn is_write_vectored(&self) -> bool {
         self.inner.is_write_vectored()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use axum::routing::get;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    const GET: &[u8] = b"GET /hi HTTP/1.1\r\nHost: test\r\n\r\n";
+
+    async fn server(limits: ConnectionLimits) -> (SocketAddr, watch::Sender<bool>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let router = Router::new().route("/hi", get(|| async { "hi" }));
+        let (stop, mut stopped) = watch::channel(false);
+        tokio::spawn(serve(listener, router, limits, async move {
+            let _ = stopped.wait_for(|s| *s).await;
+        }));
+        (addr, stop)
+    }
+
+    fn limits(header: u64, idle: u64, max_connections: usize) -> ConnectionLimits {
+        ConnectionLimits {
+            header_timeout: Duration::from_millis(header),
+            idle_timeout: Duration::from_millis(idle),
+            max_connections,
+        }
+    }
+
+    /// Reads until the peer closes; the time it took, or `None` if still open after `wait`.
+    async fn closed_within(tcp: &mut TcpStream, wait: Duration) -> Option<Duration> {
+        let started = Instant::now();
+        let mut buf = [0u8; 1024];
+        tokio::time::timeout(wait, async {
+            loop {
+                match tcp.read(&mut buf).await {
+                    Ok(0) | Err(_) => return started.elapsed(),
+                    Ok(_) => {}
+                }
+            }
+        })
+        .await
+        .ok()
+    }
+
+    async fn answered(tcp: &mut TcpStream) -> String {
+        let mut buf = vec![0u8; 1024];
+        let n = tcp.read(&mut buf).await.unwrap();
+        String::from_utf8_lossy(&buf[..n]).into_owned()
+    }
+
+    #[tokio::test]
+    async fn a_half_sent_head_is_closed_after_the_header_timeout() {
+        let (addr, _stop) = server(limits(300, 60_000, 100)).await;
+        let mut slow = TcpStream::connect(addr).await.unwrap();
+        slow.write_all(b"POST /buy HTTP/1.1\r\nHost: test\r\n")
+            .await
+            .unwrap();
+        let took = closed_within(&mut slow, Duration::from_secs(5)).await;
+        let took = took.expect("a half-sent head was never closed");
+        assert!(
+            took >= Duration::from_millis(250),
+            "closed too early: {took:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn an_idle_keep_alive_connection_lives_past_the_header_timeout_until_the_idle_timeout() {
+        let (addr, _stop) = server(limits(200, 900, 100)).await;
+        let mut tcp = TcpStream::connect(addr).await.unwrap();
+        tcp.write_all(GET).await.unwrap();
+        assert!(answered(&mut tcp).await.starts_with("HTTP/1.1 200"));
+        // Idle, not half-sent: the header timeout does not apply.
+        assert!(
+            closed_within(&mut tcp, Duration::from_millis(500))
+                .await
+                .is_none()
+        );
+        tcp.write_all(GET).await.unwrap();
+        assert!(answered(&mut tcp).await.starts_with("HTTP/1.1 200"));
+        let took = closed_within(&mut tcp, Duration::from_secs(5)).await;
+        let took = took.expect("an idle connection was never closed");
+        assert!(
+            took >= Duration::from_millis(800),
+            "closed too early: {took:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn connections_beyond_the_cap_wait_until_one_closes() {
+        let (addr, _stop) = server(limits(10_000, 60_000, 2)).await;
+        let mut first = TcpStream::connect(addr).await.unwrap();
+        let mut second = TcpStream::connect(addr).await.unwrap();
+        for tcp in [&mut first, &mut second] {
+            tcp.write_all(GET).await.unwrap();
+            assert!(answered(tcp).await.starts_with("HTTP/1.1 200"));
+        }
+        // The kernel completes the handshake, but nobody serves the third.
+        let mut third = TcpStream::connect(addr).await.unwrap();
+        third.write_all(GET).await.unwrap();
+        let mut buf = [0u8; 64];
+        let early = tokio::time::timeout(Duration::from_millis(300), third.read(&mut buf)).await;
+        assert!(early.is_err(), "a connection beyond the cap was served");
+        drop(first);
+        let late = tokio::time::timeout(Duration::from_secs(5), answered(&mut third)).await;
+        assert!(late.unwrap().starts_with("HTTP/1.1 200"));
+    }
+
+    #[tokio::test]
+    async fn shutdown_lets_the_request_in_progress_finish() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let router = Router::new().route(
+            "/slow",
+            get(|| async {
+                tokio::time::sleep(Duration::from_millis(300)).await;
+                "done"
+            }),
+        );
+        let (stop, mut stopped) = watch::channel(false);
+        let served = tokio::spawn(serve(
+            listener,
+            router,
+            limits(10_000, 60_000, 10),
+            async move {
+                let _ = stopped.wait_for(|s| *s).await;
+            },
+        ));
+        let mut tcp = TcpStream::connect(addr).await.unwrap();
+        tcp.write_all(b"GET /slow HTTP/1.1\r\nHost: test\r\n\r\n")
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        stop.send(true).unwrap();
+        let answer = answered(&mut tcp).await;
+        assert!(
+            answer.starts_with("HTTP/1.1 200") && answer.ends_with("done"),
+            "{answer}"
+        );
+        tokio::time::timeout(Duration::from_secs(5), served)
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
     }
 }

@@ -530,3 +530,240 @@ async fn worker_keeps_its_deliveries_while_postgres_is_away() {
     env.assert_invariants().await;
     env.finish().await;
 }
+
+fn message_as(key: &str, user: &str, product: i64) -> Vec<u8> {
+    serde_json::to_vec(&json!({
+        "orderId": key, "userId": user, "productId": product, "quantity": 1,
+        "acceptedAt": Utc::now(),
+    }))
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_order_postgres_refuses_is_dead_lettered_and_the_rest_of_its_batch_commits() {
+    let mut env = common::env().await;
+    env.seed(1, 100, None).await;
+    // PostgreSQL refuses one buyer's rows as data (SQLSTATE 23514), as it
+    // would any row it cannot store: a permanent fault for that order alone.
+    sqlx::query(
+        "ALTER TABLE orders ADD CONSTRAINT test_refused_buyer CHECK (user_id <> 'refused-buyer')",
+    )
+    .execute(&env.pool)
+    .await
+    .unwrap();
+    let mut batch = Vec::new();
+    let mut good = Vec::new();
+    for i in 0..50 {
+        if i == 25 {
+            batch.push((
+                "refused-1".to_owned(),
+                message_as("refused-1", "refused-buyer", 1),
+            ));
+            // Decodable JSON, but a NUL in userId: refused when decoded.
+            batch.push(("nul-1".to_owned(), message_as("nul-1", "a\u{0}b", 1)));
+        }
+        let key = format!("good-{i}");
+        batch.push((key.clone(), message_as(&key, &format!("u{i}"), 1)));
+        good.push(key);
+    }
+    env.publish_raw_all(&batch).await;
+    // Started after: the whole lot arrives as one batch.
+    env.start_worker().await;
+    env.wait_for_rows(&good).await;
+    assert_eq!(env.stock(1).await, 50);
+
+    let mut dead = env.dead_letters(2).await;
+    dead.sort();
+    assert_eq!(dead.len(), 2, "{dead:?}");
+    assert_eq!(dead[0].0, "nul-1");
+    assert!(dead[0].1.contains("userId"), "{dead:?}");
+    assert_eq!(dead[1].0, "refused-1");
+    assert!(dead[1].1.contains("refused by PostgreSQL"), "{dead:?}");
+    assert_eq!(env.queue_depth(false).await, 0);
+
+    // The worker goes on consuming.
+    let after: Vec<(String, Vec<u8>)> = (0..5)
+        .map(|i| {
+            (
+                format!("after-{i}"),
+                message_as(&format!("after-{i}"), "v", 1),
+            )
+        })
+        .collect();
+    env.publish_raw_all(&after).await;
+    let keys: Vec<String> = after.iter().map(|(k, _)| k.clone()).collect();
+    env.wait_for_rows(&keys).await;
+    assert_eq!(
+        env.count("SELECT count(*) FROM orders WHERE idempotency_key IN ('refused-1', 'nul-1')")
+            .await,
+        0
+    );
+    // A second look at the DLQ finds the same two (a look neither loses nor hides).
+    assert_eq!(env.dead_letters(2).await.len(), 2);
+    env.assert_invariants().await;
+    env.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_silent_postgres_times_the_group_out_and_it_applies_once_the_peer_is_back() {
+    let mut env = common::env().await;
+    env.seed(1, 100, None).await;
+    let api = env.start_api().await;
+    let forwarder = Forwarder::start(common::postgres_target()).await;
+    let mut backends = env.backends();
+    backends.database_url = flashsale_engine::scratch::with_database(
+        &format!("postgres://postgres@{}", forwarder.addr),
+        &env.scratch.database,
+    );
+    env.start_worker_with(backends).await;
+    let warm = env.storm(&api, 1, 5, 5, |i| format!("w{i}")).await;
+    let mut keys: Vec<String> = warm.iter().map(|a| a.key.clone()).collect();
+    env.wait_for_rows(&keys).await;
+
+    // PostgreSQL goes silent: its connections stay open and answer nothing.
+    forwarder.go_silent();
+    let answers = env.storm(&api, 1, 10, 10, |i| format!("s{i}")).await;
+    assert!(answers.iter().all(|a| a.status == StatusCode::ACCEPTED));
+    keys.extend(answers.iter().map(|a| a.key.clone()));
+    // Long enough for the group's deadline to pass at least once.
+    tokio::time::sleep(flashsale_engine::ledger::TRANSACTION_DEADLINE + Duration::from_secs(2))
+        .await;
+    assert_eq!(env.count("SELECT count(*) FROM orders").await, 5);
+    assert_eq!(env.queue_depth(true).await, 0, "an order was dead-lettered");
+
+    // New connections answer again; the silent ones stay silent for good.
+    forwarder.restore();
+    env.wait_for_rows(&keys).await;
+    assert_eq!(env.stock(1).await, 85);
+    env.assert_invariants().await;
+    env.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_reset_forced_while_workers_commit_keeps_the_books() {
+    use flashsale_engine::ledger::NewProduct;
+    let mut env = common::env().await;
+    env.seed(1, 1_000_000, None).await;
+    let api = env.start_api().await;
+    env.start_worker().await;
+    env.start_worker().await;
+    let ledger = StockLedger::new(env.pool.clone());
+    let product = NewProduct {
+        id: 1,
+        name: "product 1".into(),
+        stock: 1_000_000,
+        max_per_order: 10,
+        per_user_limit: None,
+    };
+    let buying = async {
+        for round in 0..8 {
+            env.storm(&api, 1, 300, 50, |i| format!("r{round}-{i}"))
+                .await;
+        }
+    };
+    let resetting = async {
+        for _ in 0..40 {
+            ledger.reset(std::slice::from_ref(&product)).await.unwrap();
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    };
+    tokio::join!(buying, resetting);
+    // Let the workers drain what is queued, then check the books.
+    for _ in 0..100 {
+        if env.queue_depth(false).await == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    env.assert_invariants().await;
+    env.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_returned_publish_is_never_a_202_and_the_other_answers_stay_true() {
+    use futures_util::StreamExt;
+    use lapin::options::{BasicConsumeOptions, QueueDeleteOptions};
+    let mut env = common::env().await;
+    env.seed(1, 1_000_000, None).await;
+    let api = env.start_api().await;
+    // A consumer of our own records every message that reached the queue.
+    let conn = flashsale_engine::broker::connect(&env.backends().amqp_url, "test-recorder")
+        .await
+        .unwrap();
+    let channel = conn.create_channel().await.unwrap();
+    let queue = env.backends().namespace().orders_queue();
+    let mut consumer = channel
+        .basic_consume(
+            queue.as_str().into(),
+            "recorder".into(),
+            BasicConsumeOptions {
+                no_ack: true,
+                ..Default::default()
+            },
+            lapin::types::FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    let recorded = tokio::spawn(async move {
+        let mut ids = std::collections::HashSet::new();
+        while let Some(Ok(d)) = consumer.next().await {
+            if let Some(id) = d.properties.message_id() {
+                ids.insert(id.as_str().to_owned());
+            }
+        }
+        ids
+    });
+    let deleter = async {
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        // Quorum queues cannot be deleted "if empty": the messages the
+        // recorder had not received yet go with the queue, and are counted.
+        let admin = conn.create_channel().await.unwrap();
+        admin
+            .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
+            .await
+            .unwrap()
+    };
+    let (answers, deleted_unread) =
+        tokio::join!(env.storm(&api, 1, 3000, 200, |i| format!("u{i}")), deleter);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let _ = conn.close(200, "done".into()).await;
+    let reached = recorded.await.unwrap();
+    let accepted: Vec<&String> = answers
+        .iter()
+        .filter(|a| a.status == StatusCode::ACCEPTED)
+        .map(|a| &a.key)
+        .collect();
+    let refused = answers
+        .iter()
+        .filter(|a| a.status == StatusCode::SERVICE_UNAVAILABLE)
+        .count();
+    assert!(
+        !accepted.is_empty() && refused > 0,
+        "{} accepted, {refused} refused",
+        accepted.len()
+    );
+    assert_eq!(
+        accepted.len() + refused,
+        answers.len(),
+        "an unexpected status"
+    );
+    // A 202 the recorder never saw can only be one deleted with the queue.
+    let unseen = accepted.iter().filter(|k| !reached.contains(**k)).count();
+    assert!(
+        unseen <= deleted_unread as usize,
+        "{unseen} answered 202 never reached the queue ({deleted_unread} went with it)"
+    );
+    for a in &answers {
+        if reached.contains(&a.key) {
+            assert_eq!(
+                a.status,
+                StatusCode::ACCEPTED,
+                "{} reached the queue but was answered {}",
+                a.key,
+                a.status
+            );
+        }
+    }
+    env.finish().await;
+}

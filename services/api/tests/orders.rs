@@ -4,6 +4,7 @@
 
 use flashsale_testkit as common;
 
+use futures_util::StreamExt;
 use reqwest::StatusCode;
 use serde_json::json;
 use std::collections::HashMap;
@@ -242,6 +243,34 @@ async fn bad_input_is_refused_and_changes_nothing() {
             "userId",
         ),
         (
+            "NUL in userId",
+            None,
+            r#"{"userId":"a\u0000b","productId":1,"quantity":1}"#.into(),
+            400,
+            "userId",
+        ),
+        (
+            "BEL in userId",
+            None,
+            r#"{"userId":"bell\u0007","productId":1,"quantity":1}"#.into(),
+            400,
+            "userId",
+        ),
+        (
+            "DEL in userId",
+            None,
+            r#"{"userId":"x\u007f","productId":1,"quantity":1}"#.into(),
+            400,
+            "userId",
+        ),
+        (
+            "C1 control (NEL) in userId",
+            None,
+            r#"{"userId":"x\u0085y","productId":1,"quantity":1}"#.into(),
+            400,
+            "userId",
+        ),
+        (
             "userId number",
             None,
             r#"{"userId":7,"productId":1,"quantity":1}"#.into(),
@@ -433,5 +462,192 @@ async fn many_products_at_once_each_sell_exactly_their_stock() {
     assert_eq!(sold.len(), 20);
     assert!(sold.iter().all(|(_, units)| *units == 10), "{sold:?}");
     env.assert_invariants().await;
+    env.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_thousand_concurrent_repeats_of_one_key_book_once() {
+    let mut env = common::env().await;
+    env.seed(1, 10, None).await;
+    let api = env.start_api().await;
+    let body = json!({"userId": "u1", "productId": 1, "quantity": 1});
+    let answers: Vec<common::Answer> = futures_util::stream::iter(0..1000)
+        .map(|_| env.buy(&api, Some("one-key"), body.clone()))
+        .buffer_unordered(1000)
+        .collect()
+        .await;
+    let mut by_status: HashMap<u16, usize> = HashMap::new();
+    for a in &answers {
+        *by_status.entry(a.status.as_u16()).or_default() += 1;
+    }
+    assert_eq!(by_status.get(&202), Some(&1), "{by_status:?}");
+    assert_eq!(by_status.get(&200), Some(&999), "{by_status:?}");
+    env.start_worker().await;
+    env.wait_for_rows(&["one-key".to_owned()]).await;
+    assert_eq!(env.count("SELECT count(*) FROM orders").await, 1);
+    assert_eq!(env.stock(1).await, 9);
+    env.finish().await;
+}
+
+/// Latency of `n` sequential buys, sorted.
+async fn buy_latencies(env: &common::TestEnv, api: &str, n: usize, tag: &str) -> Vec<Duration> {
+    let mut out = Vec::with_capacity(n);
+    for i in 0..n {
+        let started = std::time::Instant::now();
+        let a = env
+            .buy(
+                api,
+                Some(&format!("{tag}-{i}")),
+                json!({"userId": "u", "productId": 1, "quantity": 1}),
+            )
+            .await;
+        assert_eq!(a.status, StatusCode::ACCEPTED);
+        out.push(started.elapsed());
+    }
+    out.sort();
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn slow_loris_heads_neither_slow_buyers_nor_stay_open() {
+    let mut env = common::env().await;
+    env.seed(1, 1_000_000, None).await;
+    let mut config = flashsale_api::ApiConfig::new(env.backends(), "127.0.0.1:0");
+    config.limits.header_timeout = Duration::from_secs(3);
+    let api = env.start_api_config(config, true).await;
+    let addr = api.trim_start_matches("http://").to_owned();
+    let p99 = |l: &[Duration]| l[l.len() * 99 / 100];
+    let quiet = buy_latencies(&env, &api, 200, "quiet").await;
+
+    // 1,500 connections that send half a head and then nothing.
+    let opening = std::time::Instant::now();
+    let mut loris = Vec::new();
+    for _ in 0..1500 {
+        let mut tcp = tokio::net::TcpStream::connect(&addr).await.unwrap();
+        tcp.write_all(b"POST /buy HTTP/1.1\r\nHost: x\r\nContent-Type: appli")
+            .await
+            .unwrap();
+        loris.push(tcp);
+    }
+    let sent = std::time::Instant::now();
+    let busy = buy_latencies(&env, &api, 200, "busy").await;
+    assert!(
+        p99(&busy) <= p99(&quiet) * 3 + Duration::from_millis(50),
+        "buyers' p99 went from {:?} to {:?} with 1,500 slow heads",
+        p99(&quiet),
+        p99(&busy)
+    );
+
+    // Every one is closed by the server once the header timeout passes.
+    let closed = futures_util::stream::iter(loris)
+        .map(|mut tcp| async move {
+            let mut buf = [0u8; 256];
+            loop {
+                match tcp.read(&mut buf).await {
+                    Ok(0) | Err(_) => return std::time::Instant::now(),
+                    Ok(_) => {}
+                }
+            }
+        })
+        .buffer_unordered(1500)
+        .collect::<Vec<_>>();
+    let closed = tokio::time::timeout(Duration::from_secs(15), closed)
+        .await
+        .expect("slow heads still open 15 s later");
+    let first = closed.iter().min().unwrap().duration_since(opening);
+    let last = closed.iter().max().unwrap().duration_since(sent);
+    assert!(
+        first >= Duration::from_millis(2900),
+        "a slow head was closed after {first:?}, before the 3 s timeout"
+    );
+    assert!(
+        last <= Duration::from_secs(5),
+        "the last slow head was closed {last:?} after it was sent"
+    );
+    env.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_body_that_never_arrives_is_answered_408() {
+    let mut env = common::env().await;
+    env.seed(1, 10, None).await;
+    let mut config = flashsale_api::ApiConfig::new(env.backends(), "127.0.0.1:0");
+    config.limits.body_timeout = Duration::from_millis(500);
+    let api = env.start_api_config(config, true).await;
+    let mut raw = tokio::net::TcpStream::connect(api.trim_start_matches("http://"))
+        .await
+        .unwrap();
+    raw.write_all(
+        b"POST /buy HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 60\r\n\r\n{\"userId\":",
+    )
+    .await
+    .unwrap();
+    let mut reply = vec![0u8; 4096];
+    let n = tokio::time::timeout(Duration::from_secs(5), raw.read(&mut reply))
+        .await
+        .expect("no answer to a body that never arrived")
+        .unwrap();
+    let reply = String::from_utf8_lossy(&reply[..n]);
+    assert!(reply.starts_with("HTTP/1.1 408"), "{reply}");
+    assert!(reply.contains("request_timeout"), "{reply}");
+    assert_eq!(env.queue_depth(false).await, 0);
+    env.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn buys_beyond_the_inflight_limit_are_shed_at_once() {
+    let mut env = common::env().await;
+    env.seed(1, 100, None).await;
+    // A broker that goes silent keeps the first buys waiting for their confirm.
+    let forwarder = common::Forwarder::start(common::amqp_target()).await;
+    let mut config = flashsale_api::ApiConfig::new(env.backends(), "127.0.0.1:0");
+    config.backends.amqp_url = forwarder.amqp_url();
+    config.limits.max_inflight = 5;
+    let api = env.start_api_config(config, true).await;
+    forwarder.go_silent();
+    let body = |i: usize| json!({"userId": format!("u{i}"), "productId": 1, "quantity": 1});
+    let answers: Vec<(Duration, common::Answer)> = futures_util::stream::iter(0..25)
+        .map(|i| {
+            let env = &env;
+            let api = &api;
+            async move {
+                let started = std::time::Instant::now();
+                let a = env.buy(api, Some(&format!("shed-{i}")), body(i)).await;
+                (started.elapsed(), a)
+            }
+        })
+        .buffer_unordered(25)
+        .collect()
+        .await;
+    let shed = answers
+        .iter()
+        .filter(|(took, a)| {
+            a.status == StatusCode::SERVICE_UNAVAILABLE && *took < Duration::from_secs(1)
+        })
+        .count();
+    assert!(shed >= 20, "only {shed} of 25 were shed at once");
+    for (_, a) in &answers {
+        assert_eq!(a.status, StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(a.body["error"]["code"], "unavailable");
+        assert!(a.retry_after.is_some(), "503 without Retry-After");
+    }
+    let metrics = env
+        .http
+        .get(format!("{api}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let unavailable: f64 = metrics
+        .lines()
+        .find(|l| {
+            l.starts_with("flashsale_order_requests_total") && l.contains("status=\"unavailable\"")
+        })
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0);
+    assert!(unavailable >= 25.0, "shed buys not counted: {unavailable}");
     env.finish().await;
 }

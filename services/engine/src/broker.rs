@@ -188,7 +188,11 @@ pub async fn publish_with(
         Ok(Err(e)) => Err(PublishError::Channel(e)),
         Ok(Ok(Confirmation::Ack(None))) => Ok(()),
         Ok(Ok(Confirmation::Ack(Some(returned)) | Confirmation::Nack(Some(returned)))) => {
-            let id = returned.properties.message_id().as_ref().map(|s| s.as_str().to_owned());
+            let id = returned
+                .properties
+                .message_id()
+                .as_ref()
+                .map(|s| s.as_str().to_owned());
             if id != message_id {
                 // Never with one publish in flight per channel; either way
                 // this publish is not known to be accepted.
@@ -319,7 +323,9 @@ impl OrderPublisher {
             // A confirm may still come on it: never reuse it.
             Err(PublishError::Timeout(_)) => {
                 tokio::spawn(async move {
-                    let _ = tokio::time::timeout(CALL_TIMEOUT, channel.close(200, "timed out".into())).await;
+                    let _ =
+                        tokio::time::timeout(CALL_TIMEOUT, channel.close(200, "timed out".into()))
+                            .await;
                 });
             }
             Err(_) => self.state.kick.notify_one(),

@@ -306,7 +306,10 @@ mod tests {
             let body = format!(r#"{{"userId":"{control}","productId":1,"quantity":1}}"#);
             assert_eq!(field_of(&body), "userId", "userId {control}");
         }
-        assert!(UserId::parse("zoë-😀 \u{a0}").is_ok(), "printable non-ASCII is fine");
+        assert!(
+            UserId::parse("zoë-😀 \u{a0}").is_ok(),
+            "printable non-ASCII is fine"
+        );
         let long = "x".repeat(65);
         assert_eq!(
             field_of(&format!(

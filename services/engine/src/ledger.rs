@@ -9,8 +9,10 @@
 use crate::domain::{OrderStatus, OrderView, ProductId, QueuedOrder, RejectReason};
 use crate::lock::FencingToken;
 use chrono::{DateTime, Utc};
-use sqlx::{PgPool, Postgres, Row, Transaction};
+use sqlx::pool::PoolConnection;
+use sqlx::{Connection, PgPool, Postgres, Row, Transaction};
 use std::collections::{HashMap, HashSet};
+use std::time::Duration;
 
 /// What became of one order of a group.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -44,6 +46,9 @@ pub enum LedgerError {
     /// deliveries and retry.
     #[error("PostgreSQL: {0}")]
     Database(#[source] sqlx::Error),
+    /// PostgreSQL did not finish within the deadline: a passing fault.
+    #[error("PostgreSQL did not answer within {0:?}")]
+    TimedOut(Duration),
     /// Another product's transaction kept booking keys of this group (a key
     /// reused across products): a passing fault; retry.
     #[error("product {0}: keys kept being booked concurrently")]
@@ -73,6 +78,26 @@ pub fn is_refusal(e: &sqlx::Error) -> bool {
     let code = code.as_deref().unwrap_or("");
     let key_conflict = code == "23505" && db.constraint() == Some("orders_pkey");
     (code.starts_with("22") || code.starts_with("23")) && !key_conflict
+}
+
+/// A group's transaction, or a refusal probe, that has not finished by then
+/// is abandoned and its connection closed: a PostgreSQL that stops
+/// answering without closing the connection is a passing fault, never a
+/// hang. Below the product lock's lease.
+pub const TRANSACTION_DEADLINE: Duration = Duration::from_secs(6);
+
+/// The outcome of work run on `conn` under [`TRANSACTION_DEADLINE`]. On
+/// time-out the connection is closed, not returned to the pool: returning it
+/// would ping the silent server first, and that ping would hold a pool slot
+/// for as long as the silence lasts.
+fn close_if_late<T>(
+    conn: &mut PoolConnection<Postgres>,
+    outcome: Result<Result<T, LedgerError>, tokio::time::error::Elapsed>,
+) -> Result<T, LedgerError> {
+    outcome.unwrap_or_else(|_| {
+        conn.close_on_drop();
+        Err(LedgerError::TimedOut(TRANSACTION_DEADLINE))
+    })
 }
 
 /// One order of a group that the ledger refuses as data: its index in the
@@ -142,17 +167,22 @@ impl StockLedger {
         token: FencingToken,
         orders: &[QueuedOrder],
     ) -> Result<GroupReceipt, LedgerError> {
-        for _ in 0..CONFLICT_RETRIES {
-            let mut tx = self.pool.begin().await?;
-            match apply_in(&mut tx, product, token, orders).await? {
-                Some(receipt) => {
-                    tx.commit().await?;
-                    return Ok(receipt);
+        let mut conn = self.pool.acquire().await.map_err(LedgerError::Database)?;
+        let attempts = tokio::time::timeout(TRANSACTION_DEADLINE, async {
+            for _ in 0..CONFLICT_RETRIES {
+                let mut tx = conn.begin().await?;
+                match apply_in(&mut tx, product, token, orders).await? {
+                    Some(receipt) => {
+                        tx.commit().await?;
+                        return Ok(receipt);
+                    }
+                    None => tx.rollback().await?,
                 }
-                None => tx.rollback().await?,
             }
-        }
-        Err(LedgerError::Contended(product))
+            Err(LedgerError::Contended(product))
+        })
+        .await;
+        close_if_late(&mut conn, attempts)
     }
 
     /// The orders of a group that PostgreSQL refuses as data, with its
@@ -160,29 +190,34 @@ impl StockLedger {
     /// that is rolled back (nothing is written). Called only after a group
     /// failed with [`LedgerError::Refused`].
     pub async fn refused(&self, orders: &[QueuedOrder]) -> Result<Vec<Refusal>, LedgerError> {
-        let mut tx = self.pool.begin().await.map_err(LedgerError::Database)?;
-        let mut refused = Vec::new();
-        for (index, order) in orders.iter().enumerate() {
-            sqlx::query("SAVEPOINT probe")
-                .execute(&mut *tx)
-                .await
-                .map_err(LedgerError::Database)?;
-            let row = [(order, OrderOutcome::Confirmed)];
-            match insert_orders(&mut tx, &row).await {
-                Ok(_) => {}
-                Err(e) if is_refusal(&e) => refused.push(Refusal {
-                    index,
-                    reason: format!("refused by PostgreSQL: {e}"),
-                }),
-                Err(e) => return Err(LedgerError::Database(e)),
+        let mut conn = self.pool.acquire().await.map_err(LedgerError::Database)?;
+        let probe = tokio::time::timeout(TRANSACTION_DEADLINE, async {
+            let mut tx = conn.begin().await.map_err(LedgerError::Database)?;
+            let mut refused = Vec::new();
+            for (index, order) in orders.iter().enumerate() {
+                sqlx::query("SAVEPOINT probe")
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(LedgerError::Database)?;
+                let row = [(order, OrderOutcome::Confirmed)];
+                match insert_orders(&mut tx, &row).await {
+                    Ok(_) => {}
+                    Err(e) if is_refusal(&e) => refused.push(Refusal {
+                        index,
+                        reason: format!("refused by PostgreSQL: {e}"),
+                    }),
+                    Err(e) => return Err(LedgerError::Database(e)),
+                }
+                sqlx::query("ROLLBACK TO SAVEPOINT probe")
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(LedgerError::Database)?;
             }
-            sqlx::query("ROLLBACK TO SAVEPOINT probe")
-                .execute(&mut *tx)
-                .await
-                .map_err(LedgerError::Database)?;
-        }
-        tx.rollback().await.map_err(LedgerError::Database)?;
-        Ok(refused)
+            tx.rollback().await.map_err(LedgerError::Database)?;
+            Ok(refused)
+        })
+        .await;
+        close_if_late(&mut conn, probe)
     }
 
     /// Inserts the products that do not exist yet; returns the ids created.

@@ -212,7 +212,10 @@ pub async fn peek_dead_letters(
             });
             let mut headers = d.properties.headers().clone().unwrap_or_default();
             if let Some(r) = &reason {
-                headers.insert(REASON_HEADER.into(), AMQPValue::LongString(r.as_str().into()));
+                headers.insert(
+                    REASON_HEADER.into(),
+                    AMQPValue::LongString(r.as_str().into()),
+                );
             }
             let copy = d.properties.clone().with_headers(headers);
             if let Err(e) = broker::publish_with(&channel, &dlq, &d.data, copy).await {
@@ -246,7 +249,10 @@ pub async fn peek_dead_letters(
 
 /// A confirm-mode channel holding the DLQ's peek turn (an exclusive queue);
 /// waits while another peek holds it.
-async fn take_peek_turn(conn: &lapin::Connection, ns: &Namespace) -> Result<lapin::Channel, lapin::Error> {
+async fn take_peek_turn(
+    conn: &lapin::Connection,
+    ns: &Namespace,
+) -> Result<lapin::Channel, lapin::Error> {
     let turn = format!("{}.peek", ns.dead_letter_queue());
     let deadline = tokio::time::Instant::now() + PEEK_TURN_WAIT;
     loop {

@@ -304,6 +304,13 @@ impl TestEnv {
 
     /// Publishes a raw message to the order queue, confirmed.
     pub async fn publish_raw(&self, message_id: &str, payload: &[u8]) {
+        self.publish_raw_all(&[(message_id.to_owned(), payload.to_vec())])
+            .await;
+    }
+
+    /// Publishes raw messages to the order queue in order, each confirmed,
+    /// on one connection.
+    pub async fn publish_raw_all(&self, messages: &[(String, Vec<u8>)]) {
         let conn = broker::connect(&self.scratch.backends.amqp_url, "test-publisher")
             .await
             .unwrap();
@@ -314,10 +321,43 @@ impl TestEnv {
             .unwrap();
         let ns = self.scratch.backends.namespace();
         broker::declare_queues(&channel, &ns).await.unwrap();
-        broker::publish_confirmed(&channel, &ns.orders_queue(), message_id, payload, None)
-            .await
-            .unwrap();
+        for (message_id, payload) in messages {
+            broker::publish_confirmed(&channel, &ns.orders_queue(), message_id, payload, None)
+                .await
+                .unwrap();
+        }
         let _ = conn.close(200, "done".into()).await;
+    }
+
+    /// The dead letters, `(message id, reason)`, once there are `n` of them
+    /// (fails after 30 s naming what is there).
+    pub async fn dead_letters(&self, n: usize) -> Vec<(String, String)> {
+        let ns = self.scratch.backends.namespace();
+        let mut seen = Vec::new();
+        for _ in 0..300 {
+            if self.queue_depth(true).await as usize >= n {
+                seen = flashsale_engine::observe::peek_dead_letters(
+                    &self.scratch.backends.amqp_url,
+                    &ns,
+                    n + 10,
+                )
+                .await
+                .unwrap()
+                .into_iter()
+                .map(|d| {
+                    (
+                        d.message_id.unwrap_or_default(),
+                        d.reason.unwrap_or_default(),
+                    )
+                })
+                .collect();
+                if seen.len() >= n {
+                    return seen;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!("expected {n} dead letters, found {seen:?}");
     }
 
     /// Ready messages in the order queue.
@@ -351,12 +391,20 @@ impl TestEnv {
 }
 
 /// A TCP forwarder between a client and a server that a test can cut and
-/// restore, to play a broker that goes away without stopping the shared one.
+/// restore, to play a broker that goes away without stopping the shared one,
+/// or black-hole, to play a peer that goes silent without closing.
 pub struct Forwarder {
     pub addr: SocketAddr,
     open: Arc<AtomicBool>,
-    links: Arc<Mutex<Vec<JoinHandle<()>>>>,
+    /// New links are born black-holed while this is set.
+    silent: Arc<AtomicBool>,
+    links: Arc<Mutex<Vec<Link>>>,
     accept: JoinHandle<()>,
+}
+
+struct Link {
+    task: JoinHandle<()>,
+    blackholed: Arc<AtomicBool>,
 }
 
 impl Drop for Forwarder {
@@ -366,29 +414,66 @@ impl Drop for Forwarder {
     }
 }
 
+/// Copies one direction until either side closes; once black-holed, stops
+/// forwarding for good but keeps both sockets open.
+async fn forward(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    blackholed: Arc<AtomicBool>,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        if blackholed.load(Ordering::SeqCst) {
+            let _keep = (from, to);
+            std::future::pending::<()>().await;
+            return;
+        }
+        let n = match from.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
+        };
+        if blackholed.load(Ordering::SeqCst) {
+            continue; // swallowed: the peer goes silent
+        }
+        if to.write_all(&buf[..n]).await.is_err() {
+            return;
+        }
+    }
+}
+
 impl Forwarder {
     pub async fn start(target: SocketAddr) -> Self {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let open = Arc::new(AtomicBool::new(true));
-        let links: Arc<Mutex<Vec<JoinHandle<()>>>> = Arc::default();
-        let (o, l) = (open.clone(), links.clone());
+        let silent = Arc::new(AtomicBool::new(false));
+        let links: Arc<Mutex<Vec<Link>>> = Arc::default();
+        let (o, q, l) = (open.clone(), silent.clone(), links.clone());
         let accept = tokio::spawn(async move {
-            while let Ok((mut inbound, _)) = listener.accept().await {
+            while let Ok((inbound, _)) = listener.accept().await {
                 if !o.load(Ordering::SeqCst) {
                     continue; // dropped: the connection is refused by closing it
                 }
-                let link = tokio::spawn(async move {
-                    if let Ok(mut outbound) = TcpStream::connect(target).await {
-                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                let blackholed = Arc::new(AtomicBool::new(q.load(Ordering::SeqCst)));
+                let hole = blackholed.clone();
+                let task = tokio::spawn(async move {
+                    if let Ok(outbound) = TcpStream::connect(target).await {
+                        let (in_read, in_write) = inbound.into_split();
+                        let (out_read, out_write) = outbound.into_split();
+                        tokio::join!(
+                            forward(in_read, out_write, hole.clone()),
+                            forward(out_read, in_write, hole),
+                        );
                     }
                 });
-                l.lock().unwrap().push(link);
+                l.lock().unwrap().push(Link { task, blackholed });
             }
         });
         Self {
             addr,
             open,
+            silent,
             links,
             accept,
         }
@@ -398,12 +483,23 @@ impl Forwarder {
     pub fn cut(&self) {
         self.open.store(false, Ordering::SeqCst);
         for link in self.links.lock().unwrap().drain(..) {
-            link.abort();
+            link.task.abort();
         }
     }
 
     pub fn restore(&self) {
         self.open.store(true, Ordering::SeqCst);
+        self.silent.store(false, Ordering::SeqCst);
+    }
+
+    /// The peer goes silent: every open connection stops forwarding for good
+    /// (its sockets stay open, nothing is answered), and so do new ones
+    /// until [`Forwarder::restore`].
+    pub fn go_silent(&self) {
+        self.silent.store(true, Ordering::SeqCst);
+        for link in self.links.lock().unwrap().iter() {
+            link.blackholed.store(true, Ordering::SeqCst);
+        }
     }
 
     /// The AMQP URL that goes through this forwarder.

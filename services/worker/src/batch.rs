@@ -118,10 +118,7 @@ pub struct OrderBook {
 }
 
 const MAX_BACKOFF: Duration = Duration::from_secs(2);
-/// The client-side deadline of one group's transaction (and of the probe
-/// for refused orders): a PostgreSQL that stops answering without closing
-/// the connection is a passing fault, never a hang. Below the lock's lease.
-pub const LEDGER_DEADLINE: Duration = Duration::from_secs(6);
+
 /// Product groups of one batch applied at once (below the pool's 8 connections).
 pub const GROUP_CONCURRENCY: usize = 6;
 
@@ -268,12 +265,11 @@ impl OrderBook {
         shutdown: &CancellationToken,
     ) -> Result<Vec<RefusedOrder>, BookError> {
         let started = Instant::now();
-        let results: Vec<Result<Vec<RefusedOrder>, BookError>> =
-            futures_util::stream::iter(groups)
-                .map(|group| self.book_group(group, started, shutdown))
-                .buffer_unordered(GROUP_CONCURRENCY)
-                .collect()
-                .await;
+        let results: Vec<Result<Vec<RefusedOrder>, BookError>> = futures_util::stream::iter(groups)
+            .map(|group| self.book_group(group, started, shutdown))
+            .buffer_unordered(GROUP_CONCURRENCY)
+            .collect()
+            .await;
         let mut refused = Vec::new();
         for r in results {
             refused.extend(r?);
@@ -299,45 +295,42 @@ impl OrderBook {
                 Ok(Some(held)) => {
                     metrics::histogram!(LOCK_WAIT).record(started.elapsed().as_secs_f64());
                     self.stats.applying(Some(group.product.get()));
-                    let applied = tokio::time::timeout(
-                        LEDGER_DEADLINE,
-                        self.ledger
-                            .apply_group(group.product, held.token, &group.orders),
-                    )
-                    .await;
+                    // PostgreSQL's ledger holds its own deadline (a silent
+                    // server is a passing fault, not a hang).
+                    let applied = self
+                        .ledger
+                        .apply_group(group.product, held.token, &group.orders)
+                        .await;
                     self.stats.applying(None);
                     if let Err(e) = self.lock.release(&held).await {
                         tracing::debug!(error = %e, "lock not released; its lease ends it");
                     }
                     match applied {
-                        Ok(Ok(receipt)) => {
+                        Ok(receipt) => {
                             self.record(&group, &receipt);
                             if let (Some(feed), Some(stock)) = (&self.feed, receipt.stock_after) {
                                 feed.announce(group.product.get(), stock).await;
                             }
                             return Ok(refused);
                         }
-                        Ok(Err(LedgerError::FencedOut { product, fence })) => {
+                        Err(LedgerError::FencedOut { product, fence }) => {
                             tracing::info!(%product, fence, "fenced out; raising the fence counter");
                             match self.lock.raise_fence(product, fence).await {
                                 Ok(_) => continue,
                                 Err(e) => format!("Redis failed: {e}"),
                             }
                         }
-                        Ok(Err(LedgerError::Refused(e))) => {
-                            match self.find_refused(&mut group).await {
-                                Ok(out) if !out.is_empty() => {
-                                    refused.extend(out);
-                                    continue;
-                                }
-                                Ok(_) => format!(
-                                    "PostgreSQL refused the group, but no single order of it: {e}"
-                                ),
-                                Err(fault) => fault,
+                        Err(LedgerError::Refused(e)) => match self.find_refused(&mut group).await {
+                            Ok(out) if !out.is_empty() => {
+                                refused.extend(out);
+                                continue;
                             }
-                        }
-                        Ok(Err(e)) => format!("PostgreSQL failed: {e}"),
-                        Err(_) => format!("PostgreSQL did not answer within {LEDGER_DEADLINE:?}"),
+                            Ok(_) => format!(
+                                "PostgreSQL refused the group, but no single order of it: {e}"
+                            ),
+                            Err(fault) => fault,
+                        },
+                        Err(e) => format!("PostgreSQL failed: {e}"),
                     }
                 }
                 Ok(None) => {
@@ -360,17 +353,14 @@ impl OrderBook {
     /// Asks the ledger which orders of the group it refuses as data and
     /// takes them out of the group; the error is a passing fault.
     async fn find_refused(&self, group: &mut ProductGroup) -> Result<Vec<RefusedOrder>, String> {
-        match tokio::time::timeout(LEDGER_DEADLINE, self.ledger.refused(&group.orders)).await {
-            Ok(Ok(refusals)) => {
+        match self.ledger.refused(&group.orders).await {
+            Ok(refusals) => {
                 for r in &refusals {
                     tracing::warn!(product = %group.product, reason = %r.reason, "order refused by the ledger");
                 }
                 Ok(group.take_out(&refusals))
             }
-            Ok(Err(e)) => Err(format!("PostgreSQL failed: {e}")),
-            Err(_) => Err(format!(
-                "PostgreSQL did not answer within {LEDGER_DEADLINE:?}"
-            )),
+            Err(e) => Err(format!("PostgreSQL failed: {e}")),
         }
     }
 

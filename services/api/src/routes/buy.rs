@@ -12,10 +12,10 @@ use axum::routing::post;
 use axum::{Json, Router};
 use chrono::Utc;
 use flashsale_engine::accept_log::{AcceptRecord, AcceptState, Claim};
-use flashsale_engine::seams::BackendFailed;
 use flashsale_engine::broker::CONFIRM_TIMEOUT;
 use flashsale_engine::domain::InvalidField;
 use flashsale_engine::metrics::ORDER_REQUESTS;
+use flashsale_engine::seams::BackendFailed;
 use flashsale_engine::{IdempotencyKey, OrderMessage, OrderRequest, OrderView};
 use serde_json::json;
 use std::time::Duration;
@@ -71,7 +71,9 @@ async fn buy(State(state): State<AppState>, headers: HeaderMap, body: Body) -> R
     match answer {
         Ok(Answer::Accepted(key)) => (
             StatusCode::ACCEPTED,
-            Json(json!({"orderId": key, "status": "queued", "statusUrl": format!("/orders/{key}")})),
+            Json(
+                json!({"orderId": key, "status": "queued", "statusUrl": format!("/orders/{key}")}),
+            ),
         )
             .into_response(),
         Ok(Answer::Repeat(view)) => (StatusCode::OK, Json(view)).into_response(),
@@ -216,8 +218,7 @@ async fn publish(
         metrics::counter!(ORDER_REQUESTS, "status" => answer.label()).increment(1);
         answer
     });
-    task.await
-        .map_err(|e| ApiError::unavailable("API", e))
+    task.await.map_err(|e| ApiError::unavailable("API", e))
 }
 
 async fn publish_and_record(
@@ -233,7 +234,10 @@ async fn publish_and_record(
             .publish(key.as_str(), &payload)
             .await
             .map_err(|e| ApiError::unavailable("RabbitMQ", e)),
-        Err(e) => Err(ApiError::unavailable("API", format!("cannot encode the order: {e}"))),
+        Err(e) => Err(ApiError::unavailable(
+            "API",
+            format!("cannot encode the order: {e}"),
+        )),
     };
     match published {
         Ok(()) => {
