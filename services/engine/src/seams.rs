@@ -196,10 +196,14 @@ impl RabbitQueue {
         prefetch: u16,
         worker_id: &str,
     ) -> Result<Box<dyn QueueConsumer>, BackendFailed> {
-        let consumer =
-            crate::consumer::OrderConsumer::open(&self.url, &self.ns, prefetch, worker_id)
-                .await
-                .map_err(broker_failed)?;
+        let open = crate::consumer::OrderConsumer::open(&self.url, &self.ns, prefetch, worker_id);
+        let consumer = tokio::time::timeout(
+            crate::broker::CONNECT_TIMEOUT + crate::broker::CALL_TIMEOUT,
+            open,
+        )
+        .await
+        .map_err(|_| BackendFailed("RabbitMQ did not open the consumer in time".into()))?
+        .map_err(broker_failed)?;
         Ok(Box::new(RabbitConsumer {
             consumer,
             held: std::collections::BTreeMap::new(),
