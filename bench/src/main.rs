@@ -3,7 +3,8 @@
 //! comes from `fsctl storm`).
 
 use clap::{Parser, Subcommand};
-use flashsale_engine::{BackendUrls, broker, postgres};
+use flashsale_engine::queue::rabbitmq as broker;
+use flashsale_engine::{BackendUrls, postgres};
 use futures_util::StreamExt;
 use lapin::options::ConfirmSelectOptions;
 use serde_json::json;

@@ -15,8 +15,10 @@ use crate::verify;
 use clap::Args;
 use flashsale_api::Application;
 use flashsale_engine::embedded::EmbeddedBackends;
+use flashsale_engine::ledger::Ledger;
 use flashsale_engine::ledger::NewProduct;
-use flashsale_engine::seams::{BackendFailed, Delivered, Ledger, OrderQueue, QueueConsumer};
+use flashsale_engine::queue::{Delivered, OrderQueue, QueueConsumer};
+use flashsale_engine::seams::BackendFailed;
 use flashsale_worker::{DEFAULT_PREFETCH, Worker};
 use std::collections::HashSet;
 use std::io::IsTerminal;
@@ -170,7 +172,7 @@ struct RunningWorker {
 /// taken (the deliveries are held, unacknowledged) and then the worker
 /// hangs there until the demo kills it, as a process killed mid-batch.
 struct StallingQueue {
-    inner: flashsale_engine::embedded::MemoryQueue,
+    inner: flashsale_engine::queue::MemoryQueue,
     stalled: Arc<tokio::sync::Notify>,
     held: Arc<std::sync::atomic::AtomicUsize>,
 }

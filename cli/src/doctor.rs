@@ -13,10 +13,11 @@ use clap::Args;
 use comfy_table::Cell;
 use flashsale_api::{ApiConfig, Application};
 use flashsale_engine::ledger::{NewProduct, StockLedger};
-use flashsale_engine::lock::ProductLock;
+use flashsale_engine::locks::{ProductLock, ProductLocks};
+use flashsale_engine::queue::OrderConsumer;
+use flashsale_engine::queue::rabbitmq as broker;
 use flashsale_engine::scratch::Scratch;
-use flashsale_engine::{BackendUrls, ProductId, broker, postgres, redis_conn};
-use flashsale_worker::consumer::OrderConsumer;
+use flashsale_engine::{BackendUrls, ProductId, postgres, redis_conn};
 use flashsale_worker::{DEFAULT_PREFETCH, Worker, WorkerConfig};
 use futures_util::{StreamExt, stream};
 use indicatif::ProgressBar;
@@ -347,7 +348,7 @@ async fn redis(b: &BackendUrls, budget: Duration, out: &mut Vec<Capacity>) -> Re
             if let Some(held) = lock.try_acquire(product).await? {
                 lock.release(&held).await?;
             }
-            Ok::<_, redis::RedisError>(1)
+            Ok::<_, flashsale_engine::seams::BackendFailed>(1)
         }
     })
     .await?;

@@ -6,7 +6,7 @@ use crate::exit::{OK, Outcome};
 use crate::output;
 use clap::{Args, Subcommand};
 use comfy_table::Cell;
-use flashsale_engine::accept_log::{AcceptLog, AcceptState};
+use flashsale_engine::accept_log::{AcceptLog, AcceptState, AcceptStore};
 use flashsale_engine::redis_conn::timed;
 use flashsale_engine::{BackendUrls, ProductId, observe};
 use serde_json::json;

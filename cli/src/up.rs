@@ -4,7 +4,8 @@
 
 use crate::exit::{Failure, OK, Outcome, VIOLATION};
 use clap::Args;
-use flashsale_engine::{BackendUrls, broker, postgres, redis_conn, shutdown};
+use flashsale_engine::queue::rabbitmq as broker;
+use flashsale_engine::{BackendUrls, postgres, redis_conn, shutdown};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};

@@ -3,7 +3,7 @@
 #![allow(clippy::unwrap_used)]
 
 use flashsale_engine::ProductId;
-use flashsale_engine::lock::ProductLock;
+use flashsale_engine::locks::{ProductLock, ProductLocks};
 use flashsale_engine::redis_conn;
 use flashsale_testkit::{TestEnv, env};
 use reqwest::StatusCode;

@@ -2,7 +2,8 @@
 //! and nothing left behind.
 #![allow(clippy::unwrap_used)]
 
-use flashsale_engine::{broker, redis_conn, scratch};
+use flashsale_engine::queue::rabbitmq as broker;
+use flashsale_engine::{redis_conn, scratch};
 use flashsale_testkit::servers;
 use lapin::options::QueueDeclareOptions;
 use lapin::types::FieldTable;

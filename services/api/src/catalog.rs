@@ -5,9 +5,9 @@
 //! the stock at once, so a sell-out is fast-pathed within milliseconds. Its
 //! first job is to create the database and apply the migrations.
 
+use flashsale_engine::ledger::Ledger;
 use flashsale_engine::ledger::{ProductRecord, StockLedger};
 use flashsale_engine::metrics::STOCK_LEVEL;
-use flashsale_engine::seams::Ledger;
 use flashsale_engine::{BackendUrls, ProductId, postgres, stock_feed};
 use futures_util::StreamExt;
 use std::collections::HashMap;

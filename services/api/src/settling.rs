@@ -5,8 +5,8 @@
 //! (with backoff) reads the accept log when it is in another. A thousand
 //! repeats cost a thousand subscriptions, not a thousand polling loops.
 
+use flashsale_engine::accept_log::AcceptStore;
 use flashsale_engine::accept_log::{AcceptRecord, AcceptState};
-use flashsale_engine::seams::AcceptStore;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;

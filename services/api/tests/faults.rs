@@ -8,7 +8,7 @@ use flashsale_testkit as common;
 use chrono::Utc;
 use flashsale_engine::domain::QueuedOrder;
 use flashsale_engine::ledger::{LedgerError, OrderOutcome, StockLedger};
-use flashsale_engine::lock::ProductLock;
+use flashsale_engine::locks::{ProductLock, ProductLocks};
 use flashsale_engine::{IdempotencyKey, ProductId, Quantity, UserId, redis_conn};
 use flashsale_testkit::{Forwarder, amqp_target};
 use flashsale_worker::{Worker, WorkerConfig};
@@ -234,7 +234,7 @@ async fn poison_messages_land_in_the_dead_letter_queue_with_a_reason() {
     assert_eq!(env.queue_depth(true).await, 2);
     assert_eq!(env.queue_depth(false).await, 0);
 
-    let conn = flashsale_engine::broker::connect(&env.backends().amqp_url, "test")
+    let conn = flashsale_engine::queue::rabbitmq::connect(&env.backends().amqp_url, "test")
         .await
         .unwrap();
     let channel = conn.create_channel().await.unwrap();
@@ -248,7 +248,7 @@ async fn poison_messages_land_in_the_dead_letter_queue_with_a_reason() {
         let headers = got.properties.headers().clone().expect("headers");
         let reason = headers
             .inner()
-            .get(flashsale_engine::broker::REASON_HEADER)
+            .get(flashsale_engine::queue::rabbitmq::REASON_HEADER)
             .expect("x-flashsale-reason header");
         let lapin::types::AMQPValue::LongString(text) = reason else {
             panic!("reason is not a string: {reason:?}");
@@ -461,7 +461,7 @@ async fn a_message_over_the_delivery_limit_is_dead_lettered_by_the_queue() {
     use lapin::options::BasicNackOptions;
     let env = common::env().await;
     env.publish_raw("limit-1", &message("limit-1", 1)).await;
-    let conn = flashsale_engine::broker::connect(&env.backends().amqp_url, "test")
+    let conn = flashsale_engine::queue::rabbitmq::connect(&env.backends().amqp_url, "test")
         .await
         .unwrap();
     let channel = conn.create_channel().await.unwrap();
@@ -484,7 +484,7 @@ async fn a_message_over_the_delivery_limit_is_dead_lettered_by_the_queue() {
         assert!(deliveries <= 30, "the delivery limit never applied");
     }
     let _ = conn.close(200, "done".into()).await;
-    assert!(deliveries > flashsale_engine::broker::DELIVERY_LIMIT as usize);
+    assert!(deliveries > flashsale_engine::queue::rabbitmq::DELIVERY_LIMIT as usize);
     let mut in_dlq = 0;
     for _ in 0..50 {
         in_dlq = env.queue_depth(true).await;
@@ -688,9 +688,10 @@ async fn a_returned_publish_is_never_a_202_and_the_other_answers_stay_true() {
     env.seed(1, 1_000_000, None).await;
     let api = env.start_api().await;
     // A consumer of our own records every message that reached the queue.
-    let conn = flashsale_engine::broker::connect(&env.backends().amqp_url, "test-recorder")
-        .await
-        .unwrap();
+    let conn =
+        flashsale_engine::queue::rabbitmq::connect(&env.backends().amqp_url, "test-recorder")
+            .await
+            .unwrap();
     let channel = conn.create_channel().await.unwrap();
     let queue = env.backends().namespace().orders_queue();
     let mut consumer = channel

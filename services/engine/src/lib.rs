@@ -5,16 +5,15 @@
 
 pub mod accept_log;
 pub mod audit;
-pub mod broker;
 pub mod config;
-pub mod consumer;
 pub mod domain;
 pub mod embedded;
 pub mod ledger;
-pub mod lock;
+pub mod locks;
 pub mod metrics;
 pub mod observe;
 pub mod postgres;
+pub mod queue;
 pub mod redis_conn;
 pub mod scratch;
 pub mod seams;

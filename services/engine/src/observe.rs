@@ -3,8 +3,8 @@
 //! locks, and the dead-letter queue (peeked: nothing is lost or hidden).
 //! `fsctl inspect`, `verify` and `top` read through here.
 
-use crate::broker::{self, BrokerError, REASON_HEADER};
 use crate::config::Namespace;
+use crate::queue::rabbitmq::{self as broker, BrokerError, REASON_HEADER};
 use crate::redis_conn::timed;
 use chrono::Utc;
 use lapin::options::{

@@ -3,7 +3,7 @@
 //! settings that keep every transaction shorter than the product lock's lease.
 
 use crate::config::mask_url;
-use crate::lock::LOCK_LEASE;
+use crate::locks::LOCK_LEASE;
 use sqlx::migrate::Migrator;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{ConnectOptions, Connection, PgPool};

@@ -4,7 +4,8 @@
 //! script can sweep what a crashed run left.
 
 use crate::config::{BackendUrls, mask_url};
-use crate::{broker, postgres, redis_conn};
+use crate::queue::rabbitmq as broker;
+use crate::{postgres, redis_conn};
 use lapin::options::QueueDeleteOptions;
 use sqlx::{ConnectOptions, Connection};
 

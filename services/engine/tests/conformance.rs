@@ -4,15 +4,19 @@
 #![allow(clippy::unwrap_used)]
 
 use chrono::Utc;
+use flashsale_engine::accept_log::AcceptStore;
+use flashsale_engine::accept_log::MemoryAcceptLog;
 use flashsale_engine::accept_log::{AcceptLog, AcceptRecord, AcceptState, Claim};
 use flashsale_engine::config::{DEFAULT_AMQP_URL, DEFAULT_DATABASE_URL, DEFAULT_REDIS_URL};
-use flashsale_engine::embedded::{MemoryAcceptLog, MemoryLedger, MemoryLocks, MemoryQueue};
+use flashsale_engine::ledger::Ledger;
+use flashsale_engine::ledger::MemoryLedger;
 use flashsale_engine::ledger::{BOOKED_KEYS, LedgerError, NewProduct, OrderOutcome, StockLedger};
-use flashsale_engine::lock::{FencingToken, ProductLock};
+use flashsale_engine::locks::MemoryLocks;
+use flashsale_engine::locks::ProductLocks;
+use flashsale_engine::locks::{FencingToken, ProductLock};
+use flashsale_engine::queue::MemoryQueue;
+use flashsale_engine::queue::{Delivered, MAX_BATCH, OrderQueue, QueueConsumer, RabbitQueue};
 use flashsale_engine::scratch::Scratch;
-use flashsale_engine::seams::{
-    AcceptStore, Delivered, Ledger, MAX_BATCH, OrderQueue, ProductLocks, QueueConsumer, RabbitQueue,
-};
 use flashsale_engine::{
     BackendUrls, IdempotencyKey, ProductId, Quantity, RejectReason, UserId, domain::QueuedOrder,
     postgres, redis_conn,

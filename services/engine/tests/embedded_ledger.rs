@@ -6,10 +6,10 @@
 
 use chrono::Utc;
 use flashsale_engine::domain::QueuedOrder;
-use flashsale_engine::embedded::MemoryLedger;
+use flashsale_engine::ledger::Ledger;
+use flashsale_engine::ledger::MemoryLedger;
 use flashsale_engine::ledger::{LedgerError, NewProduct, OrderOutcome};
-use flashsale_engine::lock::FencingToken;
-use flashsale_engine::seams::Ledger;
+use flashsale_engine::locks::FencingToken;
 use flashsale_engine::{IdempotencyKey, ProductId, Quantity, UserId};
 use proptest::prelude::*;
 use std::collections::{BTreeMap, HashSet};

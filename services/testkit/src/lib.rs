@@ -4,8 +4,9 @@
 #![allow(clippy::unwrap_used, clippy::missing_panics_doc)]
 
 use flashsale_api::{ApiConfig, Application};
+use flashsale_engine::queue::rabbitmq as broker;
 use flashsale_engine::scratch::Scratch;
-use flashsale_engine::{BackendUrls, broker, postgres, redis_conn};
+use flashsale_engine::{BackendUrls, postgres, redis_conn};
 use flashsale_worker::{Worker, WorkerConfig};
 use futures_util::StreamExt;
 use lapin::options::ConfirmSelectOptions;

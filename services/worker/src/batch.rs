@@ -12,11 +12,14 @@
 use crate::heartbeat::WorkerStats;
 use chrono::Utc;
 use flashsale_engine::domain::QueuedOrder;
+use flashsale_engine::ledger::Ledger;
 use flashsale_engine::ledger::{GroupReceipt, LedgerError, OrderOutcome, Refusal};
+use flashsale_engine::locks::ProductLocks;
 use flashsale_engine::metrics::{
     BATCH_SIZE, LOCK_WAIT, ORDER_LATENCY, ORDERS_PROCESSED, STOCK_LEVEL,
 };
-use flashsale_engine::seams::{BackendFailed, Delivered, Ledger, ProductLocks, QueueConsumer};
+use flashsale_engine::queue::{Delivered, QueueConsumer};
+use flashsale_engine::seams::BackendFailed;
 use flashsale_engine::stock_feed::StockFeed;
 use flashsale_engine::{OrderMessage, ProductId};
 use futures_util::StreamExt;

@@ -3,17 +3,18 @@
 //! the product's Redis lock, and acks only what a committed transaction holds.
 
 pub mod batch;
-pub use flashsale_engine::consumer;
 pub mod heartbeat;
 
 use anyhow::Context;
 use batch::OrderBook;
 use flashsale_engine::embedded::EmbeddedBackends;
 use flashsale_engine::ledger::StockLedger;
-use flashsale_engine::lock::ProductLock;
-use flashsale_engine::seams::{BackendFailed, OrderQueue, QueueConsumer, RabbitQueue};
+use flashsale_engine::locks::ProductLock;
+use flashsale_engine::queue::rabbitmq as broker;
+use flashsale_engine::queue::{OrderQueue, QueueConsumer, RabbitQueue};
+use flashsale_engine::seams::BackendFailed;
 use flashsale_engine::stock_feed::StockFeed;
-use flashsale_engine::{BackendUrls, broker, postgres, redis_conn};
+use flashsale_engine::{BackendUrls, postgres, redis_conn};
 use heartbeat::WorkerStats;
 use std::sync::Arc;
 use std::time::Duration;
@@ -21,7 +22,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 /// Deliveries a worker may hold unacknowledged: three batches of
-/// [`MAX_BATCH`](flashsale_engine::seams::MAX_BATCH), so two arrive while one
+/// [`MAX_BATCH`](flashsale_engine::queue::MAX_BATCH), so two arrive while one
 /// commits.
 pub const DEFAULT_PREFETCH: u16 = 1500;
 

@@ -6,79 +6,17 @@
 //! in arrival order, the idempotent insert (`ON CONFLICT DO NOTHING
 //! RETURNING`), one relative stock update (the `CHECK` is the last line), commit.
 
-use crate::domain::{OrderStatus, OrderView, ProductId, QueuedOrder, RejectReason};
-use crate::lock::FencingToken;
+use super::{
+    Decisions, GroupReceipt, Ledger, LedgerError, NewProduct, OrderOutcome, ProductRecord, Refusal,
+    decide, is_refusal,
+};
+use crate::domain::{OrderStatus, OrderView, ProductId, QueuedOrder};
+use crate::locks::FencingToken;
 use chrono::{DateTime, Utc};
 use sqlx::pool::PoolConnection;
 use sqlx::{Connection, PgPool, Postgres, Row, Transaction};
 use std::collections::{HashMap, HashSet};
 use std::time::Duration;
-
-/// What became of one order of a group.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum OrderOutcome {
-    Confirmed,
-    Rejected(RejectReason),
-    /// The key already had a row: nothing changed.
-    Duplicate,
-}
-
-/// The result of one committed group: an outcome per order, in input order.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct GroupReceipt {
-    pub outcomes: Vec<OrderOutcome>,
-    /// Stock after the commit; `None` for an unknown product.
-    pub stock_after: Option<i32>,
-}
-
-#[derive(Debug, thiserror::Error)]
-pub enum LedgerError {
-    /// A newer token already wrote this product: raise the fence counter to
-    /// at least `fence` and take the lock again.
-    #[error("fenced out: product {product} was written with token {fence}")]
-    FencedOut { product: ProductId, fence: i64 },
-    /// PostgreSQL refused the group's data (SQLSTATE class 22 or 23, other
-    /// than the idempotency key's own unique violation): a permanent fault.
-    /// Find the orders at fault with `refused`, dead-letter them, apply the rest.
-    #[error("PostgreSQL refused the data: {0}")]
-    Refused(#[source] sqlx::Error),
-    /// PostgreSQL failed or is unreachable: a passing fault; keep the
-    /// deliveries and retry.
-    #[error("PostgreSQL: {0}")]
-    Database(#[source] sqlx::Error),
-    /// PostgreSQL did not finish within the deadline: a passing fault.
-    #[error("PostgreSQL did not answer within {0:?}")]
-    TimedOut(Duration),
-    /// Another product's transaction kept booking keys of this group (a key
-    /// reused across products): a passing fault; retry.
-    #[error("product {0}: keys kept being booked concurrently")]
-    Contended(ProductId),
-}
-
-impl From<sqlx::Error> for LedgerError {
-    fn from(e: sqlx::Error) -> Self {
-        if is_refusal(&e) {
-            Self::Refused(e)
-        } else {
-            Self::Database(e)
-        }
-    }
-}
-
-/// Whether PostgreSQL refused the data itself (classes 22 "data exception"
-/// and 23 "integrity constraint violation"), as opposed to a passing fault
-/// (connection loss, timeouts, serialization and lock failures, shutdown:
-/// classes 08, 40, 53, 55, 57, 58, and client-side I/O). The idempotency
-/// key's unique violation is a duplicate, never a refusal.
-pub fn is_refusal(e: &sqlx::Error) -> bool {
-    let sqlx::Error::Database(db) = e else {
-        return false;
-    };
-    let code = db.code();
-    let code = code.as_deref().unwrap_or("");
-    let key_conflict = code == "23505" && db.constraint() == Some("orders_pkey");
-    (code.starts_with("22") || code.starts_with("23")) && !key_conflict
-}
 
 /// A group's transaction, or a refusal probe, that has not finished by then
 /// is abandoned and its connection closed: a PostgreSQL that stops
@@ -98,37 +36,6 @@ fn close_if_late<T>(
         conn.close_on_drop();
         Err(LedgerError::TimedOut(TRANSACTION_DEADLINE))
     })
-}
-
-/// One order of a group that the ledger refuses as data: its index in the
-/// group and why. It is dead-lettered; the rest of the group is applied.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Refusal {
-    pub index: usize,
-    pub reason: String,
-}
-
-/// A product as the ledger holds it.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
-#[serde(rename_all = "camelCase")]
-pub struct ProductRecord {
-    pub id: i64,
-    pub name: String,
-    pub stock: i32,
-    pub seeded_stock: i32,
-    pub max_per_order: i32,
-    pub per_user_limit: Option<i32>,
-    pub lock_fence: i64,
-}
-
-/// A product as `fsctl seed` puts it in.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct NewProduct {
-    pub id: i64,
-    pub name: String,
-    pub stock: i32,
-    pub max_per_order: i32,
-    pub per_user_limit: Option<i32>,
 }
 
 /// Rows per statement. sqlx does not set TCP_NODELAY, and a statement whose
@@ -392,6 +299,43 @@ impl StockLedger {
     }
 }
 
+#[async_trait::async_trait]
+impl Ledger for StockLedger {
+    async fn create_missing(&self, products: &[NewProduct]) -> Result<Vec<i64>, LedgerError> {
+        Ok(StockLedger::create_missing(self, products).await?)
+    }
+    async fn apply_group(
+        &self,
+        product: ProductId,
+        token: FencingToken,
+        orders: &[QueuedOrder],
+    ) -> Result<GroupReceipt, LedgerError> {
+        StockLedger::apply_group(self, product, token, orders).await
+    }
+    async fn product(&self, id: ProductId) -> Result<Option<ProductRecord>, LedgerError> {
+        Ok(StockLedger::product(self, id).await?)
+    }
+    async fn products(&self) -> Result<Vec<ProductRecord>, LedgerError> {
+        Ok(StockLedger::products(self).await?)
+    }
+    async fn order(&self, order_id: &str) -> Result<Option<OrderView>, LedgerError> {
+        Ok(StockLedger::order(self, order_id).await?)
+    }
+    async fn held_by(&self, product: ProductId, user: &str) -> Result<i64, LedgerError> {
+        Ok(sqlx::query_scalar(
+            "SELECT COALESCE(SUM(quantity), 0)::bigint FROM orders
+             WHERE product_id = $1 AND user_id = $2 AND status = 'confirmed'",
+        )
+        .bind(product.get())
+        .bind(user)
+        .fetch_one(self.pool())
+        .await?)
+    }
+    async fn refused(&self, orders: &[QueuedOrder]) -> Result<Vec<Refusal>, LedgerError> {
+        StockLedger::refused(self, orders).await
+    }
+}
+
 fn product_from_row(r: &sqlx::postgres::PgRow) -> Result<ProductRecord, sqlx::Error> {
     Ok(ProductRecord {
         id: r.try_get("id")?,
@@ -402,66 +346,6 @@ fn product_from_row(r: &sqlx::postgres::PgRow) -> Result<ProductRecord, sqlx::Er
         per_user_limit: r.try_get("per_user_limit")?,
         lock_fence: r.try_get("lock_fence")?,
     })
-}
-
-/// What a group's orders come to, decided in arrival order.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Decisions {
-    pub outcomes: Vec<OrderOutcome>,
-    /// Units confirmed in the group.
-    pub taken: i32,
-    /// Stock after the group; `None` for an unknown product.
-    pub stock_left: Option<i32>,
-}
-
-/// The booking rules, one place for every ledger (PostgreSQL's and the
-/// embedded one): a key already `booked`, or seen earlier in the group, is
-/// a duplicate; an unknown product (`stock` `None`) rejects; an order for
-/// more than is left is sold out; one that would take its user past
-/// `per_user_limit` (counting `held`, updated here) is rejected; the rest
-/// are confirmed and taken from the stock.
-pub fn decide(
-    orders: &[QueuedOrder],
-    booked: &HashSet<String>,
-    held: &mut HashMap<String, i64>,
-    mut stock: Option<i32>,
-    per_user_limit: Option<i32>,
-) -> Decisions {
-    let mut seen: HashSet<&str> = HashSet::new();
-    let mut outcomes = Vec::with_capacity(orders.len());
-    let mut taken: i32 = 0;
-    for order in orders {
-        let key = order.order_id.as_str();
-        if booked.contains(key) || !seen.insert(key) {
-            outcomes.push(OrderOutcome::Duplicate);
-            continue;
-        }
-        let qty = order.quantity.get();
-        let outcome = match stock {
-            None => OrderOutcome::Rejected(RejectReason::UnknownProduct),
-            Some(left) if qty > left => OrderOutcome::Rejected(RejectReason::SoldOut),
-            Some(left) => {
-                let user = held.entry(order.user_id.as_str().to_owned()).or_insert(0);
-                match per_user_limit {
-                    Some(limit) if *user + i64::from(qty) > i64::from(limit) => {
-                        OrderOutcome::Rejected(RejectReason::PerUserLimit)
-                    }
-                    _ => {
-                        *user += i64::from(qty);
-                        stock = Some(left - qty);
-                        taken += qty;
-                        OrderOutcome::Confirmed
-                    }
-                }
-            }
-        };
-        outcomes.push(outcome);
-    }
-    Decisions {
-        outcomes,
-        taken,
-        stock_left: stock,
-    }
 }
 
 /// The group's transaction; `None` when a key was booked concurrently

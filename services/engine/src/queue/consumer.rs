@@ -1,7 +1,8 @@
 //! One consuming session on RabbitMQ: a connection, a confirm-mode channel
 //! with the worker's prefetch, and the consumer on `<ns>.orders`.
 
-use crate::{Namespace, broker};
+use super::rabbitmq as broker;
+use crate::Namespace;
 use futures_util::{FutureExt, StreamExt};
 use lapin::message::Delivery;
 use lapin::options::{
@@ -69,11 +70,11 @@ impl OrderConsumer {
     }
 
     /// Waits for a delivery, then takes every delivery already buffered (at
-    /// most [`MAX_BATCH`](crate::seams::MAX_BATCH)). `Ok(None)` when the consumer ended (channel or
+    /// most [`MAX_BATCH`](super::MAX_BATCH)). `Ok(None)` when the consumer ended (channel or
     /// connection gone). Cancel-safe: nothing is taken until it returns.
     pub async fn next_batch(&self) -> Result<Option<Vec<Delivery>>, lapin::Error> {
         let mut consumer = self.consumer.lock().await;
-        let max = usize::from(self.prefetch.max(1)).min(crate::seams::MAX_BATCH);
+        let max = usize::from(self.prefetch.max(1)).min(super::MAX_BATCH);
         let first = match consumer.next().await {
             None => return Ok(None),
             Some(d) => d?,

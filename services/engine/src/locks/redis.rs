@@ -1,31 +1,14 @@
-//! The per-product lock in Redis and its fencing tokens.
-//!
-//! `<ns>:lock:product:<id>` holds `<worker_id>:<token>` with a lease; the
-//! token comes from `INCR <ns>:fence:product:<id>`, one per transaction, and
-//! PostgreSQL refuses any token not above the last one that wrote the row
-//! (see [`crate::ledger`]). The lock keeps workers from queueing on one hot
-//! row; correctness rests on the fence, not on the lock.
+//! The product lock in Redis: Lua scripts take it (`INCR` the fence
+//! counter, `SET NX PX` the lease), release it (compare-and-delete) and
+//! raise the fence counter after PostgreSQL fenced a holder out.
 
+use super::{FencingToken, HeldLock, LOCK_LEASE, ProductLocks};
 use crate::config::Namespace;
 use crate::domain::ProductId;
 use crate::redis_conn::timed;
+use crate::seams::BackendFailed;
 use redis::aio::ConnectionManager;
 use std::time::Duration;
-
-/// How long a lock holder may keep the lock without renewing it.
-pub const LOCK_LEASE: Duration = Duration::from_secs(10);
-
-/// A fencing token: strictly increasing per product.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-pub struct FencingToken(pub i64);
-
-/// A lock this worker holds on one product.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct HeldLock {
-    pub product: ProductId,
-    pub token: FencingToken,
-    value: String,
-}
 
 /// Takes, releases and re-fences product locks for one worker.
 #[derive(Clone)]
@@ -58,22 +41,6 @@ local floor = tonumber(ARGV[1])
 if current < floor then redis.call('SET', KEYS[1], floor) return floor end
 return current";
 
-impl HeldLock {
-    /// The lock `holder` holds on `product` with `token`.
-    pub fn new(product: ProductId, token: FencingToken, holder: &str) -> Self {
-        Self {
-            product,
-            token,
-            value: format!("{holder}:{}", token.0),
-        }
-    }
-
-    /// What the lock key holds: `<holder>:<token>`.
-    pub fn value(&self) -> &str {
-        &self.value
-    }
-}
-
 impl ProductLock {
     pub fn new(redis: ConnectionManager, ns: Namespace, holder: impl Into<String>) -> Self {
         Self {
@@ -89,9 +56,12 @@ impl ProductLock {
         self.lease = lease;
         self
     }
+}
 
+#[async_trait::async_trait]
+impl ProductLocks for ProductLock {
     /// Takes the lock if it is free; `None` when another holder has it.
-    pub async fn try_acquire(&self, product: ProductId) -> redis::RedisResult<Option<HeldLock>> {
+    async fn try_acquire(&self, product: ProductId) -> Result<Option<HeldLock>, BackendFailed> {
         let mut conn = self.redis.clone();
         let token: Option<i64> = timed(
             redis::Script::new(ACQUIRE)
@@ -101,12 +71,13 @@ impl ProductLock {
                 .arg(self.lease.as_millis() as u64)
                 .invoke_async(&mut conn),
         )
-        .await?;
+        .await
+        .map_err(BackendFailed::redis)?;
         Ok(token.map(|t| HeldLock::new(product, FencingToken(t), &self.holder)))
     }
 
     /// Releases the lock if this holder still owns it.
-    pub async fn release(&self, lock: &HeldLock) -> redis::RedisResult<bool> {
+    async fn release(&self, lock: &HeldLock) -> Result<bool, BackendFailed> {
         let mut conn = self.redis.clone();
         let deleted: i64 = timed(
             redis::Script::new(RELEASE)
@@ -114,13 +85,14 @@ impl ProductLock {
                 .arg(&lock.value)
                 .invoke_async(&mut conn),
         )
-        .await?;
+        .await
+        .map_err(BackendFailed::redis)?;
         Ok(deleted == 1)
     }
 
     /// After PostgreSQL fenced us out: raise the counter to at least what the
     /// row has seen, so the next token wins (also after Redis lost its data).
-    pub async fn raise_fence(&self, product: ProductId, seen: i64) -> redis::RedisResult<i64> {
+    async fn raise_fence(&self, product: ProductId, seen: i64) -> Result<i64, BackendFailed> {
         let mut conn = self.redis.clone();
         timed(
             redis::Script::new(RAISE_FENCE)
@@ -129,5 +101,6 @@ impl ProductLock {
                 .invoke_async(&mut conn),
         )
         .await
+        .map_err(BackendFailed::redis)
     }
 }

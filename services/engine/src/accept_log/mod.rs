@@ -4,11 +4,18 @@
 //! first `pending` (claimed, publish under way) and then `queued` (confirmed by
 //! RabbitMQ). Keys answered 4xx, 409 or 503 are never left behind.
 
-use crate::config::Namespace;
+//!
+//! Two implementations: Redis ([`AcceptLog`]) and memory ([`MemoryAcceptLog`]).
+
+mod memory;
+mod redis;
+
+pub use memory::MemoryAcceptLog;
+pub use redis::AcceptLog;
+
 use crate::domain::{IdempotencyKey, OrderRequest, OrderStatus, OrderView};
-use crate::redis_conn::timed;
+use crate::seams::BackendFailed;
 use chrono::{DateTime, Utc};
-use redis::aio::ConnectionManager;
 use serde::{Deserialize, Serialize};
 use std::time::Duration;
 
@@ -81,102 +88,26 @@ pub enum Claim {
     Taken(AcceptRecord),
 }
 
-const WITHDRAW: &str = r"
-local v = redis.call('GET', KEYS[1])
-if v and cjson.decode(v)['claim'] == ARGV[1] then return redis.call('DEL', KEYS[1]) end
-return 0";
-
-#[derive(Clone)]
-pub struct AcceptLog {
-    redis: ConnectionManager,
-    ns: Namespace,
-}
-
-fn encode(record: &AcceptRecord) -> String {
-    serde_json::to_string(record).unwrap_or_default()
-}
-
-fn decode(raw: Option<String>) -> Option<AcceptRecord> {
-    raw.and_then(|s| serde_json::from_str(&s).ok())
-}
-
-impl AcceptLog {
-    pub fn new(redis: ConnectionManager, ns: Namespace) -> Self {
-        Self { redis, ns }
-    }
-
-    /// Claims `key` for `record` unless it is taken (`SET NX GET`, one round trip).
-    pub async fn claim(
+/// The accept log: which keys were claimed or answered `202`.
+#[async_trait::async_trait]
+pub trait AcceptStore: Send + Sync {
+    /// Claims `key` for `record` unless it is taken (then: what holds it).
+    async fn claim(
         &self,
         key: &IdempotencyKey,
         record: &AcceptRecord,
-    ) -> redis::RedisResult<Claim> {
-        let mut conn = self.redis.clone();
-        let previous: Option<String> = timed(
-            redis::cmd("SET")
-                .arg(self.ns.accept_key(key.as_str()))
-                .arg(encode(record))
-                .arg("NX")
-                .arg("GET")
-                .arg("PX")
-                .arg(PENDING_TTL.as_millis() as u64)
-                .query_async(&mut conn),
-        )
-        .await?;
-        Ok(match decode(previous) {
-            Some(existing) => Claim::Taken(existing),
-            None => Claim::Claimed,
-        })
-    }
-
-    /// Marks a claimed key as accepted (RabbitMQ confirmed its message).
-    pub async fn mark_queued(
+    ) -> Result<Claim, BackendFailed>;
+    async fn get(&self, key: &str) -> Result<Option<AcceptRecord>, BackendFailed>;
+    /// The claimed key was accepted (its message confirmed).
+    async fn mark_queued(
         &self,
         key: &IdempotencyKey,
         record: &AcceptRecord,
-    ) -> redis::RedisResult<()> {
-        let queued = AcceptRecord {
-            state: AcceptState::Queued,
-            ..record.clone()
-        };
-        let mut conn = self.redis.clone();
-        timed(
-            redis::cmd("SET")
-                .arg(self.ns.accept_key(key.as_str()))
-                .arg(encode(&queued))
-                .arg("PX")
-                .arg(QUEUED_TTL.as_millis() as u64)
-                .query_async(&mut conn),
-        )
-        .await
-    }
-
-    /// Withdraws this request's claim (the publish failed): a retry starts afresh.
-    pub async fn withdraw(
+    ) -> Result<(), BackendFailed>;
+    /// Withdraws this record's claim, and only its own.
+    async fn withdraw(
         &self,
         key: &IdempotencyKey,
         record: &AcceptRecord,
-    ) -> redis::RedisResult<()> {
-        let mut conn = self.redis.clone();
-        timed(
-            redis::Script::new(WITHDRAW)
-                .key(self.ns.accept_key(key.as_str()))
-                .arg(&record.claim)
-                .invoke_async::<i64>(&mut conn),
-        )
-        .await
-        .map(drop)
-    }
-
-    /// What the log holds for `key`.
-    pub async fn get(&self, key: &str) -> redis::RedisResult<Option<AcceptRecord>> {
-        let mut conn = self.redis.clone();
-        let raw: Option<String> = timed(
-            redis::cmd("GET")
-                .arg(self.ns.accept_key(key))
-                .query_async(&mut conn),
-        )
-        .await?;
-        Ok(decode(raw))
-    }
+    ) -> Result<(), BackendFailed>;
 }

@@ -1,0 +1,196 @@
+//! The stock ledger: products, orders and the fenced group apply. The
+//! [`Ledger`] trait has two implementations side by side, PostgreSQL's
+//! ([`StockLedger`], in `postgres.rs`) and the in-memory one
+//! ([`MemoryLedger`], in `memory.rs`, for `fsctl demo`); the booking rules
+//! live once, in [`decide`], and the conformance suite holds both to them.
+
+mod memory;
+mod postgres;
+
+pub use memory::MemoryLedger;
+pub use postgres::{BOOKED_KEYS, StockLedger, TRANSACTION_DEADLINE};
+
+use crate::domain::{OrderView, ProductId, QueuedOrder, RejectReason};
+use crate::locks::FencingToken;
+use std::collections::{HashMap, HashSet};
+use std::time::Duration;
+
+/// What became of one order of a group.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OrderOutcome {
+    Confirmed,
+    Rejected(RejectReason),
+    /// The key already had a row: nothing changed.
+    Duplicate,
+}
+
+/// The result of one committed group: an outcome per order, in input order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GroupReceipt {
+    pub outcomes: Vec<OrderOutcome>,
+    /// Stock after the commit; `None` for an unknown product.
+    pub stock_after: Option<i32>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum LedgerError {
+    /// A newer token already wrote this product: raise the fence counter to
+    /// at least `fence` and take the lock again.
+    #[error("fenced out: product {product} was written with token {fence}")]
+    FencedOut { product: ProductId, fence: i64 },
+    /// PostgreSQL refused the group's data (SQLSTATE class 22 or 23, other
+    /// than the idempotency key's own unique violation): a permanent fault.
+    /// Find the orders at fault with `refused`, dead-letter them, apply the rest.
+    #[error("PostgreSQL refused the data: {0}")]
+    Refused(#[source] sqlx::Error),
+    /// PostgreSQL failed or is unreachable: a passing fault; keep the
+    /// deliveries and retry.
+    #[error("PostgreSQL: {0}")]
+    Database(#[source] sqlx::Error),
+    /// PostgreSQL did not finish within the deadline: a passing fault.
+    #[error("PostgreSQL did not answer within {0:?}")]
+    TimedOut(Duration),
+    /// Another product's transaction kept booking keys of this group (a key
+    /// reused across products): a passing fault; retry.
+    #[error("product {0}: keys kept being booked concurrently")]
+    Contended(ProductId),
+}
+
+impl From<sqlx::Error> for LedgerError {
+    fn from(e: sqlx::Error) -> Self {
+        if is_refusal(&e) {
+            Self::Refused(e)
+        } else {
+            Self::Database(e)
+        }
+    }
+}
+
+/// Whether PostgreSQL refused the data itself (classes 22 "data exception"
+/// and 23 "integrity constraint violation"), as opposed to a passing fault
+/// (connection loss, timeouts, serialization and lock failures, shutdown:
+/// classes 08, 40, 53, 55, 57, 58, and client-side I/O). The idempotency
+/// key's unique violation is a duplicate, never a refusal.
+pub fn is_refusal(e: &sqlx::Error) -> bool {
+    let sqlx::Error::Database(db) = e else {
+        return false;
+    };
+    let code = db.code();
+    let code = code.as_deref().unwrap_or("");
+    let key_conflict = code == "23505" && db.constraint() == Some("orders_pkey");
+    (code.starts_with("22") || code.starts_with("23")) && !key_conflict
+}
+
+/// One order of a group that the ledger refuses as data: its index in the
+/// group and why. It is dead-lettered; the rest of the group is applied.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refusal {
+    pub index: usize,
+    pub reason: String,
+}
+
+/// A product as the ledger holds it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ProductRecord {
+    pub id: i64,
+    pub name: String,
+    pub stock: i32,
+    pub seeded_stock: i32,
+    pub max_per_order: i32,
+    pub per_user_limit: Option<i32>,
+    pub lock_fence: i64,
+}
+
+/// A product as `fsctl seed` puts it in.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewProduct {
+    pub id: i64,
+    pub name: String,
+    pub stock: i32,
+    pub max_per_order: i32,
+    pub per_user_limit: Option<i32>,
+}
+
+/// The stock ledger: products, orders, and the fenced group apply.
+#[async_trait::async_trait]
+pub trait Ledger: Send + Sync {
+    /// Inserts the products that do not exist yet; returns the ids created.
+    async fn create_missing(&self, products: &[NewProduct]) -> Result<Vec<i64>, LedgerError>;
+    /// Applies `orders` (all for `product`, in arrival order) under `token`,
+    /// all or nothing.
+    async fn apply_group(
+        &self,
+        product: ProductId,
+        token: FencingToken,
+        orders: &[QueuedOrder],
+    ) -> Result<GroupReceipt, LedgerError>;
+    async fn product(&self, id: ProductId) -> Result<Option<ProductRecord>, LedgerError>;
+    async fn products(&self) -> Result<Vec<ProductRecord>, LedgerError>;
+    async fn order(&self, order_id: &str) -> Result<Option<OrderView>, LedgerError>;
+    /// Units of `product` confirmed to `user`.
+    async fn held_by(&self, product: ProductId, user: &str) -> Result<i64, LedgerError>;
+    /// After `apply_group` failed with [`LedgerError::Refused`]: the orders
+    /// of the group the ledger refuses as data, each with its reason.
+    async fn refused(&self, orders: &[QueuedOrder]) -> Result<Vec<Refusal>, LedgerError>;
+}
+
+/// What a group's orders come to, decided in arrival order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Decisions {
+    pub outcomes: Vec<OrderOutcome>,
+    /// Units confirmed in the group.
+    pub taken: i32,
+    /// Stock after the group; `None` for an unknown product.
+    pub stock_left: Option<i32>,
+}
+
+/// The booking rules, one place for every ledger (PostgreSQL's and the
+/// embedded one): a key already `booked`, or seen earlier in the group, is
+/// a duplicate; an unknown product (`stock` `None`) rejects; an order for
+/// more than is left is sold out; one that would take its user past
+/// `per_user_limit` (counting `held`, updated here) is rejected; the rest
+/// are confirmed and taken from the stock.
+pub fn decide(
+    orders: &[QueuedOrder],
+    booked: &HashSet<String>,
+    held: &mut HashMap<String, i64>,
+    mut stock: Option<i32>,
+    per_user_limit: Option<i32>,
+) -> Decisions {
+    let mut seen: HashSet<&str> = HashSet::new();
+    let mut outcomes = Vec::with_capacity(orders.len());
+    let mut taken: i32 = 0;
+    for order in orders {
+        let key = order.order_id.as_str();
+        if booked.contains(key) || !seen.insert(key) {
+            outcomes.push(OrderOutcome::Duplicate);
+            continue;
+        }
+        let qty = order.quantity.get();
+        let outcome = match stock {
+            None => OrderOutcome::Rejected(RejectReason::UnknownProduct),
+            Some(left) if qty > left => OrderOutcome::Rejected(RejectReason::SoldOut),
+            Some(left) => {
+                let user = held.entry(order.user_id.as_str().to_owned()).or_insert(0);
+                match per_user_limit {
+                    Some(limit) if *user + i64::from(qty) > i64::from(limit) => {
+                        OrderOutcome::Rejected(RejectReason::PerUserLimit)
+                    }
+                    _ => {
+                        *user += i64::from(qty);
+                        stock = Some(left - qty);
+                        taken += qty;
+                        OrderOutcome::Confirmed
+                    }
+                }
+            }
+        };
+        outcomes.push(outcome);
+    }
+    Decisions {
+        outcomes,
+        taken,
+        stock_left: stock,
+    }
+}

@@ -1,0 +1,377 @@
+//! The order queue on RabbitMQ: connecting, the queues declared with the
+//! exact arguments every service uses, confirmed publishes, the queues'
+//! figures, and [`RabbitQueue`], the [`OrderQueue`] the API and the worker
+//! hold.
+
+use super::{Delivered, OrderQueue, QueueConsumer};
+use crate::config::{Namespace, mask_url};
+use crate::seams::BackendFailed;
+use lapin::options::{BasicPublishOptions, QueueDeclareOptions};
+use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
+use lapin::{BasicProperties, Channel, Confirmation, Connection, ConnectionProperties};
+use std::time::Duration;
+
+/// A publish not confirmed within this long is answered `503`.
+pub const CONFIRM_TIMEOUT: Duration = Duration::from_secs(5);
+/// Connecting (TCP and AMQP handshake) gives up after this long.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Any other call to RabbitMQ (an ack, opening a channel) gives up after this long.
+pub const CALL_TIMEOUT: Duration = Duration::from_secs(5);
+/// Channels the API's publisher keeps; each carries one publish at a time.
+pub const PUBLISH_CHANNELS: usize = 128;
+/// Messages a redelivered order may see before it is dead-lettered.
+pub const DELIVERY_LIMIT: i32 = 20;
+/// The header that says why the worker dead-lettered a message.
+pub const REASON_HEADER: &str = "x-flashsale-reason";
+
+#[derive(Debug, thiserror::Error)]
+pub enum BrokerError {
+    #[error("cannot reach RabbitMQ at {url}: {reason}")]
+    Unreachable { url: String, reason: String },
+    #[error("RabbitMQ: {0}")]
+    Channel(#[from] lapin::Error),
+}
+
+/// Why a publish is not known to be accepted: always answered `503`, always
+/// safe to retry with the same key.
+#[derive(Debug, thiserror::Error)]
+pub enum PublishError {
+    #[error("not connected to RabbitMQ")]
+    NotConnected,
+    #[error("RabbitMQ returned the message as unroutable")]
+    Returned,
+    #[error("RabbitMQ refused the message (nack)")]
+    Nacked,
+    #[error("RabbitMQ did not confirm within {0:?}")]
+    Timeout(Duration),
+    #[error("RabbitMQ channel failed: {0}")]
+    Channel(#[from] lapin::Error),
+}
+
+/// Connects to RabbitMQ, with a timeout.
+pub async fn connect(url: &str, name: &str) -> Result<Connection, BrokerError> {
+    let unreachable = |reason: String| BrokerError::Unreachable {
+        url: mask_url(url),
+        reason,
+    };
+    let props = ConnectionProperties::default().with_connection_name(name.into());
+    match tokio::time::timeout(CONNECT_TIMEOUT, Connection::connect(url, props)).await {
+        Ok(Ok(conn)) => Ok(conn),
+        Ok(Err(e)) => Err(unreachable(e.to_string())),
+        Err(_) => Err(unreachable(format!("no answer within {CONNECT_TIMEOUT:?}"))),
+    }
+}
+
+fn long(s: &str) -> AMQPValue {
+    AMQPValue::LongString(LongString::from(s.as_bytes().to_vec()))
+}
+
+/// The order queue's arguments, exactly as the contract fixes them.
+pub fn order_queue_arguments(ns: &Namespace) -> FieldTable {
+    let mut args = FieldTable::default();
+    args.insert("x-queue-type".into(), long("quorum"));
+    args.insert(
+        "x-delivery-limit".into(),
+        AMQPValue::LongInt(DELIVERY_LIMIT),
+    );
+    args.insert("x-dead-letter-exchange".into(), long(""));
+    args.insert(
+        "x-dead-letter-routing-key".into(),
+        long(&ns.dead_letter_queue()),
+    );
+    args.insert("x-dead-letter-strategy".into(), long("at-least-once"));
+    args.insert("x-overflow".into(), long("reject-publish"));
+    args
+}
+
+fn durable() -> QueueDeclareOptions {
+    QueueDeclareOptions {
+        durable: true,
+        ..Default::default()
+    }
+}
+
+/// Declares `<ns>.orders` and `<ns>.orders.dlq` (idempotent).
+pub async fn declare_queues(channel: &Channel, ns: &Namespace) -> Result<(), lapin::Error> {
+    let mut dlq_args = FieldTable::default();
+    dlq_args.insert("x-queue-type".into(), long("quorum"));
+    channel
+        .queue_declare(ns.dead_letter_queue().into(), durable(), dlq_args)
+        .await?;
+    channel
+        .queue_declare(
+            ns.orders_queue().into(),
+            durable(),
+            order_queue_arguments(ns),
+        )
+        .await?;
+    Ok(())
+}
+
+/// Ready messages and consumers of a queue, as RabbitMQ reports them now.
+pub async fn queue_stats(channel: &Channel, queue: &str) -> Result<(u32, u32), lapin::Error> {
+    let q = channel
+        .queue_declare(
+            queue.into(),
+            QueueDeclareOptions {
+                passive: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await?;
+    Ok((q.message_count(), q.consumer_count()))
+}
+
+/// Records both queues' ready messages and consumers as gauges (so the API
+/// reports them too, and an alert can see a queue nobody consumes).
+pub async fn record_queue_stats(channel: &Channel, ns: &Namespace) {
+    for queue in [ns.orders_queue(), ns.dead_letter_queue()] {
+        let stats =
+            tokio::time::timeout(Duration::from_secs(1), queue_stats(channel, &queue)).await;
+        if let Ok(Ok((ready, consumers))) = stats {
+            metrics::gauge!(crate::metrics::QUEUE_DEPTH, "queue" => queue.clone())
+                .set(f64::from(ready));
+            metrics::gauge!(crate::metrics::QUEUE_CONSUMERS, "queue" => queue)
+                .set(f64::from(consumers));
+        }
+    }
+}
+
+/// Publishes one persistent, mandatory JSON message to `queue` through the
+/// default exchange and waits (at most [`CONFIRM_TIMEOUT`]) for its confirm.
+pub async fn publish_confirmed(
+    channel: &Channel,
+    queue: &str,
+    message_id: &str,
+    payload: &[u8],
+    headers: Option<FieldTable>,
+) -> Result<(), PublishError> {
+    let mut props = BasicProperties::default()
+        .with_content_type("application/json".into())
+        .with_message_id(ShortString::from(message_id))
+        .with_delivery_mode(2);
+    if let Some(h) = headers {
+        props = props.with_headers(h);
+    }
+    publish_with(channel, queue, payload, props).await
+}
+
+/// Publishes a mandatory message with these properties to `queue` and
+/// waits (at most [`CONFIRM_TIMEOUT`]) for its confirm. A returned message
+/// must carry this publish's `message_id`.
+pub async fn publish_with(
+    channel: &Channel,
+    queue: &str,
+    payload: &[u8],
+    props: BasicProperties,
+) -> Result<(), PublishError> {
+    let message_id = props.message_id().as_ref().map(|s| s.as_str().to_owned());
+    let options = BasicPublishOptions {
+        mandatory: true,
+        ..Default::default()
+    };
+    let confirm = async {
+        channel
+            .basic_publish("".into(), queue.into(), options, payload, props)
+            .await?
+            .await
+    };
+    match tokio::time::timeout(CONFIRM_TIMEOUT, confirm).await {
+        Err(_) => Err(PublishError::Timeout(CONFIRM_TIMEOUT)),
+        Ok(Err(e)) => Err(PublishError::Channel(e)),
+        Ok(Ok(Confirmation::Ack(None))) => Ok(()),
+        Ok(Ok(Confirmation::Ack(Some(returned)) | Confirmation::Nack(Some(returned)))) => {
+            let id = returned
+                .properties
+                .message_id()
+                .as_ref()
+                .map(|s| s.as_str().to_owned());
+            if id != message_id {
+                // Never with one publish in flight per channel; either way
+                // this publish is not known to be accepted.
+                tracing::error!(returned = ?id, ours = ?message_id, "a returned message came back with another publish's confirm");
+            }
+            Err(PublishError::Returned)
+        }
+        Ok(Ok(Confirmation::Nack(None) | Confirmation::NotRequested)) => Err(PublishError::Nacked),
+    }
+}
+
+/// Header table carrying the dead-letter reason.
+pub fn reason_headers(reason: &str) -> FieldTable {
+    let mut h = FieldTable::default();
+    h.insert(REASON_HEADER.into(), long(reason));
+    h
+}
+
+/// The order queue on RabbitMQ: the API's publisher and the worker's consumer.
+pub struct RabbitQueue {
+    url: String,
+    ns: crate::Namespace,
+    /// The API's publisher (connects in the background); a worker has none.
+    publisher: Option<super::OrderPublisher>,
+}
+
+impl RabbitQueue {
+    /// For publishing and consuming (the API).
+    pub fn start(url: &str, ns: &crate::Namespace) -> Self {
+        Self {
+            url: url.to_owned(),
+            ns: ns.clone(),
+            publisher: Some(super::OrderPublisher::start(url, ns)),
+        }
+    }
+
+    /// For consuming only (a worker): no publisher connection.
+    pub fn consumer_only(url: &str, ns: &crate::Namespace) -> Self {
+        Self {
+            url: url.to_owned(),
+            ns: ns.clone(),
+            publisher: None,
+        }
+    }
+
+    pub fn is_connected(&self) -> bool {
+        self.publisher.as_ref().is_some_and(|p| p.is_connected())
+    }
+
+    /// A consumer named after `worker_id` (RabbitMQ shows it).
+    pub async fn consume_as(
+        &self,
+        prefetch: u16,
+        worker_id: &str,
+    ) -> Result<Box<dyn QueueConsumer>, BackendFailed> {
+        let open = super::OrderConsumer::open(&self.url, &self.ns, prefetch, worker_id);
+        let consumer = tokio::time::timeout(CONNECT_TIMEOUT + CALL_TIMEOUT, open)
+            .await
+            .map_err(|_| BackendFailed("RabbitMQ did not open the consumer in time".into()))?
+            .map_err(broker_failed)?;
+        Ok(Box::new(RabbitConsumer {
+            consumer,
+            held: std::collections::BTreeMap::new(),
+        }))
+    }
+}
+
+fn broker_failed(e: impl std::fmt::Display) -> BackendFailed {
+    BackendFailed(e.to_string())
+}
+
+/// An ack under [`CALL_TIMEOUT`]: a silent broker is a
+/// failure (the consumer reconnects), never a hang.
+async fn within_deadline<T>(
+    call: impl Future<Output = Result<T, lapin::Error>>,
+) -> Result<(), BackendFailed> {
+    match tokio::time::timeout(CALL_TIMEOUT, call).await {
+        Ok(Ok(_)) => Ok(()),
+        Ok(Err(e)) => Err(broker_failed(e)),
+        Err(_) => Err(BackendFailed(format!(
+            "RabbitMQ did not take the ack within {:?}",
+            CALL_TIMEOUT
+        ))),
+    }
+}
+
+#[async_trait::async_trait]
+impl OrderQueue for RabbitQueue {
+    async fn publish(&self, message_id: &str, payload: &[u8]) -> Result<(), BackendFailed> {
+        let Some(publisher) = &self.publisher else {
+            return Err(BackendFailed("this queue handle only consumes".into()));
+        };
+        publisher
+            .publish(message_id, payload)
+            .await
+            .map_err(broker_failed)
+    }
+
+    async fn consume(&self, prefetch: u16) -> Result<Box<dyn QueueConsumer>, BackendFailed> {
+        self.consume_as(prefetch, "flashsale").await
+    }
+
+    async fn dead_letters(&self) -> Result<Vec<(String, Option<String>)>, BackendFailed> {
+        Ok(
+            crate::observe::peek_dead_letters(&self.url, &self.ns, 10_000)
+                .await
+                .map_err(broker_failed)?
+                .into_iter()
+                .map(|d| (d.message_id.unwrap_or_default(), d.reason))
+                .collect(),
+        )
+    }
+}
+
+struct RabbitConsumer {
+    consumer: super::OrderConsumer,
+    held: std::collections::BTreeMap<u64, lapin::message::Delivery>,
+}
+
+#[async_trait::async_trait]
+impl QueueConsumer for RabbitConsumer {
+    async fn next_batch(&mut self) -> Result<Option<Vec<Delivered>>, BackendFailed> {
+        let Some(batch) = self.consumer.next_batch().await.map_err(broker_failed)? else {
+            return Ok(None);
+        };
+        let mut out = Vec::with_capacity(batch.len());
+        for d in batch {
+            out.push(Delivered {
+                tag: d.delivery_tag,
+                message_id: d
+                    .properties
+                    .message_id()
+                    .as_ref()
+                    .map(|s| s.as_str().to_owned())
+                    .unwrap_or_default(),
+                payload: d.data.clone(),
+                redelivered: d.redelivered,
+            });
+            self.held.insert(d.delivery_tag, d);
+        }
+        Ok(Some(out))
+    }
+
+    async fn ack_through(&mut self, tag: u64) -> Result<(), BackendFailed> {
+        // The newest held delivery at or below `tag` (one may have been
+        // dead-lettered, and so acked, already).
+        if let Some((_, d)) = self.held.range(..=tag).next_back() {
+            let ack = d
+                .acker
+                .ack(lapin::options::BasicAckOptions { multiple: true });
+            within_deadline(ack).await?;
+        }
+        self.held.retain(|t, _| *t > tag);
+        Ok(())
+    }
+
+    async fn dead_letter(
+        &mut self,
+        delivery: &Delivered,
+        reason: &str,
+    ) -> Result<(), BackendFailed> {
+        let Some(d) = self.held.remove(&delivery.tag) else {
+            return Ok(());
+        };
+        publish_confirmed(
+            self.consumer.channel(),
+            &self.consumer.dead_letter_queue(),
+            &delivery.message_id,
+            &d.data,
+            Some(reason_headers(reason)),
+        )
+        .await
+        .map_err(broker_failed)?;
+        within_deadline(d.acker.ack(lapin::options::BasicAckOptions::default())).await
+    }
+
+    async fn cancel(&mut self) {
+        self.consumer.cancel().await;
+    }
+
+    async fn record_stats(&self) {
+        record_queue_stats(self.consumer.channel(), &self.consumer.namespace()).await;
+    }
+
+    async fn close(self: Box<Self>) {
+        self.consumer.close().await;
+    }
+}
