@@ -161,7 +161,7 @@ fn plan(args: &DemoArgs) -> Result<(StormPlan, Vec<NewProduct>), Failure> {
 /// A worker running in this process, which `--chaos` may kill.
 struct RunningWorker {
     id: String,
-    stats: Arc<flashsale_worker::heartbeat::WorkerStats>,
+    stats: Arc<flashsale_engine::heartbeat::WorkerStats>,
     alive: Arc<std::sync::atomic::AtomicBool>,
     /// Deliveries the `--chaos` victim held when it stalled.
     held: Arc<std::sync::atomic::AtomicUsize>,
@@ -197,6 +197,9 @@ impl OrderQueue for StallingQueue {
     }
     async fn dead_letters(&self) -> Result<Vec<(String, Option<String>)>, BackendFailed> {
         self.inner.dead_letters().await
+    }
+    async fn probe(&self) -> flashsale_engine::seams::Probe {
+        self.inner.probe().await
     }
 }
 

@@ -8,7 +8,7 @@ use clap::{Args, Subcommand};
 use comfy_table::Cell;
 use flashsale_engine::accept_log::{AcceptLog, AcceptState, AcceptStore};
 use flashsale_engine::redis_conn::timed;
-use flashsale_engine::{BackendUrls, ProductId, observe};
+use flashsale_engine::{BackendUrls, ProductId, heartbeat, locks, queue};
 use serde_json::json;
 
 #[derive(Debug, Args)]
@@ -64,10 +64,10 @@ pub async fn run(b: &BackendUrls, args: &InspectArgs) -> Outcome {
         } => return watch_queue(b, *interval, args.json).await,
         View::Queue { .. } => {
             let redis = backends::redis(b).await?;
-            let q = observe::queues(&b.amqp_url, &ns).await?;
-            let workers = observe::workers(&redis, &ns).await?;
+            let q = queue::queues(&b.amqp_url, &ns).await?;
+            let workers = heartbeat::workers(&redis, &ns).await?;
             let inflight: u64 = workers.iter().filter(|w| w.alive).map(|w| w.inflight).sum();
-            let drained = observe::is_drained(&q, &workers);
+            let drained = queue::is_drained(&q, &workers);
             if args.json {
                 output::json(&json!({"queue": {
                     "queue": ns.orders_queue(), "ready": q.orders_ready, "consumers": q.orders_consumers,
@@ -106,7 +106,7 @@ pub async fn run(b: &BackendUrls, args: &InspectArgs) -> Outcome {
         View::Locks => {
             let redis = backends::redis(b).await?;
             let ledger = backends::ledger(b).await?;
-            let locks = observe::locks(&redis, &ns).await?;
+            let locks = locks::held(&redis, &ns).await?;
             let fences: Vec<(i64, i64)> = sqlx::query_as(
                 "SELECT id, lock_fence FROM products WHERE lock_fence > 0 ORDER BY id",
             )
@@ -153,7 +153,7 @@ pub async fn run(b: &BackendUrls, args: &InspectArgs) -> Outcome {
         }
         View::Workers => {
             let redis = backends::redis(b).await?;
-            let workers = observe::workers(&redis, &ns).await?;
+            let workers = heartbeat::workers(&redis, &ns).await?;
             if args.json {
                 output::json(&json!({"workers": workers}));
             } else {
@@ -191,8 +191,8 @@ pub async fn run(b: &BackendUrls, args: &InspectArgs) -> Outcome {
             }
         }
         View::Dlq { limit } => {
-            let q = observe::queues(&b.amqp_url, &ns).await?;
-            let messages = observe::peek_dead_letters(&b.amqp_url, &ns, *limit).await?;
+            let q = queue::queues(&b.amqp_url, &ns).await?;
+            let messages = queue::peek_dead_letters(&b.amqp_url, &ns, *limit).await?;
             if args.json {
                 output::json(&json!({"dlq": {"count": q.dlq_ready, "messages": messages}}));
             } else {
@@ -282,7 +282,7 @@ pub async fn run(b: &BackendUrls, args: &InspectArgs) -> Outcome {
                         json!("queued"),
                     ),
                     _ => {
-                        let dead = observe::peek_dead_letters(&b.amqp_url, &ns, 10_000).await?;
+                        let dead = queue::peek_dead_letters(&b.amqp_url, &ns, 10_000).await?;
                         match dead
                             .into_iter()
                             .find(|d| d.message_id.as_deref() == Some(id.as_str()))
@@ -324,8 +324,8 @@ async fn watch_queue(b: &BackendUrls, interval: std::time::Duration, as_json: bo
     let redis = backends::redis(b).await?;
     let mut last: Option<(std::time::Instant, u64, u64)> = None;
     loop {
-        let q = observe::queues(&b.amqp_url, &ns).await?;
-        let workers = observe::workers(&redis, &ns).await?;
+        let q = queue::queues(&b.amqp_url, &ns).await?;
+        let workers = heartbeat::workers(&redis, &ns).await?;
         let inflight: u64 = workers.iter().filter(|w| w.alive).map(|w| w.inflight).sum();
         let processed: u64 = workers.iter().map(|w| w.processed).sum();
         let now = std::time::Instant::now();

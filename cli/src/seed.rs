@@ -9,7 +9,7 @@ use clap::Args;
 use flashsale_engine::ledger::NewProduct;
 use flashsale_engine::redis_conn::timed;
 use flashsale_engine::stock_feed::StockFeed;
-use flashsale_engine::{BackendUrls, observe};
+use flashsale_engine::{BackendUrls, heartbeat, queue};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::json;
 use std::path::PathBuf;
@@ -142,9 +142,9 @@ pub async fn run(b: &BackendUrls, args: &SeedArgs) -> Outcome {
         if !existing.is_empty() {
             let redis = backends::redis(b).await?;
             if !args.force {
-                let queues = observe::queues(&b.amqp_url, &ns).await?;
-                let workers = observe::workers(&redis, &ns).await?;
-                if !observe::is_drained(&queues, &workers) {
+                let queues = queue::queues(&b.amqp_url, &ns).await?;
+                let workers = heartbeat::workers(&redis, &ns).await?;
+                if !queue::is_drained(&queues, &workers) {
                     return Err(Failure::usage(format!(
                         "refusing to reset while orders are in flight ({} ready, {} held by workers); wait or add --force",
                         queues.orders_ready,

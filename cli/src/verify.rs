@@ -8,7 +8,7 @@ use crate::output;
 use clap::Args;
 use comfy_table::Cell;
 use flashsale_engine::audit::{self, AuditReport, QueueFacts};
-use flashsale_engine::{BackendUrls, observe};
+use flashsale_engine::{BackendUrls, heartbeat, queue};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -49,10 +49,10 @@ pub use flashsale_engine::config::parse_duration;
 pub async fn queue_facts(b: &BackendUrls) -> Result<QueueFacts, Failure> {
     let ns = b.namespace();
     let redis = backends::redis(b).await?;
-    let queues = observe::queues(&b.amqp_url, &ns).await?;
-    let workers = observe::workers(&redis, &ns).await?;
+    let queues = queue::queues(&b.amqp_url, &ns).await?;
+    let workers = heartbeat::workers(&redis, &ns).await?;
     let dlq_ids = if queues.dlq_ready > 0 {
-        observe::peek_dead_letters(&b.amqp_url, &ns, DLQ_SCAN_LIMIT)
+        queue::peek_dead_letters(&b.amqp_url, &ns, DLQ_SCAN_LIMIT)
             .await?
             .into_iter()
             .filter_map(|d| d.message_id)
@@ -61,7 +61,7 @@ pub async fn queue_facts(b: &BackendUrls) -> Result<QueueFacts, Failure> {
         Default::default()
     };
     Ok(QueueFacts {
-        drained: observe::is_drained(&queues, &workers),
+        drained: queue::is_drained(&queues, &workers),
         dlq_count: queues.dlq_ready,
         dlq_ids,
     })

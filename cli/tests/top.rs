@@ -78,13 +78,13 @@ async fn top_refuses_a_non_terminal_with_exit_2() {
 #[tokio::test]
 async fn embedded_collectors_read_the_demo_through_the_seams() {
     use flashsale_engine::embedded::EmbeddedBackends;
+    use flashsale_engine::heartbeat::WorkerStats;
     use flashsale_engine::ledger::Ledger;
     use flashsale_engine::ledger::NewProduct;
     use flashsale_engine::locks::FencingToken;
     use flashsale_engine::locks::ProductLocks;
     use flashsale_engine::queue::OrderQueue;
     use flashsale_engine::{IdempotencyKey, ProductId, Quantity, UserId, domain::QueuedOrder};
-    use flashsale_worker::heartbeat::WorkerStats;
     use std::sync::Arc;
     use std::sync::atomic::AtomicBool;
 

@@ -5,7 +5,9 @@
 
 use crossterm::event::{KeyCode, KeyEvent, KeyModifiers};
 use flashsale_engine::audit::{ProductBooks, Violation};
-use flashsale_engine::observe::{LockView, QueueView, WorkerView};
+use flashsale_engine::heartbeat::WorkerView;
+use flashsale_engine::locks::LockView;
+use flashsale_engine::queue::QueueView;
 use std::collections::{BTreeMap, VecDeque};
 use std::time::{Duration, Instant};
 

@@ -8,7 +8,7 @@ use super::event::Event;
 use flashsale_engine::audit::{self, QueueFacts};
 use flashsale_engine::ledger::StockLedger;
 use flashsale_engine::metrics::{ORDER_LATENCY, ORDER_REQUESTS, REQUEST_DURATION};
-use flashsale_engine::{BackendUrls, observe, postgres, redis_conn};
+use flashsale_engine::{BackendUrls, heartbeat, locks, postgres, queue, redis_conn};
 use std::future::Future;
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc::UnboundedSender;
@@ -64,7 +64,7 @@ pub fn start(
             async move {
                 Sample::Broker(
                     timed(async {
-                        observe::queues(&b.amqp_url, &b.namespace())
+                        queue::queues(&b.amqp_url, &b.namespace())
                             .await
                             .map_err(|e| e.to_string())
                     })
@@ -83,7 +83,7 @@ pub struct EmbeddedSources {
     pub backends: flashsale_engine::embedded::EmbeddedBackends,
     /// Each worker's stats, and whether it is still running.
     pub workers: Vec<(
-        std::sync::Arc<flashsale_worker::heartbeat::WorkerStats>,
+        std::sync::Arc<flashsale_engine::heartbeat::WorkerStats>,
         std::sync::Arc<std::sync::atomic::AtomicBool>,
     )>,
 }
@@ -250,12 +250,10 @@ async fn heartbeats(
     http: &reqwest::Client,
 ) -> Result<RedisSample, String> {
     let ns = b.namespace();
-    let workers = observe::workers(redis, &ns)
+    let workers = heartbeat::workers(redis, &ns)
         .await
         .map_err(|e| e.to_string())?;
-    let locks = observe::locks(redis, &ns)
-        .await
-        .map_err(|e| e.to_string())?;
+    let locks = locks::held(redis, &ns).await.map_err(|e| e.to_string())?;
     let mut commit_latency: Buckets = Vec::new();
     for w in workers
         .iter()

@@ -590,7 +590,9 @@ mod tests {
     use crate::top::app::{ApiSample, LedgerSample, RedisSample, Sample};
     use crossterm::event::{KeyCode, KeyEvent, KeyModifiers};
     use flashsale_engine::audit::{ProductBooks, Violation};
-    use flashsale_engine::observe::{LockView, QueueView, WorkerView};
+    use flashsale_engine::heartbeat::WorkerView;
+    use flashsale_engine::locks::LockView;
+    use flashsale_engine::queue::QueueView;
     use ratatui::Terminal;
     use ratatui::backend::TestBackend;
 

@@ -13,8 +13,6 @@ use flashsale_engine::ledger::StockLedger;
 use flashsale_engine::queue::{OrderQueue, RabbitQueue};
 use flashsale_engine::{BackendUrls, Namespace, metrics, postgres, redis_conn};
 use metrics_exporter_prometheus::PrometheusHandle;
-use redis::aio::ConnectionManager;
-use sqlx::PgPool;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
@@ -27,7 +25,6 @@ pub struct Shared {
     pub accept_log: Arc<dyn AcceptStore>,
     pub queue: Arc<dyn OrderQueue>,
     pub ledger: Arc<dyn Ledger>,
-    pub probes: Probes,
     pub metrics: PrometheusHandle,
     /// Repeats of a key whose first request is still publishing wait here.
     pub settling: Arc<Settling>,
@@ -57,17 +54,6 @@ impl Drop for BuyPass {
     }
 }
 
-/// How `/health/ready` checks the backends.
-pub enum Probes {
-    Networked {
-        pool: PgPool,
-        redis: ConnectionManager,
-        queue: Arc<RabbitQueue>,
-    },
-    /// In this process: always there.
-    Embedded,
-}
-
 impl std::ops::Deref for AppState {
     type Target = Shared;
     fn deref(&self) -> &Shared {
@@ -87,11 +73,6 @@ impl AppState {
             catalog: Catalog::start(ledger.clone(), backends),
             accept_log: Arc::new(AcceptLog::new(redis.clone(), namespace.clone())),
             queue: queue.clone(),
-            probes: Probes::Networked {
-                pool: ledger.pool().clone(),
-                redis,
-                queue,
-            },
             ledger: Arc::new(ledger),
             namespace,
             metrics: metrics::install(),
@@ -109,7 +90,6 @@ impl AppState {
             catalog: Catalog::start_on(ledger.clone(), std::time::Duration::from_millis(5)),
             accept_log: backends.accept_log.clone(),
             queue: Arc::new(backends.queue.clone()),
-            probes: Probes::Embedded,
             ledger,
             namespace: Namespace::new("embedded"),
             metrics: metrics::install(),

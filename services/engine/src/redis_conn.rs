@@ -77,3 +77,27 @@ pub async fn timed<T>(call: impl Future<Output = redis::RedisResult<T>>) -> redi
         .await
         .unwrap_or_else(|_| Err(timeout_error()))
 }
+
+/// Keys matching `pattern`, by SCAN.
+pub async fn scan(redis: &ConnectionManager, pattern: &str) -> redis::RedisResult<Vec<String>> {
+    let mut conn = redis.clone();
+    let mut cursor: u64 = 0;
+    let mut keys = Vec::new();
+    loop {
+        let (next, batch): (u64, Vec<String>) = timed(
+            redis::cmd("SCAN")
+                .arg(cursor)
+                .arg("MATCH")
+                .arg(pattern)
+                .arg("COUNT")
+                .arg(1000)
+                .query_async(&mut conn),
+        )
+        .await?;
+        keys.extend(batch);
+        if next == 0 {
+            return Ok(keys);
+        }
+        cursor = next;
+    }
+}

@@ -22,6 +22,27 @@
 #[error("{0}")]
 pub struct BackendFailed(pub String);
 
+/// What a seam's health probe found: the component it asked and whether it
+/// answered (`/health/ready` reports each).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Probe {
+    pub component: &'static str,
+    pub outcome: Result<(), String>,
+}
+
+impl Probe {
+    /// The component answered.
+    pub fn ok(component: &'static str) -> Self {
+        Self {
+            component,
+            outcome: Ok(()),
+        }
+    }
+}
+
+/// How long a health probe waits for its component.
+pub const PROBE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(1);
+
 impl BackendFailed {
     pub fn redis(e: redis::RedisError) -> Self {
         Self(format!("Redis: {e}"))

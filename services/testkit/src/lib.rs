@@ -337,7 +337,7 @@ impl TestEnv {
         let mut seen = Vec::new();
         for _ in 0..300 {
             if self.queue_depth(true).await as usize >= n {
-                seen = flashsale_engine::observe::peek_dead_letters(
+                seen = flashsale_engine::queue::peek_dead_letters(
                     &self.scratch.backends.amqp_url,
                     &ns,
                     n + 10,

@@ -9,9 +9,9 @@
 //! fault, every call under a deadline) keeps the deliveries and is retried
 //! with backoff. No input can stop the worker from consuming.
 
-use crate::heartbeat::WorkerStats;
 use chrono::Utc;
 use flashsale_engine::domain::QueuedOrder;
+use flashsale_engine::heartbeat::WorkerStats;
 use flashsale_engine::ledger::Ledger;
 use flashsale_engine::ledger::{GroupReceipt, LedgerError, OrderOutcome, Refusal};
 use flashsale_engine::locks::ProductLocks;

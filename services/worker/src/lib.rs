@@ -3,11 +3,12 @@
 //! the product's Redis lock, and acks only what a committed transaction holds.
 
 pub mod batch;
-pub mod heartbeat;
+pub mod metrics_server;
 
 use anyhow::Context;
 use batch::OrderBook;
 use flashsale_engine::embedded::EmbeddedBackends;
+use flashsale_engine::heartbeat::{self, WorkerStats};
 use flashsale_engine::ledger::StockLedger;
 use flashsale_engine::locks::ProductLock;
 use flashsale_engine::queue::rabbitmq as broker;
@@ -15,7 +16,6 @@ use flashsale_engine::queue::{OrderQueue, QueueConsumer, RabbitQueue};
 use flashsale_engine::seams::BackendFailed;
 use flashsale_engine::stock_feed::StockFeed;
 use flashsale_engine::{BackendUrls, postgres, redis_conn};
-use heartbeat::WorkerStats;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpListener;
@@ -185,7 +185,7 @@ impl Worker {
                 background.clone(),
             ))));
             if let Some(listener) = n.metrics_listener.take() {
-                tasks.push(OwnedTask(tokio::spawn(heartbeat::serve_metrics(
+                tasks.push(OwnedTask(tokio::spawn(metrics_server::serve_metrics(
                     listener,
                     background.clone(),
                 ))));

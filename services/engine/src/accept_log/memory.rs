@@ -29,6 +29,9 @@ impl MemoryAcceptLog {
 
 #[async_trait::async_trait]
 impl AcceptStore for MemoryAcceptLog {
+    async fn probe(&self) -> crate::seams::Probe {
+        crate::seams::Probe::ok("embedded")
+    }
     async fn claim(
         &self,
         key: &crate::IdempotencyKey,

@@ -98,6 +98,8 @@ pub trait AcceptStore: Send + Sync {
         record: &AcceptRecord,
     ) -> Result<Claim, BackendFailed>;
     async fn get(&self, key: &str) -> Result<Option<AcceptRecord>, BackendFailed>;
+    /// Whether the log answers (for `/health/ready`).
+    async fn probe(&self) -> crate::seams::Probe;
     /// The claimed key was accepted (its message confirmed).
     async fn mark_queued(
         &self,

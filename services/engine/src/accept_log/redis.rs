@@ -61,6 +61,16 @@ impl AcceptStore for AcceptLog {
         })
     }
 
+    async fn probe(&self) -> crate::seams::Probe {
+        let mut conn = self.redis.clone();
+        crate::seams::Probe {
+            component: "redis",
+            outcome: timed(redis::cmd("PING").query_async::<()>(&mut conn))
+                .await
+                .map_err(|e| e.to_string()),
+        }
+    }
+
     /// What the log holds for `key`.
     async fn get(&self, key: &str) -> Result<Option<AcceptRecord>, BackendFailed> {
         let mut conn = self.redis.clone();

@@ -222,6 +222,9 @@ impl Ledger for MemoryLedger {
         Ok(self.books().products.get(&id.get()).cloned())
     }
 
+    async fn probe(&self) -> crate::seams::Probe {
+        crate::seams::Probe::ok("embedded")
+    }
     async fn products(&self) -> Result<Vec<ProductRecord>, LedgerError> {
         Ok(self.books().products.values().cloned().collect())
     }

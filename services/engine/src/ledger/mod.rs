@@ -127,6 +127,8 @@ pub trait Ledger: Send + Sync {
     ) -> Result<GroupReceipt, LedgerError>;
     async fn product(&self, id: ProductId) -> Result<Option<ProductRecord>, LedgerError>;
     async fn products(&self) -> Result<Vec<ProductRecord>, LedgerError>;
+    /// Whether the ledger answers (for `/health/ready`).
+    async fn probe(&self) -> crate::seams::Probe;
     async fn order(&self, order_id: &str) -> Result<Option<OrderView>, LedgerError>;
     /// Units of `product` confirmed to `user`.
     async fn held_by(&self, product: ProductId, user: &str) -> Result<i64, LedgerError>;

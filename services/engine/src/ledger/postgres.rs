@@ -315,6 +315,21 @@ impl Ledger for StockLedger {
     async fn product(&self, id: ProductId) -> Result<Option<ProductRecord>, LedgerError> {
         Ok(StockLedger::product(self, id).await?)
     }
+    async fn probe(&self) -> crate::seams::Probe {
+        let answered = tokio::time::timeout(
+            crate::seams::PROBE_TIMEOUT,
+            sqlx::query_scalar::<_, i32>("SELECT 1").fetch_one(&self.pool),
+        )
+        .await;
+        crate::seams::Probe {
+            component: "postgres",
+            outcome: match answered {
+                Ok(Ok(_)) => Ok(()),
+                Ok(Err(e)) => Err(e.to_string()),
+                Err(_) => Err("timed out".into()),
+            },
+        }
+    }
     async fn products(&self) -> Result<Vec<ProductRecord>, LedgerError> {
         Ok(StockLedger::products(self).await?)
     }

@@ -54,7 +54,7 @@ impl MemoryLocks {
     }
 
     /// The locks held now, as `fsctl inspect locks` shows Redis's.
-    pub fn held(&self) -> Vec<crate::observe::LockView> {
+    pub fn held(&self) -> Vec<crate::locks::LockView> {
         let now = Instant::now();
         let t = self.table();
         let mut out: Vec<_> = t
@@ -63,7 +63,7 @@ impl MemoryLocks {
             .filter(|(_, (_, until))| *until > now)
             .map(|(product, (value, until))| {
                 let (holder, token) = value.rsplit_once(':').unwrap_or((value.as_str(), "0"));
-                crate::observe::LockView {
+                crate::locks::LockView {
                     product_id: *product,
                     holder: holder.to_owned(),
                     token: token.parse().unwrap_or(0),

@@ -11,7 +11,7 @@ mod memory;
 mod redis;
 
 pub use memory::MemoryLocks;
-pub use redis::ProductLock;
+pub use redis::{LockView, ProductLock, held};
 
 use crate::domain::ProductId;
 use crate::seams::BackendFailed;

@@ -8,6 +8,7 @@ use crate::domain::ProductId;
 use crate::redis_conn::timed;
 use crate::seams::BackendFailed;
 use redis::aio::ConnectionManager;
+use serde::Serialize;
 use std::time::Duration;
 
 /// Takes, releases and re-fences product locks for one worker.
@@ -103,4 +104,43 @@ impl ProductLocks for ProductLock {
         .await
         .map_err(BackendFailed::redis)
     }
+}
+
+/// A product lock held now.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct LockView {
+    pub product_id: i64,
+    pub holder: String,
+    pub token: i64,
+    pub ttl_ms: i64,
+}
+
+/// Every product lock held now, by product.
+pub async fn held(redis: &ConnectionManager, ns: &Namespace) -> redis::RedisResult<Vec<LockView>> {
+    let mut conn = redis.clone();
+    let prefix = ns.lock_key(0);
+    let prefix = prefix.trim_end_matches('0');
+    let mut out = Vec::new();
+    for key in crate::redis_conn::scan(redis, &format!("{prefix}*")).await? {
+        let (value, ttl): (Option<String>, i64) = timed(
+            redis::pipe()
+                .cmd("GET")
+                .arg(&key)
+                .cmd("PTTL")
+                .arg(&key)
+                .query_async(&mut conn),
+        )
+        .await?;
+        let Some(value) = value else { continue };
+        let (holder, token) = value.rsplit_once(':').unwrap_or((&value, "0"));
+        out.push(LockView {
+            product_id: key[prefix.len()..].parse().unwrap_or(0),
+            holder: holder.to_owned(),
+            token: token.parse().unwrap_or(0),
+            ttl_ms: ttl,
+        });
+    }
+    out.sort_by_key(|l| l.product_id);
+    Ok(out)
 }

@@ -50,9 +50,9 @@ impl MemoryQueue {
     }
 
     /// The queues as `fsctl inspect queue` shows RabbitMQ's.
-    pub fn view(&self) -> crate::observe::QueueView {
+    pub fn view(&self) -> super::QueueView {
         let s = self.state();
-        crate::observe::QueueView {
+        super::QueueView {
             orders_ready: s.ready.len() as u64,
             orders_consumers: s.held.len() as u64,
             dlq_ready: s.dead.len() as u64,
@@ -89,6 +89,9 @@ impl OrderQueue for MemoryQueue {
         }))
     }
 
+    async fn probe(&self) -> crate::seams::Probe {
+        crate::seams::Probe::ok("embedded")
+    }
     async fn dead_letters(&self) -> Result<Vec<(String, Option<String>)>, BackendFailed> {
         Ok(self.state().dead.clone())
     }

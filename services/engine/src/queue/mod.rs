@@ -6,15 +6,18 @@
 //! for `fsctl demo`).
 
 mod consumer;
+pub mod dead_letters;
 mod memory;
 mod publisher;
 pub mod rabbitmq;
 
 pub use consumer::OrderConsumer;
+pub use dead_letters::{DeadLetter, peek_dead_letters};
 pub use memory::{MemoryConsumer, MemoryQueue};
 pub use publisher::OrderPublisher;
-pub use rabbitmq::RabbitQueue;
+pub use rabbitmq::{QueueView, RabbitQueue, queues};
 
+use crate::heartbeat::WorkerView;
 use crate::seams::BackendFailed;
 
 /// A message as a consumer sees it.
@@ -44,6 +47,8 @@ pub trait OrderQueue: Send + Sync {
     async fn consume(&self, prefetch: u16) -> Result<Box<dyn QueueConsumer>, BackendFailed>;
     /// The dead-letter queue's messages: `(message id, reason)`.
     async fn dead_letters(&self) -> Result<Vec<(String, Option<String>)>, BackendFailed>;
+    /// Whether the queue can take a publish now (for `/health/ready`).
+    async fn probe(&self) -> crate::seams::Probe;
 }
 
 /// One consumer of the order queue.
@@ -66,4 +71,9 @@ pub trait QueueConsumer: Send + Sync {
     async fn record_stats(&self) {}
     /// Goes away; what it held unacknowledged is delivered again.
     async fn close(self: Box<Self>);
+}
+
+/// Drained: no ready order messages and no live worker holding a delivery.
+pub fn is_drained(queues: &QueueView, workers: &[WorkerView]) -> bool {
+    queues.orders_ready == 0 && workers.iter().filter(|w| w.alive).all(|w| w.inflight == 0)
 }

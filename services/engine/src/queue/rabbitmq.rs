@@ -9,6 +9,7 @@ use crate::seams::BackendFailed;
 use lapin::options::{BasicPublishOptions, QueueDeclareOptions};
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{BasicProperties, Channel, Confirmation, Connection, ConnectionProperties};
+use serde::Serialize;
 use std::time::Duration;
 
 /// A publish not confirmed within this long is answered `503`.
@@ -289,15 +290,23 @@ impl OrderQueue for RabbitQueue {
         self.consume_as(prefetch, "flashsale").await
     }
 
+    async fn probe(&self) -> crate::seams::Probe {
+        crate::seams::Probe {
+            component: "rabbitmq",
+            outcome: if self.is_connected() {
+                Ok(())
+            } else {
+                Err("not connected".into())
+            },
+        }
+    }
     async fn dead_letters(&self) -> Result<Vec<(String, Option<String>)>, BackendFailed> {
-        Ok(
-            crate::observe::peek_dead_letters(&self.url, &self.ns, 10_000)
-                .await
-                .map_err(broker_failed)?
-                .into_iter()
-                .map(|d| (d.message_id.unwrap_or_default(), d.reason))
-                .collect(),
-        )
+        Ok(super::peek_dead_letters(&self.url, &self.ns, 10_000)
+            .await
+            .map_err(broker_failed)?
+            .into_iter()
+            .map(|d| (d.message_id.unwrap_or_default(), d.reason))
+            .collect())
     }
 }
 
@@ -374,4 +383,34 @@ impl QueueConsumer for RabbitConsumer {
     async fn close(self: Box<Self>) {
         self.consumer.close().await;
     }
+}
+
+/// Ready messages and consumers of the order queue and the DLQ.
+#[derive(Debug, Clone, Default, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct QueueView {
+    pub orders_ready: u64,
+    pub orders_consumers: u64,
+    pub dlq_ready: u64,
+    pub dlq_consumers: u64,
+}
+
+/// Counts of both queues, by passive declare on a connection of its own.
+pub async fn queues(amqp_url: &str, ns: &Namespace) -> Result<QueueView, BrokerError> {
+    let conn = connect(amqp_url, "fsctl").await?;
+    let result = async {
+        let channel = conn.create_channel().await?;
+        declare_queues(&channel, ns).await?;
+        let (orders_ready, orders_consumers) = queue_stats(&channel, &ns.orders_queue()).await?;
+        let (dlq_ready, dlq_consumers) = queue_stats(&channel, &ns.dead_letter_queue()).await?;
+        Ok::<_, lapin::Error>(QueueView {
+            orders_ready: orders_ready.into(),
+            orders_consumers: orders_consumers.into(),
+            dlq_ready: dlq_ready.into(),
+            dlq_consumers: dlq_consumers.into(),
+        })
+    }
+    .await;
+    let _ = conn.close(200, "done".into()).await;
+    Ok(result?)
 }

@@ -1,19 +1,18 @@
-//! The worker's visibility: its heartbeat hash in Redis each second
-//! (`<ns>:worker:<id>`, TTL 5 s) and its `/metrics` + `/health/live` server.
+//! The workers' heartbeats: each worker writes the Redis hash
+//! `<ns>:worker:<id>` every second with a TTL of [`HEARTBEAT_TTL`] (what it
+//! holds, what it is applying, where its metrics are), and `fsctl` reads
+//! them to see the workers and to tell whether the queue is drained.
 
-use axum::Router;
-use axum::http::header;
-use axum::response::IntoResponse;
-use axum::routing::get;
+use crate::config::Namespace;
+use crate::metrics::INFLIGHT_ORDERS;
+use crate::redis_conn::timed;
 use chrono::{DateTime, Utc};
-use flashsale_engine::Namespace;
-use flashsale_engine::metrics::INFLIGHT_ORDERS;
-use flashsale_engine::redis_conn::timed;
 use redis::aio::ConnectionManager;
+use serde::Serialize;
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::time::Duration;
-use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 /// How long a heartbeat outlives its worker.
@@ -59,9 +58,9 @@ impl WorkerStats {
     }
 
     /// What a heartbeat would say now, for a dashboard in this process.
-    pub fn view(&self, alive: bool) -> flashsale_engine::observe::WorkerView {
+    pub fn view(&self, alive: bool) -> WorkerView {
         let product = self.product.load(Ordering::Relaxed);
-        flashsale_engine::observe::WorkerView {
+        WorkerView {
             id: self.id.clone(),
             started_at: self.started_at.to_rfc3339(),
             processed: self.processed.load(Ordering::Relaxed),
@@ -134,24 +133,48 @@ pub async fn beat(
     let _ = timed(redis::cmd("DEL").arg(&key).query_async::<()>(&mut conn)).await;
 }
 
-/// Serves `/metrics` and `/health/live` until cancelled.
-pub async fn serve_metrics(listener: TcpListener, stop: CancellationToken) {
-    let handle = flashsale_engine::metrics::install();
-    let app = Router::new()
-        .route("/health/live", get(|| async { "live" }))
-        .route(
-            "/metrics",
-            get(move || {
-                let body = handle.render();
-                async move {
-                    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], body).into_response()
-                }
-            }),
-        );
-    if let Err(e) = axum::serve(listener, app)
-        .with_graceful_shutdown(async move { stop.cancelled().await })
-        .await
-    {
-        tracing::error!(error = %e, "metrics server failed");
+/// One worker, from its heartbeat.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct WorkerView {
+    pub id: String,
+    pub started_at: String,
+    pub processed: u64,
+    pub inflight: u64,
+    pub product: Option<i64>,
+    pub metrics_addr: String,
+    pub last_beat_seconds: f64,
+    pub alive: bool,
+}
+
+/// Every worker with a heartbeat, oldest id first.
+pub async fn workers(
+    redis: &ConnectionManager,
+    ns: &Namespace,
+) -> redis::RedisResult<Vec<WorkerView>> {
+    let mut conn = redis.clone();
+    let now_ms = Utc::now().timestamp_millis();
+    let mut out = Vec::new();
+    for key in crate::redis_conn::scan(redis, &ns.worker_key("*")).await? {
+        let beat: HashMap<String, String> =
+            timed(redis::cmd("HGETALL").arg(&key).query_async(&mut conn)).await?;
+        if beat.is_empty() {
+            continue;
+        }
+        let field = |k: &str| beat.get(k).cloned().unwrap_or_default();
+        let beat_at: i64 = field("beatAt").parse().unwrap_or(0);
+        let age = (now_ms - beat_at).max(0) as f64 / 1000.0;
+        out.push(WorkerView {
+            id: field("id"),
+            started_at: field("startedAt"),
+            processed: field("processed").parse().unwrap_or(0),
+            inflight: field("inflight").parse().unwrap_or(0),
+            product: field("product").parse().ok(),
+            metrics_addr: field("metricsAddr"),
+            last_beat_seconds: age,
+            alive: age <= HEARTBEAT_TTL.as_secs_f64(),
+        });
     }
+    out.sort_by(|a, b| a.id.cmp(&b.id));
+    Ok(out)
 }
