@@ -1,4 +1,4 @@
-//! `flashsale-bench`: the measurements behind the README's performance
+//! `flashsale-bench`: the measurements behind docs/performance.md's
 //! table that `fsctl` does not make, driven by `bench/run` (the load itself
 //! comes from `fsctl storm`).
 

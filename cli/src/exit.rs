@@ -34,9 +34,50 @@ impl Failure {
     }
 }
 
-impl<E: std::fmt::Display> From<E> for Failure {
-    fn from(e: E) -> Self {
-        Self::unreachable(e)
+/// Each error a command can meet maps to its exit code here, explicitly: a
+/// backend that fails or cannot be reached is `2` with its message (which
+/// names the component and, where it has one, the URL tried).
+macro_rules! unreachable_on {
+    ($($error:ty),* $(,)?) => {$(
+        impl From<$error> for Failure {
+            fn from(e: $error) -> Self {
+                Self::unreachable(e)
+            }
+        }
+    )*};
+}
+
+unreachable_on!(
+    flashsale_engine::seams::BackendFailed,
+    flashsale_engine::ledger::LedgerError,
+    flashsale_engine::postgres::DatabaseError,
+    flashsale_engine::redis_conn::RedisUnreachable,
+    flashsale_engine::queue::rabbitmq::BrokerError,
+    flashsale_engine::queue::rabbitmq::PublishError,
+    sqlx::Error,
+    redis::RedisError,
+    lapin::Error,
+    reqwest::Error,
+);
+
+/// Writing the output failed (a closed pipe): nothing more can be said.
+impl From<std::io::Error> for Failure {
+    fn from(e: std::io::Error) -> Self {
+        Self {
+            code: UNREACHABLE,
+            message: format!("cannot write the output: {e}"),
+        }
+    }
+}
+
+/// A report that cannot be encoded is a bug in fsctl, not the user's or a
+/// backend's fault; it still ends the command with one line.
+impl From<serde_json::Error> for Failure {
+    fn from(e: serde_json::Error) -> Self {
+        Self {
+            code: UNREACHABLE,
+            message: format!("internal error: cannot encode the report: {e}"),
+        }
     }
 }
 

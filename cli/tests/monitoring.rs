@@ -61,7 +61,7 @@ fn promtool_checks_the_config_and_tests_every_alert() {
         let cases = tests.matches(&format!("alertname: {line}")).count();
         assert!(cases >= 2, "alert {line} has {cases} test cases");
         assert!(
-            rules.contains("runbook: README.md#runbook-"),
+            rules.contains("runbook: docs/operations.md#runbook-"),
             "runbook missing"
         );
     }
