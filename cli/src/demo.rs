@@ -13,19 +13,18 @@ use crate::storm::target::BuyTarget;
 use crate::storm::{self, StormPlan};
 use crate::verify;
 use clap::Args;
-use flashsale_api::Application;
+use flashsale_api::{Application, RunningApi};
 use flashsale_engine::embedded::EmbeddedBackends;
 use flashsale_engine::ledger::Ledger;
 use flashsale_engine::ledger::NewProduct;
 use flashsale_engine::queue::{Delivered, OrderQueue, QueueConsumer};
 use flashsale_engine::seams::BackendFailed;
-use flashsale_worker::{DEFAULT_PREFETCH, Worker};
+use flashsale_worker::{DEFAULT_PREFETCH, RunningWorker, Worker};
 use std::collections::HashSet;
 use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 /// Longest wait for the accepted orders to resolve.
@@ -159,13 +158,14 @@ fn plan(args: &DemoArgs) -> Result<(StormPlan, Vec<NewProduct>), Failure> {
 }
 
 /// A worker running in this process, which `--chaos` may kill.
-struct RunningWorker {
-    id: String,
+/// A demo worker: the running worker, and what the dashboard and the
+/// `--chaos` report read of it.
+struct DemoWorker {
+    running: RunningWorker,
     stats: Arc<flashsale_engine::heartbeat::WorkerStats>,
     alive: Arc<std::sync::atomic::AtomicBool>,
     /// Deliveries the `--chaos` victim held when it stalled.
     held: Arc<std::sync::atomic::AtomicUsize>,
-    task: JoinHandle<anyhow::Result<()>>,
 }
 
 /// `--chaos`: the queue as the victim worker sees it. Its first batch is
@@ -258,16 +258,13 @@ pub async fn run(args: &DemoArgs) -> Outcome {
     let app = Application::embedded(&backends, &args.listen)
         .await
         .map_err(|e| Failure::usage(e.to_string()))?;
-    let api = format!("http://{}", app.local_addr()?);
-    let stop_api = CancellationToken::new();
-    let until = stop_api.clone();
-    let served = tokio::spawn(app.run_until(async move { until.cancelled().await }));
+    let running_api = RunningApi::spawn(app)?;
+    let api = running_api.url.clone();
 
-    let stop_workers = CancellationToken::new();
     let stalled = Arc::new(tokio::sync::Notify::new());
     let victim_held = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let others_go = CancellationToken::new();
-    let mut workers: Vec<RunningWorker> = (1..=args.workers)
+    let mut workers: Vec<DemoWorker> = (1..=args.workers)
         .map(|i| {
             let id = format!("demo-worker-{i}");
             let worker = if args.chaos && i == 1 {
@@ -282,21 +279,12 @@ pub async fn run(args: &DemoArgs) -> Outcome {
             };
             // With --chaos the others wait until the victim is down, so it
             // is the one holding the first orders when it dies.
-            let (go, stop) = (others_go.clone(), stop_workers.clone());
-            let wait = args.chaos && i > 1;
-            let stats = worker.stats();
-            let task = tokio::spawn(async move {
-                if wait {
-                    go.cancelled().await;
-                }
-                worker.run(stop).await
-            });
-            RunningWorker {
-                id,
-                stats,
+            let start = (args.chaos && i > 1).then(|| others_go.clone());
+            DemoWorker {
+                stats: worker.stats(),
+                running: RunningWorker::spawn(worker, start),
                 alive: Arc::new(std::sync::atomic::AtomicBool::new(true)),
                 held: victim_held.clone(),
-                task,
             }
         })
         .collect();
@@ -306,7 +294,10 @@ pub async fn run(args: &DemoArgs) -> Outcome {
         plan.load.max_in_flight,
         plan.timeout,
     )?;
-    wait_ready(target.client(), &api).await?;
+    running_api
+        .wait_ready(Duration::from_secs(5))
+        .await
+        .map_err(Failure::unreachable)?;
     say(
         quiet,
         format!(
@@ -340,13 +331,13 @@ pub async fn run(args: &DemoArgs) -> Outcome {
                 () = storm_over.cancelled() => {}
             }
             let held = victim.held.load(std::sync::atomic::Ordering::SeqCst);
-            victim.task.abort();
-            let _ = victim.task.await;
+            let id = victim.running.id.clone();
+            victim.running.kill().await;
             victim
                 .alive
                 .store(false, std::sync::atomic::Ordering::Relaxed);
             go.cancel();
-            (victim.id, held)
+            (id, held)
         })
     });
     let show = !args.json && !args.top && std::io::stdout().is_terminal();
@@ -409,26 +400,11 @@ pub async fn run(args: &DemoArgs) -> Outcome {
         println!("  curl -s {api}/products/1");
         let _ = tokio::signal::ctrl_c().await;
     }
-    stop_workers.cancel();
     for w in workers {
-        let _ = w.task.await;
+        let _ = w.running.stop().await;
     }
-    stop_api.cancel();
-    let _ = served.await;
+    running_api.stop().await;
     Ok(code)
-}
-
-async fn wait_ready(client: &reqwest::Client, api: &str) -> Result<(), Failure> {
-    for _ in 0..100 {
-        let answer = client.get(format!("{api}/health/ready")).send().await;
-        if answer.is_ok_and(|r| r.status().is_success()) {
-            return Ok(());
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    Err(Failure::unreachable(format!(
-        "the demo API at {api} did not become ready"
-    )))
 }
 
 /// Waits for every accepted order to be booked or dead-lettered, then

@@ -11,14 +11,14 @@ use crate::storm::target::BuyTarget;
 use crate::storm::{self, LiveCounts, StormPlan};
 use clap::Args;
 use comfy_table::Cell;
-use flashsale_api::{ApiConfig, Application};
+use flashsale_api::{ApiConfig, Application, RunningApi};
 use flashsale_engine::ledger::{NewProduct, StockLedger};
 use flashsale_engine::locks::{ProductLock, ProductLocks};
 use flashsale_engine::queue::OrderConsumer;
 use flashsale_engine::queue::rabbitmq as broker;
 use flashsale_engine::scratch::Scratch;
 use flashsale_engine::{BackendUrls, ProductId, postgres, redis_conn};
-use flashsale_worker::{DEFAULT_PREFETCH, Worker, WorkerConfig};
+use flashsale_worker::{DEFAULT_PREFETCH, RunningWorker, Worker, WorkerConfig};
 use futures_util::{StreamExt, stream};
 use indicatif::ProgressBar;
 use lapin::options::{BasicAckOptions, ConfirmSelectOptions};
@@ -379,31 +379,17 @@ async fn engine(
     let app = Application::build(ApiConfig::new(b.clone(), "127.0.0.1:0"))
         .await
         .map_err(Failure::unreachable)?;
-    let api = format!("http://{}", app.local_addr()?);
-    let stop_api = CancellationToken::new();
-    let until = stop_api.clone();
-    let served = tokio::spawn(app.run_until(async move { until.cancelled().await }));
+    let running_api = RunningApi::spawn(app)?;
+    let api = running_api.url.clone();
     let target = BuyTarget::new(
         std::slice::from_ref(&api),
         CONCURRENCY as usize,
         Duration::from_secs(30),
     )?;
-    let ready = async {
-        loop {
-            let r = target
-                .client()
-                .get(format!("{api}/health/ready"))
-                .send()
-                .await;
-            if r.is_ok_and(|r| r.status().is_success()) {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    };
-    tokio::time::timeout(Duration::from_secs(20), ready)
+    running_api
+        .wait_ready(Duration::from_secs(20))
         .await
-        .map_err(|_| Failure::unreachable("the in-process API did not become ready in 20 s"))?;
+        .map_err(Failure::unreachable)?;
 
     let plan = StormPlan {
         load: LoadPlan {
@@ -436,8 +422,7 @@ async fn engine(
         Arc::new(LiveCounts::default()),
     )
     .await;
-    stop_api.cancel();
-    let _ = served.await;
+    running_api.stop().await;
 
     let accepted = report.accepted.len();
     // Every order is one unit of an ample product, so the product's stock
@@ -454,9 +439,8 @@ async fn engine(
     let worker = Worker::connect(config)
         .await
         .map_err(Failure::unreachable)?;
-    let stop_worker = CancellationToken::new();
     let started = Instant::now();
-    let running = tokio::spawn(worker.run(stop_worker.clone()));
+    let running = RunningWorker::spawn(worker, None);
     let drained = async {
         loop {
             if (sold().await? - sold_before) as usize >= accepted {
@@ -467,8 +451,7 @@ async fn engine(
     };
     let finished = tokio::time::timeout(Duration::from_secs(120), drained).await;
     let drain_seconds = started.elapsed().as_secs_f64();
-    stop_worker.cancel();
-    let _ = running.await;
+    let _ = running.stop().await;
     match finished {
         Ok(result) => result?,
         Err(_) => {

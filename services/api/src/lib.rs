@@ -157,3 +157,78 @@ impl Application {
         .await
     }
 }
+
+/// An API served on a task of this process (`fsctl demo`, `fsctl doctor`,
+/// the tests): where it listens, and how to stop it.
+pub struct RunningApi {
+    pub url: String,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<std::io::Result<()>>,
+}
+
+impl RunningApi {
+    /// Serves `app` on a task until [`RunningApi::stop`] (or drop).
+    pub fn spawn(app: Application) -> std::io::Result<Self> {
+        let url = format!("http://{}", app.local_addr()?);
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(app.run_until(async move {
+            let _ = stopped.await;
+        }));
+        Ok(Self {
+            url,
+            stop: Some(stop),
+            task,
+        })
+    }
+
+    /// Waits until `/health/ready` answers `200`, at most `within`.
+    pub async fn wait_ready(&self, within: Duration) -> Result<(), String> {
+        let addr = self.url.trim_start_matches("http://").to_owned();
+        let ready = async {
+            loop {
+                if answers_ready(&addr).await {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        };
+        tokio::time::timeout(within, ready)
+            .await
+            .map_err(|_| format!("the API at {} did not become ready in {within:?}", self.url))
+    }
+
+    /// Stops accepting, lets the requests in progress finish, and returns.
+    pub async fn stop(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        let _ = (&mut self.task).await;
+    }
+}
+
+impl Drop for RunningApi {
+    fn drop(&mut self) {
+        if self.stop.is_some() {
+            self.task.abort();
+        }
+    }
+}
+
+/// One `GET /health/ready` over a fresh connection: `200` or not.
+async fn answers_ready(addr: &str) -> bool {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let probe = async {
+        let mut tcp = tokio::net::TcpStream::connect(addr).await.ok()?;
+        tcp.write_all(b"GET /health/ready HTTP/1.1\r\nHost: api\r\nConnection: close\r\n\r\n")
+            .await
+            .ok()?;
+        let mut head = [0u8; 12];
+        tcp.read_exact(&mut head).await.ok()?;
+        Some(head.starts_with(b"HTTP/1.1 200"))
+    };
+    tokio::time::timeout(Duration::from_secs(2), probe)
+        .await
+        .ok()
+        .flatten()
+        .unwrap_or(false)
+}

@@ -503,12 +503,7 @@ async fn worker_keeps_its_deliveries_while_postgres_is_away() {
     env.seed(1, 100, None).await;
     let api = env.start_api().await;
     let forwarder = Forwarder::start(common::postgres_target()).await;
-    let mut backends = env.backends();
-    backends.database_url = flashsale_engine::scratch::with_database(
-        &format!("postgres://postgres@{}", forwarder.addr),
-        &env.scratch.database,
-    );
-    env.start_worker_with(backends).await;
+    env.start_worker_through_postgres(&forwarder).await;
 
     forwarder.cut();
     let answers = env.storm(&api, 1, 20, 10, |i| format!("p{i}")).await;
@@ -610,12 +605,7 @@ async fn a_silent_postgres_times_the_group_out_and_it_applies_once_the_peer_is_b
     env.seed(1, 100, None).await;
     let api = env.start_api().await;
     let forwarder = Forwarder::start(common::postgres_target()).await;
-    let mut backends = env.backends();
-    backends.database_url = flashsale_engine::scratch::with_database(
-        &format!("postgres://postgres@{}", forwarder.addr),
-        &env.scratch.database,
-    );
-    env.start_worker_with(backends).await;
+    env.start_worker_through_postgres(&forwarder).await;
     let warm = env.storm(&api, 1, 5, 5, |i| format!("w{i}")).await;
     let mut keys: Vec<String> = warm.iter().map(|a| a.key.clone()).collect();
     env.wait_for_rows(&keys).await;

@@ -77,15 +77,7 @@ async fn hot_item_sells_exactly_its_stock() {
     assert_eq!(late.body["reason"], "sold_out");
 
     // The contract's metrics are exported.
-    let metrics = env
-        .http
-        .get(format!("{api}/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = env.get_text(&format!("{api}/metrics")).await;
     for name in [
         "flashsale_order_requests_total{status=\"queued\"}",
         "flashsale_order_requests_total{status=\"rejected_sold_out\"}",
@@ -631,15 +623,7 @@ async fn buys_beyond_the_inflight_limit_are_shed_at_once() {
         assert_eq!(a.body["error"]["code"], "unavailable");
         assert!(a.retry_after.is_some(), "503 without Retry-After");
     }
-    let metrics = env
-        .http
-        .get(format!("{api}/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = env.get_text(&format!("{api}/metrics")).await;
     let unavailable: f64 = metrics
         .lines()
         .find(|l| {

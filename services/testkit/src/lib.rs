@@ -3,11 +3,11 @@
 //! in-process. A service that does not answer fails the test, naming it.
 #![allow(clippy::unwrap_used, clippy::missing_panics_doc)]
 
-use flashsale_api::{ApiConfig, Application};
+use flashsale_api::{ApiConfig, Application, RunningApi};
 use flashsale_engine::queue::rabbitmq as broker;
 use flashsale_engine::scratch::Scratch;
 use flashsale_engine::{BackendUrls, postgres, redis_conn};
-use flashsale_worker::{Worker, WorkerConfig};
+use flashsale_worker::{RunningWorker, Worker, WorkerConfig};
 use futures_util::StreamExt;
 use lapin::options::ConfirmSelectOptions;
 use reqwest::StatusCode;
@@ -20,7 +20,6 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
-use tokio_util::sync::CancellationToken;
 
 /// The servers under test: the contract's defaults, or the environment's.
 pub fn servers() -> BackendUrls {
@@ -58,17 +57,12 @@ async fn require_services(servers: &BackendUrls) {
     }
 }
 
-struct Running {
-    stop: CancellationToken,
-    task: JoinHandle<()>,
-}
-
 pub struct TestEnv {
     pub scratch: Scratch,
     pub pool: PgPool,
     pub http: reqwest::Client,
-    apis: Vec<Running>,
-    workers: Vec<Running>,
+    apis: Vec<RunningApi>,
+    workers: Vec<RunningWorker>,
 }
 
 pub async fn env() -> TestEnv {
@@ -133,26 +127,13 @@ impl TestEnv {
     /// Starts an API with this configuration (its limits, say).
     pub async fn start_api_config(&mut self, config: ApiConfig, wait_ready: bool) -> String {
         let app = Application::build(config).await.unwrap();
-        let base = format!("http://{}", app.local_addr().unwrap());
-        let stop = CancellationToken::new();
-        let until = stop.clone();
-        let task = tokio::spawn(async move {
-            app.run_until(async move { until.cancelled().await })
-                .await
-                .unwrap();
-        });
-        self.apis.push(Running { stop, task });
+        let api = RunningApi::spawn(app).unwrap();
+        let url = api.url.clone();
         if wait_ready {
-            for _ in 0..200 {
-                let answer = self.http.get(format!("{base}/health/ready")).send().await;
-                if answer.is_ok_and(|r| r.status() == StatusCode::OK) {
-                    return base;
-                }
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-            panic!("the API at {base} did not become ready");
+            api.wait_ready(Duration::from_secs(20)).await.unwrap();
         }
-        base
+        self.apis.push(api);
+        url
     }
 
     pub async fn start_worker(&mut self) {
@@ -163,26 +144,43 @@ impl TestEnv {
         let mut config = WorkerConfig::new(backends);
         config.worker_id = Some(format!("test-worker-{}", self.workers.len()));
         let worker = Worker::connect(config).await.unwrap();
-        let stop = CancellationToken::new();
-        let token = stop.clone();
-        let task = tokio::spawn(async move { worker.run(token).await.unwrap() });
-        self.workers.push(Running { stop, task });
+        self.workers.push(RunningWorker::spawn(worker, None));
+    }
+
+    /// Starts a worker whose PostgreSQL connections go through `forwarder`.
+    pub async fn start_worker_through_postgres(&mut self, forwarder: &Forwarder) {
+        let mut backends = self.backends();
+        backends.database_url = flashsale_engine::scratch::with_database(
+            &format!("postgres://postgres@{}", forwarder.addr),
+            &self.scratch.database,
+        );
+        self.start_worker_with(backends).await;
     }
 
     /// Kills every worker abruptly: no ack, no heartbeat removal.
     pub async fn kill_workers(&mut self) {
         for w in self.workers.drain(..) {
-            w.task.abort();
-            let _ = w.task.await;
+            w.kill().await;
         }
     }
 
     /// Stops every worker gracefully (they finish and ack what they hold).
     pub async fn stop_workers(&mut self) {
         for w in self.workers.drain(..) {
-            w.stop.cancel();
-            w.task.await.unwrap();
+            w.stop().await.unwrap();
         }
+    }
+
+    /// `GET url`, its body as text.
+    pub async fn get_text(&self, url: &str) -> String {
+        self.http
+            .get(url)
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
     }
 
     /// `GET url`, its body as JSON.
@@ -383,8 +381,7 @@ impl TestEnv {
     pub async fn finish(mut self) {
         self.stop_workers().await;
         for a in self.apis.drain(..) {
-            a.stop.cancel();
-            let _ = tokio::time::timeout(Duration::from_secs(10), a.task).await;
+            let _ = tokio::time::timeout(Duration::from_secs(15), a.stop()).await;
         }
         self.pool.close().await;
         self.scratch.remove().await.unwrap();

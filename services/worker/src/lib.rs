@@ -231,3 +231,46 @@ impl Drop for OwnedTask {
         self.0.abort();
     }
 }
+
+/// A worker running on a task of this process (`fsctl demo`, `fsctl
+/// doctor`, the tests).
+pub struct RunningWorker {
+    pub id: String,
+    stop: CancellationToken,
+    task: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+impl RunningWorker {
+    /// Runs `worker` on a task until stopped; `start` gates when it begins
+    /// consuming (a demo holds some workers back).
+    pub fn spawn(worker: Worker, start: Option<CancellationToken>) -> Self {
+        let id = worker.id().to_owned();
+        let stop = CancellationToken::new();
+        let until = stop.clone();
+        let task = tokio::spawn(async move {
+            if let Some(go) = start {
+                go.cancelled().await;
+            }
+            worker.run(until).await
+        });
+        Self { id, stop, task }
+    }
+
+    /// Stops gracefully: the worker books and acks what it holds, then returns.
+    pub async fn stop(self) -> anyhow::Result<()> {
+        self.stop.cancel();
+        self.task
+            .await
+            .unwrap_or_else(|e| Err(anyhow::anyhow!("worker task failed: {e}")))
+    }
+
+    /// Kills it abruptly, as `kill -9` would: no ack, no heartbeat removal.
+    pub async fn kill(self) {
+        self.task.abort();
+        let _ = self.task.await;
+    }
+
+    pub fn is_finished(&self) -> bool {
+        self.task.is_finished()
+    }
+}
