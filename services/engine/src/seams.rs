@@ -16,11 +16,39 @@
 //! One conformance suite (`services/engine/tests/conformance.rs`) runs
 //! against both implementations of each, so they cannot drift.
 
-/// A backend failed: a passing fault, retry later (the message names the
-/// backend and what it was doing).
+/// A backend failed: a passing fault; retry later. Each variant names the
+/// backend and keeps its cause as the error's `source`.
 #[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-pub struct BackendFailed(pub String);
+pub enum BackendFailed {
+    /// Redis failed or did not answer in time.
+    #[error("Redis: {0}")]
+    Redis(#[source] redis::RedisError),
+    /// RabbitMQ failed, refused, or did not answer in time.
+    #[error("RabbitMQ: {0}")]
+    RabbitMq(#[source] Box<dyn std::error::Error + Send + Sync>),
+    /// A call this handle cannot serve, or a value it cannot carry: a bug
+    /// in the caller, not a passing fault.
+    #[error("{0}")]
+    Misuse(String),
+}
+
+impl BackendFailed {
+    pub fn redis(e: redis::RedisError) -> Self {
+        Self::Redis(e)
+    }
+
+    pub fn rabbitmq(e: impl std::error::Error + Send + Sync + 'static) -> Self {
+        Self::RabbitMq(Box::new(e))
+    }
+
+    /// RabbitMQ did not answer `what` within `after`.
+    pub fn rabbitmq_timeout(what: &str, after: std::time::Duration) -> Self {
+        Self::rabbitmq(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            format!("no answer to {what} within {after:?}"),
+        ))
+    }
+}
 
 /// What a seam's health probe found: the component it asked and whether it
 /// answered (`/health/ready` reports each).
@@ -42,13 +70,3 @@ impl Probe {
 
 /// How long a health probe waits for its component.
 pub const PROBE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(1);
-
-impl BackendFailed {
-    pub fn redis(e: redis::RedisError) -> Self {
-        Self(format!("Redis: {e}"))
-    }
-
-    pub fn rabbitmq(e: impl std::fmt::Display) -> Self {
-        Self(format!("RabbitMQ: {e}"))
-    }
-}

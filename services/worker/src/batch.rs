@@ -320,7 +320,7 @@ impl OrderBook {
                             tracing::info!(%product, fence, "fenced out; raising the fence counter");
                             match self.lock.raise_fence(product, fence).await {
                                 Ok(_) => continue,
-                                Err(e) => format!("Redis failed: {e}"),
+                                Err(e) => format!("raising the fence: {e}"),
                             }
                         }
                         Err(LedgerError::Refused(e)) => match self.find_refused(&mut group).await {
@@ -333,7 +333,7 @@ impl OrderBook {
                             ),
                             Err(fault) => fault,
                         },
-                        Err(e) => format!("PostgreSQL failed: {e}"),
+                        Err(e) => e.to_string(),
                     }
                 }
                 Ok(None) => {
@@ -342,7 +342,7 @@ impl OrderBook {
                     lock_backoff = (lock_backoff * 2).min(Duration::from_millis(20));
                     continue;
                 }
-                Err(e) => format!("Redis failed: {e}"),
+                Err(e) => format!("taking the lock: {e}"),
             };
             tracing::warn!(error = %fault, product = %group.product, "group not applied; retrying");
             tokio::select! {
@@ -363,7 +363,7 @@ impl OrderBook {
                 }
                 Ok(group.take_out(&refusals))
             }
-            Err(e) => Err(format!("PostgreSQL failed: {e}")),
+            Err(e) => Err(format!("finding the refused orders: {e}")),
         }
     }
 

@@ -21,7 +21,7 @@ pub struct AcceptLog {
 
 fn encode(record: &AcceptRecord) -> Result<String, BackendFailed> {
     serde_json::to_string(record)
-        .map_err(|e| BackendFailed(format!("cannot encode an accept record: {e}")))
+        .map_err(|e| BackendFailed::Misuse(format!("cannot encode an accept record: {e}")))
 }
 
 fn decode(raw: Option<String>) -> Option<AcceptRecord> {

@@ -32,53 +32,32 @@ pub struct GroupReceipt {
     pub stock_after: Option<i32>,
 }
 
+/// A backend's own error, kept as the cause.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
 #[derive(Debug, thiserror::Error)]
 pub enum LedgerError {
     /// A newer token already wrote this product: raise the fence counter to
     /// at least `fence` and take the lock again.
     #[error("fenced out: product {product} was written with token {fence}")]
     FencedOut { product: ProductId, fence: i64 },
-    /// PostgreSQL refused the group's data (SQLSTATE class 22 or 23, other
-    /// than the idempotency key's own unique violation): a permanent fault.
-    /// Find the orders at fault with `refused`, dead-letter them, apply the rest.
-    #[error("PostgreSQL refused the data: {0}")]
-    Refused(#[source] sqlx::Error),
-    /// PostgreSQL failed or is unreachable: a passing fault; keep the
-    /// deliveries and retry.
-    #[error("PostgreSQL: {0}")]
-    Database(#[source] sqlx::Error),
+    /// The ledger refused the group's data (in PostgreSQL: SQLSTATE class
+    /// 22 or 23, other than the idempotency key's own unique violation): a
+    /// permanent fault. Find the orders at fault with `refused`, dead-letter
+    /// them, apply the rest.
+    #[error("the ledger refused the data: {0}")]
+    Refused(#[source] BoxError),
+    /// The ledger's store failed or is unreachable: a passing fault; keep
+    /// the deliveries and retry.
+    #[error("the ledger failed: {0}")]
+    Database(#[source] BoxError),
     /// PostgreSQL did not finish within the deadline: a passing fault.
-    #[error("PostgreSQL did not answer within {0:?}")]
+    #[error("the ledger did not answer within {0:?}")]
     TimedOut(Duration),
     /// Another product's transaction kept booking keys of this group (a key
     /// reused across products): a passing fault; retry.
     #[error("product {0}: keys kept being booked concurrently")]
     Contended(ProductId),
-}
-
-impl From<sqlx::Error> for LedgerError {
-    fn from(e: sqlx::Error) -> Self {
-        if is_refusal(&e) {
-            Self::Refused(e)
-        } else {
-            Self::Database(e)
-        }
-    }
-}
-
-/// Whether PostgreSQL refused the data itself (classes 22 "data exception"
-/// and 23 "integrity constraint violation"), as opposed to a passing fault
-/// (connection loss, timeouts, serialization and lock failures, shutdown:
-/// classes 08, 40, 53, 55, 57, 58, and client-side I/O). The idempotency
-/// key's unique violation is a duplicate, never a refusal.
-pub fn is_refusal(e: &sqlx::Error) -> bool {
-    let sqlx::Error::Database(db) = e else {
-        return false;
-    };
-    let code = db.code();
-    let code = code.as_deref().unwrap_or("");
-    let key_conflict = code == "23505" && db.constraint() == Some("orders_pkey");
-    (code.starts_with("22") || code.starts_with("23")) && !key_conflict
 }
 
 /// One order of a group that the ledger refuses as data: its index in the

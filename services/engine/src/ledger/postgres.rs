@@ -8,7 +8,7 @@
 
 use super::{
     Decisions, GroupReceipt, Ledger, LedgerError, NewProduct, OrderOutcome, ProductRecord, Refusal,
-    decide, is_refusal,
+    decide,
 };
 use crate::domain::{OrderStatus, OrderView, ProductId, QueuedOrder};
 use crate::locks::FencingToken;
@@ -17,6 +17,36 @@ use sqlx::pool::PoolConnection;
 use sqlx::{Connection, PgPool, Postgres, Row, Transaction};
 use std::collections::{HashMap, HashSet};
 use std::time::Duration;
+
+impl From<sqlx::Error> for LedgerError {
+    fn from(e: sqlx::Error) -> Self {
+        if is_refusal(&e) {
+            Self::Refused(Box::new(e))
+        } else {
+            Self::Database(Box::new(e))
+        }
+    }
+}
+
+/// Whether PostgreSQL refused the data itself (classes 22 "data exception"
+/// and 23 "integrity constraint violation"), as opposed to a passing fault
+/// (connection loss, timeouts, serialization and lock failures, shutdown:
+/// classes 08, 40, 53, 55, 57, 58, and client-side I/O). The idempotency
+/// key's unique violation is a duplicate, never a refusal.
+pub fn is_refusal(e: &sqlx::Error) -> bool {
+    let sqlx::Error::Database(db) = e else {
+        return false;
+    };
+    let code = db.code();
+    let code = code.as_deref().unwrap_or("");
+    let key_conflict = code == "23505" && db.constraint() == Some("orders_pkey");
+    (code.starts_with("22") || code.starts_with("23")) && !key_conflict
+}
+
+/// A PostgreSQL error that is never the data's fault.
+fn passing(e: sqlx::Error) -> LedgerError {
+    LedgerError::Database(Box::new(e))
+}
 
 /// A group's transaction, or a refusal probe, that has not finished by then
 /// is abandoned and its connection closed: a PostgreSQL that stops
@@ -74,7 +104,7 @@ impl StockLedger {
         token: FencingToken,
         orders: &[QueuedOrder],
     ) -> Result<GroupReceipt, LedgerError> {
-        let mut conn = self.pool.acquire().await.map_err(LedgerError::Database)?;
+        let mut conn = self.pool.acquire().await.map_err(passing)?;
         let attempts = tokio::time::timeout(TRANSACTION_DEADLINE, async {
             for _ in 0..CONFLICT_RETRIES {
                 let mut tx = conn.begin().await?;
@@ -97,15 +127,15 @@ impl StockLedger {
     /// that is rolled back (nothing is written). Called only after a group
     /// failed with [`LedgerError::Refused`].
     pub async fn refused(&self, orders: &[QueuedOrder]) -> Result<Vec<Refusal>, LedgerError> {
-        let mut conn = self.pool.acquire().await.map_err(LedgerError::Database)?;
+        let mut conn = self.pool.acquire().await.map_err(passing)?;
         let probe = tokio::time::timeout(TRANSACTION_DEADLINE, async {
-            let mut tx = conn.begin().await.map_err(LedgerError::Database)?;
+            let mut tx = conn.begin().await.map_err(passing)?;
             let mut refused = Vec::new();
             for (index, order) in orders.iter().enumerate() {
                 sqlx::query("SAVEPOINT probe")
                     .execute(&mut *tx)
                     .await
-                    .map_err(LedgerError::Database)?;
+                    .map_err(passing)?;
                 let row = [(order, OrderOutcome::Confirmed)];
                 match insert_orders(&mut tx, &row).await {
                     Ok(_) => {}
@@ -113,14 +143,14 @@ impl StockLedger {
                         index,
                         reason: format!("refused by PostgreSQL: {e}"),
                     }),
-                    Err(e) => return Err(LedgerError::Database(e)),
+                    Err(e) => return Err(passing(e)),
                 }
                 sqlx::query("ROLLBACK TO SAVEPOINT probe")
                     .execute(&mut *tx)
                     .await
-                    .map_err(LedgerError::Database)?;
+                    .map_err(passing)?;
             }
-            tx.rollback().await.map_err(LedgerError::Database)?;
+            tx.rollback().await.map_err(passing)?;
             Ok(refused)
         })
         .await;

@@ -246,7 +246,12 @@ impl RabbitQueue {
         let open = super::OrderConsumer::open(&self.url, &self.ns, prefetch, worker_id);
         let consumer = tokio::time::timeout(CONNECT_TIMEOUT + CALL_TIMEOUT, open)
             .await
-            .map_err(|_| BackendFailed("RabbitMQ did not open the consumer in time".into()))?
+            .map_err(|_| {
+                BackendFailed::rabbitmq_timeout(
+                    "opening the consumer",
+                    CONNECT_TIMEOUT + CALL_TIMEOUT,
+                )
+            })?
             .map_err(broker_failed)?;
         Ok(Box::new(RabbitConsumer {
             consumer,
@@ -255,8 +260,8 @@ impl RabbitQueue {
     }
 }
 
-fn broker_failed(e: impl std::fmt::Display) -> BackendFailed {
-    BackendFailed(e.to_string())
+fn broker_failed(e: impl std::error::Error + Send + Sync + 'static) -> BackendFailed {
+    BackendFailed::rabbitmq(e)
 }
 
 /// An ack under [`CALL_TIMEOUT`]: a silent broker is a
@@ -267,10 +272,7 @@ async fn within_deadline<T>(
     match tokio::time::timeout(CALL_TIMEOUT, call).await {
         Ok(Ok(_)) => Ok(()),
         Ok(Err(e)) => Err(broker_failed(e)),
-        Err(_) => Err(BackendFailed(format!(
-            "RabbitMQ did not take the ack within {:?}",
-            CALL_TIMEOUT
-        ))),
+        Err(_) => Err(BackendFailed::rabbitmq_timeout("an ack", CALL_TIMEOUT)),
     }
 }
 
@@ -278,7 +280,9 @@ async fn within_deadline<T>(
 impl OrderQueue for RabbitQueue {
     async fn publish(&self, message_id: &str, payload: &[u8]) -> Result<(), BackendFailed> {
         let Some(publisher) = &self.publisher else {
-            return Err(BackendFailed("this queue handle only consumes".into()));
+            return Err(BackendFailed::Misuse(
+                "this queue handle only consumes".into(),
+            ));
         };
         publisher
             .publish(message_id, payload)
