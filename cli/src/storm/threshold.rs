@@ -1,7 +1,8 @@
 //! `--threshold EXPR`, k6 style: `p99<250ms`, `rate(202)>0.1`, `errors<1%`,
 //! `lost==0`. Parsed before anything is sent; checked against the report.
 
-use super::report::{StormReport, format_seconds};
+use super::printer::format_seconds;
+use super::report::StormReport;
 use serde::Serialize;
 
 /// The metrics a threshold may name, for `--help` and errors.

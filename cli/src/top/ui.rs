@@ -3,7 +3,7 @@
 //! adds product names.
 
 use super::app::{App, Panel, Percentiles, ProductRow, Source, left};
-use crate::storm::report::format_seconds;
+use crate::storm::printer::format_seconds;
 use ratatui::Frame;
 use ratatui::layout::{Alignment, Constraint, Layout, Rect};
 use ratatui::style::{Color, Modifier, Style};
