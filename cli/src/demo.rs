@@ -235,6 +235,117 @@ fn say(quiet: bool, line: impl AsRef<str>) {
     }
 }
 
+/// The demo's engine: the API and the workers, on one set of embedded backends.
+struct DemoEngine {
+    api: RunningApi,
+    workers: Vec<DemoWorker>,
+    /// With `--chaos`: the worker that will die holding a batch.
+    chaos: Option<Chaos>,
+}
+
+/// `--chaos`: the victim stalls on its first batch; the others start once
+/// it is dead, so it is the one holding the first orders when it dies.
+struct Chaos {
+    victim: DemoWorker,
+    stalled: Arc<tokio::sync::Notify>,
+    others_go: CancellationToken,
+}
+
+impl DemoEngine {
+    /// Starts the API on `listen` and `workers` workers, and waits until the API is ready.
+    async fn start(
+        backends: &EmbeddedBackends,
+        listen: &str,
+        workers: u64,
+        chaos: bool,
+    ) -> Result<Self, Failure> {
+        let app = Application::embedded(backends, listen)
+            .await
+            .map_err(|e| Failure::usage(e.to_string()))?;
+        let api = RunningApi::spawn(app)?;
+        let stalled = Arc::new(tokio::sync::Notify::new());
+        let victim_held = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let others_go = CancellationToken::new();
+        let mut running: Vec<DemoWorker> = (1..=workers)
+            .map(|i| {
+                let id = format!("demo-worker-{i}");
+                let victim = chaos && i == 1;
+                let worker = if victim {
+                    let queue = Arc::new(StallingQueue {
+                        inner: backends.queue.clone(),
+                        stalled: stalled.clone(),
+                        held: victim_held.clone(),
+                    });
+                    Worker::embedded_on(&id, backends, queue, DEFAULT_PREFETCH)
+                } else {
+                    Worker::embedded(&id, backends, DEFAULT_PREFETCH)
+                };
+                let start = (chaos && !victim).then(|| others_go.clone());
+                DemoWorker {
+                    stats: worker.stats(),
+                    running: RunningWorker::spawn(worker, start),
+                    alive: Arc::new(std::sync::atomic::AtomicBool::new(true)),
+                    held: victim_held.clone(),
+                }
+            })
+            .collect();
+        api.wait_ready(Duration::from_secs(5))
+            .await
+            .map_err(Failure::unreachable)?;
+        let chaos = chaos.then(|| Chaos {
+            victim: running.remove(0),
+            stalled,
+            others_go,
+        });
+        Ok(Self {
+            api,
+            workers: running,
+            chaos,
+        })
+    }
+
+    /// What the dashboard reads of every worker, the victim first.
+    fn sources(&self, backends: &EmbeddedBackends) -> crate::top::collect::EmbeddedSources {
+        let victim = self.chaos.as_ref().map(|c| &c.victim);
+        crate::top::collect::EmbeddedSources {
+            backends: backends.clone(),
+            workers: victim
+                .into_iter()
+                .chain(&self.workers)
+                .map(|w| (w.stats.clone(), w.alive.clone()))
+                .collect(),
+        }
+    }
+
+    /// Stops the workers gracefully, then the API.
+    async fn stop(self) {
+        for w in self.workers {
+            let _ = w.running.stop().await;
+        }
+        self.api.stop().await;
+    }
+}
+
+impl Chaos {
+    /// Kills the victim once it hangs on its batch (or when the storm is
+    /// over, if it never got one) and lets the others start. Returns the
+    /// victim's id and how many deliveries it held.
+    async fn strike(self, storm_over: CancellationToken) -> (String, usize) {
+        tokio::select! {
+            () = self.stalled.notified() => {}
+            () = storm_over.cancelled() => {}
+        }
+        let held = self.victim.held.load(std::sync::atomic::Ordering::SeqCst);
+        let id = self.victim.running.id.clone();
+        self.victim.running.kill().await;
+        self.victim
+            .alive
+            .store(false, std::sync::atomic::Ordering::Relaxed);
+        self.others_go.cancel();
+        (id, held)
+    }
+}
+
 pub async fn run(args: &DemoArgs) -> Outcome {
     let (plan, catalog) = plan(args)?;
     if args.top && !std::io::stdout().is_terminal() {
@@ -254,50 +365,13 @@ pub async fn run(args: &DemoArgs) -> Outcome {
             args.workers
         ),
     );
-
-    let app = Application::embedded(&backends, &args.listen)
-        .await
-        .map_err(|e| Failure::usage(e.to_string()))?;
-    let running_api = RunningApi::spawn(app)?;
-    let api = running_api.url.clone();
-
-    let stalled = Arc::new(tokio::sync::Notify::new());
-    let victim_held = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let others_go = CancellationToken::new();
-    let mut workers: Vec<DemoWorker> = (1..=args.workers)
-        .map(|i| {
-            let id = format!("demo-worker-{i}");
-            let worker = if args.chaos && i == 1 {
-                let queue = Arc::new(StallingQueue {
-                    inner: backends.queue.clone(),
-                    stalled: stalled.clone(),
-                    held: victim_held.clone(),
-                });
-                Worker::embedded_on(&id, &backends, queue, DEFAULT_PREFETCH)
-            } else {
-                Worker::embedded(&id, &backends, DEFAULT_PREFETCH)
-            };
-            // With --chaos the others wait until the victim is down, so it
-            // is the one holding the first orders when it dies.
-            let start = (args.chaos && i > 1).then(|| others_go.clone());
-            DemoWorker {
-                stats: worker.stats(),
-                running: RunningWorker::spawn(worker, start),
-                alive: Arc::new(std::sync::atomic::AtomicBool::new(true)),
-                held: victim_held.clone(),
-            }
-        })
-        .collect();
-
+    let mut engine = DemoEngine::start(&backends, &args.listen, args.workers, args.chaos).await?;
+    let api = engine.api.url.clone();
     let target = BuyTarget::new(
         std::slice::from_ref(&api),
         plan.load.max_in_flight,
         plan.timeout,
     )?;
-    running_api
-        .wait_ready(Duration::from_secs(5))
-        .await
-        .map_err(Failure::unreachable)?;
     say(
         quiet,
         format!(
@@ -306,48 +380,53 @@ pub async fn run(args: &DemoArgs) -> Outcome {
             plan.load.max_in_flight
         ),
     );
+    let sources = engine.sources(&backends);
+    let report = storm_and_settle(
+        args,
+        &plan,
+        &target,
+        &backends,
+        engine.chaos.take(),
+        sources,
+        &api,
+    )
+    .await?;
+    let code = print_outcome(args, &report);
+    if args.serve {
+        serve_until_ctrl_c(&api).await;
+    }
+    engine.stop().await;
+    Ok(code)
+}
 
-    let sources = crate::top::collect::EmbeddedSources {
-        backends: backends.clone(),
-        workers: workers
-            .iter()
-            .map(|w| (w.stats.clone(), w.alive.clone()))
-            .collect(),
-    };
+/// The storm (with the chaos strike, if any), then the drain and the audit;
+/// under `--top` the dashboard runs meanwhile.
+async fn storm_and_settle(
+    args: &DemoArgs,
+    plan: &StormPlan,
+    target: &BuyTarget,
+    backends: &EmbeddedBackends,
+    chaos: Option<Chaos>,
+    sources: crate::top::collect::EmbeddedSources,
+    api: &str,
+) -> Result<StormReport, Failure> {
+    let quiet = args.json || args.top;
     let stop = if args.top {
         CancellationToken::new()
     } else {
         storm::stop_on_ctrl_c()
     };
     let storm_over = CancellationToken::new();
-    let chaos = args.chaos.then(|| {
-        let victim = workers.remove(0);
-        let (storm_over, stalled, go) = (storm_over.clone(), stalled.clone(), others_go.clone());
-        tokio::spawn(async move {
-            // The victim took a batch and hangs on it; kill it there (or at
-            // the end of the storm if it never got one).
-            tokio::select! {
-                () = stalled.notified() => {}
-                () = storm_over.cancelled() => {}
-            }
-            let held = victim.held.load(std::sync::atomic::Ordering::SeqCst);
-            let id = victim.running.id.clone();
-            victim.running.kill().await;
-            victim
-                .alive
-                .store(false, std::sync::atomic::Ordering::Relaxed);
-            go.cancel();
-            (id, held)
-        })
-    });
+    let strike = chaos.map(|c| tokio::spawn(c.strike(storm_over.clone())));
     let show = !args.json && !args.top && std::io::stdout().is_terminal();
     let job = {
-        let (backends, stop) = (backends.clone(), stop.clone());
+        let (plan, target, backends, stop) =
+            (plan.clone(), target.clone(), backends.clone(), stop.clone());
         async move {
             let mut report = storm::execute_with_progress(&plan, &target, &stop, show).await;
             storm_over.cancel();
-            if let Some(chaos) = chaos
-                && let Ok((id, held)) = chaos.await
+            if let Some(strike) = strike
+                && let Ok((id, held)) = strike.await
             {
                 let what = if held == 1 { "delivery" } else { "deliveries" };
                 say(
@@ -363,48 +442,46 @@ pub async fn run(args: &DemoArgs) -> Outcome {
             report
         }
     };
-    let report = if args.top {
-        let job = tokio::spawn(job);
-        let shown = crate::top::run_embedded(sources, &api).await;
-        stop.cancel();
-        let report = job.await.map_err(|e| Failure::usage(e.to_string()))?;
-        shown?;
-        println!("{}", closing_line(&report));
-        report
-    } else {
+    if !args.top {
         let report = job.await;
         stop.cancel();
-        report
-    };
+        return Ok(report);
+    }
+    let job = tokio::spawn(job);
+    let shown = crate::top::run_embedded(sources, api).await;
+    stop.cancel();
+    let report = job.await.map_err(|e| Failure::usage(e.to_string()))?;
+    shown?;
+    println!("{}", closing_line(&report));
+    Ok(report)
+}
 
+/// The report (JSON, or tables and the closing line) and the exit code.
+fn print_outcome(args: &DemoArgs, report: &StormReport) -> u8 {
     if args.json {
-        output::json(&report);
+        output::json(report);
     } else if !args.top {
         report.print();
         report.print_drain();
         if let Some(audit) = &report.audit {
             verify::print_report(audit);
         }
-        println!("{}", closing_line(&report));
+        println!("{}", closing_line(report));
     }
-    let code = match &report.audit {
+    match &report.audit {
         Some(audit) if audit.ok && audit.lost == 0 && audit.pending == 0 => OK,
         _ => VIOLATION,
-    };
+    }
+}
 
-    if args.serve {
-        println!("the API stays up at {api} until Ctrl-C; try:");
-        println!(
-            "  curl -s -X POST {api}/buy -H 'content-type: application/json' -d '{{\"userId\":\"me\",\"productId\":1,\"quantity\":1}}'"
-        );
-        println!("  curl -s {api}/products/1");
-        let _ = tokio::signal::ctrl_c().await;
-    }
-    for w in workers {
-        let _ = w.running.stop().await;
-    }
-    running_api.stop().await;
-    Ok(code)
+/// `--serve`: the API stays up for curl until Ctrl-C.
+async fn serve_until_ctrl_c(api: &str) {
+    println!("the API stays up at {api} until Ctrl-C; try:");
+    println!(
+        "  curl -s -X POST {api}/buy -H 'content-type: application/json' -d '{{\"userId\":\"me\",\"productId\":1,\"quantity\":1}}'"
+    );
+    println!("  curl -s {api}/products/1");
+    let _ = tokio::signal::ctrl_c().await;
 }
 
 /// Waits for every accepted order to be booked or dead-lettered, then
