@@ -1,6 +1,5 @@
 //! The order path on the real services: no oversell, no double booking,
 //! nothing accepted lost, every bad input refused without a trace.
-#![allow(clippy::unwrap_used)]
 
 use flashsale_testkit as common;
 

@@ -1,6 +1,5 @@
 //! The `flashsale-api` binary as an operator runs it: SIGTERM ends it
 //! gracefully with exit 0.
-#![allow(clippy::unwrap_used)]
 
 use flashsale_testkit as common;
 

@@ -1,13 +1,18 @@
 //! `fsctl storm` as a user runs it: first against a small scripted axum
 //! server on port 0 (exact counts, duplicates, thresholds, Ctrl-C, the open
 //! model, the API down), then against the real engine on the real services.
-#![allow(clippy::unwrap_used)]
 
+use super::{code, fsctl_async as fsctl_on, json as report, nowhere};
 use axum::Router;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::routing::{get, post};
 use flashsale_testkit::env;
+
+/// `fsctl` with no reachable database: the drain asks the API instead.
+fn fsctl(args: &[&str]) -> tokio::process::Command {
+    fsctl_on(&nowhere(), args)
+}
 use serde_json::{Value, json};
 use std::collections::HashMap;
 use std::process::Output;
@@ -76,34 +81,8 @@ async fn scripted_api(delay: Duration) -> (String, Arc<Mutex<Seen>>) {
     (url, script.seen)
 }
 
-/// `fsctl` with no reachable database: the drain asks the API instead.
-fn fsctl(args: &[&str]) -> tokio::process::Command {
-    let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_fsctl"));
-    cmd.args(args)
-        .env("DATABASE_URL", "postgres://postgres@127.0.0.1:1/none")
-        .env("REDIS_URL", "redis://127.0.0.1:1")
-        .env("AMQP_URL", "amqp://guest:guest@127.0.0.1:1/%2f")
-        .env("NO_COLOR", "1")
-        .kill_on_drop(true);
-    cmd
-}
-
 async fn run(args: &[&str]) -> Output {
     fsctl(args).output().await.unwrap()
-}
-
-fn code(out: &Output) -> i32 {
-    out.status.code().unwrap()
-}
-
-fn report(out: &Output) -> Value {
-    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
-        panic!(
-            "not one JSON document ({e}): {}\nstderr: {}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        )
-    })
 }
 
 #[tokio::test]
@@ -332,19 +311,6 @@ async fn an_unreachable_api_is_exit_2_with_nothing_sent() {
     let out = run(&["storm", "--api-url", "http://127.0.0.1:1", "-n", "5"]).await;
     assert_eq!(code(&out), 2);
     assert!(String::from_utf8_lossy(&out.stderr).contains("cannot reach the API"));
-}
-
-/// `fsctl` against a test environment's real services.
-fn fsctl_on(b: &flashsale_engine::BackendUrls, args: &[&str]) -> tokio::process::Command {
-    let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_fsctl"));
-    cmd.args(args)
-        .env("DATABASE_URL", &b.database_url)
-        .env("REDIS_URL", &b.redis_url)
-        .env("AMQP_URL", &b.amqp_url)
-        .env("FLASHSALE_NAMESPACE", &b.namespace)
-        .env("NO_COLOR", "1")
-        .kill_on_drop(true);
-    cmd
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -1,6 +1,5 @@
 //! `fsctl doctor --quick` against the real services: every figure measured,
 //! and nothing left behind.
-#![allow(clippy::unwrap_used)]
 
 use flashsale_engine::queue::rabbitmq as broker;
 use flashsale_engine::{redis_conn, scratch};

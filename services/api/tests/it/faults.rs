@@ -1,7 +1,6 @@
 //! Faults on the real services: a broker that goes away, a worker killed
 //! mid-group, redelivery, poison messages, Redis losing its data, a lock
 //! holder whose lease ran out.
-#![allow(clippy::unwrap_used)]
 
 use flashsale_testkit as common;
 

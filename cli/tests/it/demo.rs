@@ -1,32 +1,16 @@
 //! `fsctl demo` as a newcomer runs it: nothing installed (every backend URL
 //! points at a dead port), the whole flow in one process, an exact ledger.
-#![allow(clippy::unwrap_used)]
 
+use super::{fsctl_async, nowhere, ok_json as report};
 use serde_json::Value;
 use std::process::Output;
 
+/// `fsctl demo ARGS` with nothing installed.
 async fn demo(args: &[&str]) -> Output {
-    tokio::process::Command::new(env!("CARGO_BIN_EXE_fsctl"))
-        .arg("demo")
-        .args(args)
-        .env("DATABASE_URL", "postgres://postgres@127.0.0.1:1/nowhere")
-        .env("REDIS_URL", "redis://127.0.0.1:1")
-        .env("AMQP_URL", "amqp://guest:guest@127.0.0.1:1/%2f")
-        .env("NO_COLOR", "1")
+    fsctl_async(&nowhere(), &[&["demo"], args].concat())
         .output()
         .await
         .unwrap()
-}
-
-fn report(out: &Output) -> Value {
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).unwrap()
 }
 
 /// Exactly the stock confirmed, every 202 resolved, nothing lost.

@@ -2,7 +2,6 @@
 //! redeliveries (the same group again, under a newer token), crashes (a
 //! group that never commits) and stale holders (an old token) never break
 //! the contract's invariants 1-5, and never book a key twice.
-#![allow(clippy::unwrap_used)]
 
 use chrono::Utc;
 use flashsale_engine::domain::QueuedOrder;

@@ -1,7 +1,6 @@
 //! One conformance suite for the seams with two implementations: every
 //! check runs against the embedded (in-memory) backend and against the real
 //! PostgreSQL / Redis / RabbitMQ, so the two cannot drift.
-#![allow(clippy::unwrap_used)]
 
 use chrono::Utc;
 use flashsale_engine::accept_log::AcceptStore;

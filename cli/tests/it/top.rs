@@ -1,6 +1,5 @@
 //! `fsctl top`'s data collectors against the real services, and its refusal
 //! to draw anywhere but a terminal.
-#![allow(clippy::unwrap_used)]
 
 use flashsale_testkit::env;
 use fsctl::top::app::{App, Source};

@@ -2,7 +2,6 @@
 //! the dashboard use only the contract's metric names; a real API and worker
 //! (started by `fsctl up`) export every one of them and a real Prometheus
 //! scrapes both; docker-compose.yml has the structure the README promises.
-#![allow(clippy::unwrap_used)]
 
 use flashsale_testkit::env;
 use serde_json::Value;

@@ -1,41 +1,18 @@
 //! `fsctl migrate`, `seed`, `verify` and `inspect` as an operator runs them,
 //! against the real services with the API and workers running.
-#![allow(clippy::unwrap_used)]
 
+use super::{code, json};
 use flashsale_engine::ProductId;
 use flashsale_engine::locks::{ProductLock, ProductLocks};
 use flashsale_engine::redis_conn;
 use flashsale_testkit::{TestEnv, env};
 use reqwest::StatusCode;
-use serde_json::Value;
-use std::process::{Command, Output};
+use std::process::Output;
 use std::time::Duration;
 
+/// `fsctl ARGS` against the test environment.
 fn fsctl(env: &TestEnv, args: &[&str]) -> Output {
-    let b = env.backends();
-    Command::new(env!("CARGO_BIN_EXE_fsctl"))
-        .args(args)
-        .env("DATABASE_URL", &b.database_url)
-        .env("REDIS_URL", &b.redis_url)
-        .env("AMQP_URL", &b.amqp_url)
-        .env("FLASHSALE_NAMESPACE", &b.namespace)
-        .env("NO_COLOR", "1")
-        .output()
-        .unwrap()
-}
-
-fn code(out: &Output) -> i32 {
-    out.status.code().unwrap()
-}
-
-fn json(out: &Output) -> Value {
-    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
-        panic!(
-            "not one JSON document ({e}): {}\nstderr: {}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        )
-    })
+    super::fsctl(&env.backends(), args).output().unwrap()
 }
 
 fn accepted_file(keys: &[String]) -> tempfile_path::Path {
