@@ -16,12 +16,7 @@ async fn demo(args: &[&str]) -> Output {
 /// Exactly the stock confirmed, every 202 resolved, nothing lost.
 fn assert_exact(r: &Value, requests: u64, units: i64) {
     assert_eq!(r["requests"], requests);
-    let answered: u64 = r["statusCounts"]
-        .as_object()
-        .unwrap()
-        .values()
-        .map(|v| v.as_u64().unwrap())
-        .sum();
+    let answered = super::answered(r);
     assert_eq!(answered, requests, "{r}");
     let books = r["books"].as_array().unwrap();
     let sold: i64 = books

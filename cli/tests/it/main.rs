@@ -73,3 +73,13 @@ pub fn ok_json(out: &Output) -> Value {
     );
     json(out)
 }
+
+/// Answers a storm report counts, over every status.
+pub fn answered(report: &Value) -> u64 {
+    report["statusCounts"]
+        .as_object()
+        .unwrap()
+        .values()
+        .map(|v| v.as_u64().unwrap())
+        .sum()
+}

@@ -705,8 +705,12 @@ async fn a_returned_publish_is_never_a_202_and_the_other_answers_stay_true() {
         ids
     });
     let started = std::time::Instant::now();
+    // The queue goes once a third of the buys are answered, mid-storm.
+    let answered = std::sync::atomic::AtomicUsize::new(0);
     let deleter = async {
-        tokio::time::sleep(Duration::from_millis(400)).await;
+        while answered.load(std::sync::atomic::Ordering::SeqCst) < 1000 {
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
         let admin = conn.create_channel().await.unwrap();
         admin
             .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
@@ -716,11 +720,13 @@ async fn a_returned_publish_is_never_a_202_and_the_other_answers_stay_true() {
     };
     let buys = futures_util::stream::iter(0..3000)
         .map(|i| {
-            let (env, api) = (&env, &api);
+            let (env, api, answered) = (&env, &api, &answered);
             async move {
                 let sent = started.elapsed();
                 let body = json!({"userId": format!("u{i}"), "productId": 1, "quantity": 1});
-                (sent, env.buy(api, Some(&format!("ret-{i}")), body).await)
+                let answer = env.buy(api, Some(&format!("ret-{i}")), body).await;
+                answered.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                (sent, answer)
             }
         })
         .buffer_unordered(200)
