@@ -7,6 +7,7 @@ use crate::output;
 use clap::{Args, Subcommand};
 use comfy_table::Cell;
 use flashsale_engine::accept_log::{AcceptLog, AcceptState, AcceptStore};
+use flashsale_engine::ledger::Ledger;
 use flashsale_engine::redis_conn::timed;
 use flashsale_engine::{BackendUrls, ProductId, heartbeat, locks, queue};
 use serde_json::json;
@@ -270,15 +271,12 @@ pub async fn run(b: &BackendUrls, args: &InspectArgs) -> Outcome {
             let redis = backends::redis(b).await?;
             let (order, location) = match ledger.order(id).await? {
                 Some(view) => {
-                    let location = serde_json::to_value(view.status).unwrap_or_default();
-                    (
-                        Some(serde_json::to_value(&view).unwrap_or_default()),
-                        location,
-                    )
+                    let location = serde_json::to_value(view.status)?;
+                    (Some(serde_json::to_value(&view)?), location)
                 }
                 None => match AcceptLog::new(redis, ns.clone()).get(id).await? {
                     Some(r) if r.state == AcceptState::Queued => (
-                        Some(serde_json::to_value(r.queued_view(id)).unwrap_or_default()),
+                        Some(serde_json::to_value(r.queued_view(id))?),
                         json!("queued"),
                     ),
                     _ => {

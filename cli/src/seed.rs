@@ -6,7 +6,7 @@ use crate::exit::{Failure, OK, Outcome};
 use crate::output;
 use crate::scenario::{self, Scenario};
 use clap::Args;
-use flashsale_engine::ledger::NewProduct;
+use flashsale_engine::ledger::{Ledger, NewProduct};
 use flashsale_engine::redis_conn::timed;
 use flashsale_engine::stock_feed::StockFeed;
 use flashsale_engine::{BackendUrls, heartbeat, queue};

@@ -2,6 +2,7 @@
 //! a storm, then one worker drains what it accepted.
 
 use super::*;
+use flashsale_engine::ledger::Ledger;
 
 /// An in-process API takes a storm; then one worker drains what it accepted.
 pub(super) async fn engine(
@@ -73,7 +74,9 @@ pub(super) async fn engine(
     let hot = ProductId::new(1).map_err(|e| Failure::usage(e.message))?;
     let sold = || async {
         let product = ledger.product(hot).await?;
-        Ok::<_, sqlx::Error>(product.map_or(0, |p| i64::from(p.seeded_stock - p.stock)))
+        Ok::<_, flashsale_engine::ledger::LedgerError>(
+            product.map_or(0, |p| i64::from(p.seeded_stock - p.stock)),
+        )
     };
     let sold_before = sold().await?;
     let mut config = WorkerConfig::new(b.clone());
@@ -86,7 +89,7 @@ pub(super) async fn engine(
     let drained = async {
         loop {
             if (sold().await? - sold_before) as usize >= accepted {
-                return Ok::<_, sqlx::Error>(());
+                return Ok::<_, flashsale_engine::ledger::LedgerError>(());
             }
             tokio::time::sleep(Duration::from_millis(5)).await;
         }

@@ -20,6 +20,7 @@ pub mod target;
 pub mod threshold;
 
 pub use args::StormArgs;
+use flashsale_engine::ledger::Ledger;
 pub use plan::StormPlan;
 pub use progress::LiveCounts;
 use progress::{progress, show_progress};

@@ -6,7 +6,7 @@
 use super::app::{ApiSample, Buckets, LedgerSample, RedisSample, Sample};
 use super::event::Event;
 use flashsale_engine::audit::{self, QueueFacts};
-use flashsale_engine::ledger::StockLedger;
+use flashsale_engine::ledger::{Ledger, StockLedger};
 use flashsale_engine::metrics::{ORDER_LATENCY, ORDER_REQUESTS, REQUEST_DURATION};
 use flashsale_engine::{BackendUrls, heartbeat, locks, postgres, queue, redis_conn};
 use std::future::Future;
@@ -230,7 +230,7 @@ async fn books(ledger: &StockLedger) -> Result<LedgerSample, String> {
     let names = ledger
         .products()
         .await
-        .map_err(e)?
+        .map_err(|e| e.to_string())?
         .into_iter()
         .map(|p| (p.id, p.name))
         .collect();

@@ -6,7 +6,7 @@ use flashsale_testkit as common;
 
 use chrono::Utc;
 use flashsale_engine::domain::QueuedOrder;
-use flashsale_engine::ledger::{LedgerError, OrderOutcome, StockLedger};
+use flashsale_engine::ledger::{Ledger, LedgerError, OrderOutcome, StockLedger};
 use flashsale_engine::locks::{ProductLock, ProductLocks};
 use flashsale_engine::{IdempotencyKey, ProductId, Quantity, UserId, redis_conn};
 use flashsale_testkit::{Forwarder, amqp_target};

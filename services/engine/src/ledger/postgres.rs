@@ -97,95 +97,6 @@ impl StockLedger {
         &self.pool
     }
 
-    /// Applies `orders` (all for `product`, in arrival order) under `token`.
-    pub async fn apply_group(
-        &self,
-        product: ProductId,
-        token: FencingToken,
-        orders: &[QueuedOrder],
-    ) -> Result<GroupReceipt, LedgerError> {
-        let mut conn = self.pool.acquire().await.map_err(passing)?;
-        let attempts = tokio::time::timeout(TRANSACTION_DEADLINE, async {
-            for _ in 0..CONFLICT_RETRIES {
-                let mut tx = conn.begin().await?;
-                match apply_in(&mut tx, product, token, orders).await? {
-                    Some(receipt) => {
-                        tx.commit().await?;
-                        return Ok(receipt);
-                    }
-                    None => tx.rollback().await?,
-                }
-            }
-            Err(LedgerError::Contended(product))
-        })
-        .await;
-        close_if_late(&mut conn, attempts)
-    }
-
-    /// The orders of a group that PostgreSQL refuses as data, with its
-    /// reason: each row is tried alone, under a savepoint, in a transaction
-    /// that is rolled back (nothing is written). Called only after a group
-    /// failed with [`LedgerError::Refused`].
-    pub async fn refused(&self, orders: &[QueuedOrder]) -> Result<Vec<Refusal>, LedgerError> {
-        let mut conn = self.pool.acquire().await.map_err(passing)?;
-        let probe = tokio::time::timeout(TRANSACTION_DEADLINE, async {
-            let mut tx = conn.begin().await.map_err(passing)?;
-            let mut refused = Vec::new();
-            for (index, order) in orders.iter().enumerate() {
-                sqlx::query("SAVEPOINT probe")
-                    .execute(&mut *tx)
-                    .await
-                    .map_err(passing)?;
-                let row = [(order, OrderOutcome::Confirmed)];
-                match insert_orders(&mut tx, &row).await {
-                    Ok(_) => {}
-                    Err(e) if is_refusal(&e) => refused.push(Refusal {
-                        index,
-                        reason: format!("refused by PostgreSQL: {e}"),
-                    }),
-                    Err(e) => return Err(passing(e)),
-                }
-                sqlx::query("ROLLBACK TO SAVEPOINT probe")
-                    .execute(&mut *tx)
-                    .await
-                    .map_err(passing)?;
-            }
-            tx.rollback().await.map_err(passing)?;
-            Ok(refused)
-        })
-        .await;
-        close_if_late(&mut conn, probe)
-    }
-
-    /// Inserts the products that do not exist yet; returns the ids created.
-    pub async fn create_missing(&self, products: &[NewProduct]) -> Result<Vec<i64>, sqlx::Error> {
-        let mut created = Vec::new();
-        for chunk in products.chunks(ROWS_PER_STATEMENT) {
-            let ids: Vec<i64> = chunk.iter().map(|p| p.id).collect();
-            let names: Vec<&str> = chunk.iter().map(|p| p.name.as_str()).collect();
-            let stock: Vec<i32> = chunk.iter().map(|p| p.stock).collect();
-            let max: Vec<i32> = chunk.iter().map(|p| p.max_per_order).collect();
-            let limit: Vec<Option<i32>> = chunk.iter().map(|p| p.per_user_limit).collect();
-            let rows: Vec<i64> = sqlx::query_scalar(
-                "INSERT INTO products (id, name, stock, seeded_stock, max_per_order, per_user_limit)
-                 SELECT i, n, s, s, m, l
-                 FROM unnest($1::bigint[], $2::text[], $3::int[], $4::int[], $5::int[])
-                      AS t(i, n, s, m, l)
-                 ON CONFLICT (id) DO NOTHING RETURNING id",
-            )
-            .bind(&ids)
-            .bind(&names)
-            .bind(&stock)
-            .bind(&max)
-            .bind(&limit)
-            .fetch_all(&self.pool)
-            .await?;
-            created.extend(rows);
-        }
-        created.sort_unstable();
-        Ok(created)
-    }
-
     /// Adds `units` to each product's stock and seeded stock, relatively, so
     /// invariant 1 holds while workers run; returns the products changed.
     pub async fn restock(&self, ids: &[i64], units: i32) -> Result<u64, sqlx::Error> {
@@ -238,32 +149,6 @@ impl StockLedger {
         Ok(deleted)
     }
 
-    /// One product's record.
-    pub async fn product(&self, id: ProductId) -> Result<Option<ProductRecord>, sqlx::Error> {
-        sqlx::query(
-            "SELECT id, name, stock, seeded_stock, max_per_order, per_user_limit, lock_fence
-             FROM products WHERE id = $1",
-        )
-        .bind(id.get())
-        .fetch_optional(&self.pool)
-        .await?
-        .map(|r| product_from_row(&r))
-        .transpose()
-    }
-
-    /// Every product, for the API's catalog cache.
-    pub async fn products(&self) -> Result<Vec<ProductRecord>, sqlx::Error> {
-        sqlx::query(
-            "SELECT id, name, stock, seeded_stock, max_per_order, per_user_limit, lock_fence
-             FROM products ORDER BY id",
-        )
-        .fetch_all(&self.pool)
-        .await?
-        .iter()
-        .map(product_from_row)
-        .collect()
-    }
-
     /// Orders with a row: (confirmed, rejected).
     pub async fn totals(&self) -> Result<(u64, u64), sqlx::Error> {
         let rows: Vec<(String, i64)> =
@@ -297,9 +182,123 @@ impl StockLedger {
         }
         Ok((confirmed, rejected))
     }
+}
 
+#[async_trait::async_trait]
+impl Ledger for StockLedger {
+    /// Inserts the products that do not exist yet; returns the ids created.
+    async fn create_missing(&self, products: &[NewProduct]) -> Result<Vec<i64>, LedgerError> {
+        let mut created = Vec::new();
+        for chunk in products.chunks(ROWS_PER_STATEMENT) {
+            let ids: Vec<i64> = chunk.iter().map(|p| p.id).collect();
+            let names: Vec<&str> = chunk.iter().map(|p| p.name.as_str()).collect();
+            let stock: Vec<i32> = chunk.iter().map(|p| p.stock).collect();
+            let max: Vec<i32> = chunk.iter().map(|p| p.max_per_order).collect();
+            let limit: Vec<Option<i32>> = chunk.iter().map(|p| p.per_user_limit).collect();
+            let rows: Vec<i64> = sqlx::query_scalar(
+                "INSERT INTO products (id, name, stock, seeded_stock, max_per_order, per_user_limit)
+                 SELECT i, n, s, s, m, l
+                 FROM unnest($1::bigint[], $2::text[], $3::int[], $4::int[], $5::int[])
+                      AS t(i, n, s, m, l)
+                 ON CONFLICT (id) DO NOTHING RETURNING id",
+            )
+            .bind(&ids)
+            .bind(&names)
+            .bind(&stock)
+            .bind(&max)
+            .bind(&limit)
+            .fetch_all(&self.pool)
+            .await?;
+            created.extend(rows);
+        }
+        created.sort_unstable();
+        Ok(created)
+    }
+    /// Applies `orders` (all for `product`, in arrival order) under `token`.
+    async fn apply_group(
+        &self,
+        product: ProductId,
+        token: FencingToken,
+        orders: &[QueuedOrder],
+    ) -> Result<GroupReceipt, LedgerError> {
+        let mut conn = self.pool.acquire().await.map_err(passing)?;
+        let attempts = tokio::time::timeout(TRANSACTION_DEADLINE, async {
+            for _ in 0..CONFLICT_RETRIES {
+                let mut tx = conn.begin().await?;
+                match apply_in(&mut tx, product, token, orders).await? {
+                    Some(receipt) => {
+                        tx.commit().await?;
+                        return Ok(receipt);
+                    }
+                    None => tx.rollback().await?,
+                }
+            }
+            Err(LedgerError::Contended(product))
+        })
+        .await;
+        close_if_late(&mut conn, attempts)
+    }
+    /// The orders of a group that PostgreSQL refuses as data, with its
+    /// reason: each row is tried alone, under a savepoint, in a transaction
+    /// that is rolled back (nothing is written). Called only after a group
+    /// failed with [`LedgerError::Refused`].
+    async fn refused(&self, orders: &[QueuedOrder]) -> Result<Vec<Refusal>, LedgerError> {
+        let mut conn = self.pool.acquire().await.map_err(passing)?;
+        let probe = tokio::time::timeout(TRANSACTION_DEADLINE, async {
+            let mut tx = conn.begin().await.map_err(passing)?;
+            let mut refused = Vec::new();
+            for (index, order) in orders.iter().enumerate() {
+                sqlx::query("SAVEPOINT probe")
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(passing)?;
+                let row = [(order, OrderOutcome::Confirmed)];
+                match insert_orders(&mut tx, &row).await {
+                    Ok(_) => {}
+                    Err(e) if is_refusal(&e) => refused.push(Refusal {
+                        index,
+                        reason: format!("refused by PostgreSQL: {e}"),
+                    }),
+                    Err(e) => return Err(passing(e)),
+                }
+                sqlx::query("ROLLBACK TO SAVEPOINT probe")
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(passing)?;
+            }
+            tx.rollback().await.map_err(passing)?;
+            Ok(refused)
+        })
+        .await;
+        close_if_late(&mut conn, probe)
+    }
+    /// One product's record.
+    async fn product(&self, id: ProductId) -> Result<Option<ProductRecord>, LedgerError> {
+        sqlx::query(
+            "SELECT id, name, stock, seeded_stock, max_per_order, per_user_limit, lock_fence
+             FROM products WHERE id = $1",
+        )
+        .bind(id.get())
+        .fetch_optional(&self.pool)
+        .await?
+        .map(|r| product_from_row(&r))
+        .transpose()
+        .map_err(LedgerError::from)
+    }
+    /// Every product, for the API's catalog cache.
+    async fn products(&self) -> Result<Vec<ProductRecord>, LedgerError> {
+        sqlx::query(
+            "SELECT id, name, stock, seeded_stock, max_per_order, per_user_limit, lock_fence
+             FROM products ORDER BY id",
+        )
+        .fetch_all(&self.pool)
+        .await?
+        .iter()
+        .map(|r| product_from_row(r).map_err(LedgerError::from))
+        .collect()
+    }
     /// The order row for a key, if the worker has written one.
-    pub async fn order(&self, order_id: &str) -> Result<Option<OrderView>, sqlx::Error> {
+    async fn order(&self, order_id: &str) -> Result<Option<OrderView>, LedgerError> {
         let row = sqlx::query(
             "SELECT idempotency_key, user_id, product_id, quantity, status, reason,
                     accepted_at, processed_at
@@ -327,24 +326,7 @@ impl StockLedger {
         })
         .transpose()
     }
-}
 
-#[async_trait::async_trait]
-impl Ledger for StockLedger {
-    async fn create_missing(&self, products: &[NewProduct]) -> Result<Vec<i64>, LedgerError> {
-        Ok(StockLedger::create_missing(self, products).await?)
-    }
-    async fn apply_group(
-        &self,
-        product: ProductId,
-        token: FencingToken,
-        orders: &[QueuedOrder],
-    ) -> Result<GroupReceipt, LedgerError> {
-        StockLedger::apply_group(self, product, token, orders).await
-    }
-    async fn product(&self, id: ProductId) -> Result<Option<ProductRecord>, LedgerError> {
-        Ok(StockLedger::product(self, id).await?)
-    }
     async fn probe(&self) -> crate::seams::Probe {
         let answered = tokio::time::timeout(
             crate::seams::PROBE_TIMEOUT,
@@ -360,12 +342,6 @@ impl Ledger for StockLedger {
             },
         }
     }
-    async fn products(&self) -> Result<Vec<ProductRecord>, LedgerError> {
-        Ok(StockLedger::products(self).await?)
-    }
-    async fn order(&self, order_id: &str) -> Result<Option<OrderView>, LedgerError> {
-        Ok(StockLedger::order(self, order_id).await?)
-    }
     async fn held_by(&self, product: ProductId, user: &str) -> Result<i64, LedgerError> {
         Ok(sqlx::query_scalar(
             "SELECT COALESCE(SUM(quantity), 0)::bigint FROM orders
@@ -375,9 +351,6 @@ impl Ledger for StockLedger {
         .bind(user)
         .fetch_one(self.pool())
         .await?)
-    }
-    async fn refused(&self, orders: &[QueuedOrder]) -> Result<Vec<Refusal>, LedgerError> {
-        StockLedger::refused(self, orders).await
     }
 }
 
