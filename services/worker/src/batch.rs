@@ -41,7 +41,7 @@ pub enum BookError {
     Queue(#[from] BackendFailed),
 }
 
-/// The orders of one product, in arrival order, with their deliveries.
+/// The orders of one product, in arrival order, with their deliveries' tags.
 pub struct ProductGroup {
     pub product: ProductId,
     pub orders: Vec<QueuedOrder>,
