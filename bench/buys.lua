@@ -6,6 +6,15 @@ local threads = {}
 local product = os.getenv("PRODUCT") or "6"
 local expect = tonumber(os.getenv("EXPECT") or "409")
 local run = tostring(os.time())
+-- KEYS=sequential keeps the old `wrk-<run>-<thread>-<n>` keys; the default is a
+-- random UUIDv4 a request (36 characters), what real clients send.
+local sequential = os.getenv("KEYS") == "sequential"
+
+local function uuid4()
+  local r = function() return math.random(0, 0xffff) end
+  return string.format("%04x%04x-%04x-4%03x-%x%03x-%04x%04x%04x",
+    r(), r(), r(), math.random(0, 0xfff), math.random(8, 11), math.random(0, 0xfff), r(), r(), r())
+end
 
 function setup(thread)
   thread:set("id", #threads + 1)
@@ -15,13 +24,14 @@ end
 function init(args)
   n = 0
   expected = 0
+  math.randomseed(os.time() * 1000 + id)
 end
 
 function request()
   n = n + 1
   local headers = {
     ["Content-Type"] = "application/json",
-    ["Idempotency-Key"] = string.format("wrk-%s-%d-%d", run, id, n),
+    ["Idempotency-Key"] = sequential and string.format("wrk-%s-%d-%d", run, id, n) or uuid4(),
   }
   local body = string.format('{"userId":"u%d","productId":%s,"quantity":1}', n % 1000, product)
   return wrk.format("POST", nil, headers, body)

@@ -37,6 +37,11 @@ enum Command {
         products: i64,
         #[arg(long, default_value_t = 1000)]
         window: usize,
+        /// The orders' idempotency keys: `uuid` (36 characters, what real
+        /// clients send), `short` (`fill-<run>-<n>`, about 20), or `long`
+        /// (128 characters, the contract's maximum).
+        #[arg(long, value_enum, default_value_t = KeyStyle::Uuid)]
+        keys: KeyStyle,
     },
     /// Waits until `units` units of products first..first+products-1 are
     /// sold (fresh products: the workers may start before this does); prints
@@ -56,6 +61,28 @@ enum Command {
     },
 }
 
+/// How `fill` makes its orders' idempotency keys.
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum KeyStyle {
+    Uuid,
+    Short,
+    Long,
+}
+
+impl KeyStyle {
+    fn key(self, run: &str, i: usize) -> String {
+        match self {
+            Self::Uuid => uuid::Uuid::new_v4().to_string(),
+            Self::Short => format!("fill-{run}-{i}"),
+            Self::Long => {
+                let random = uuid::Uuid::new_v4().simple().to_string();
+                let head = format!("fill-{run}-{i}-{random}-");
+                format!("{head}{}", "k".repeat(128 - head.len()))
+            }
+        }
+    }
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
@@ -66,12 +93,14 @@ async fn main() -> anyhow::Result<()> {
             first_product,
             products,
             window,
+            keys,
         } => {
             fill(
                 &cli.backends,
                 orders,
                 first_product..first_product + products,
                 window,
+                keys,
             )
             .await?
         }
@@ -127,6 +156,7 @@ async fn fill(
     orders: usize,
     products: std::ops::Range<i64>,
     window: usize,
+    keys: KeyStyle,
 ) -> anyhow::Result<serde_json::Value> {
     let spread = (products.end - products.start).max(1);
     let conn = broker::connect(&backends.amqp_url, "flashsale-bench").await?;
@@ -142,14 +172,18 @@ async fn fill(
     let started = Instant::now();
     let results: Vec<Result<(), broker::PublishError>> = futures_util::stream::iter(0..orders)
         .map(|i| {
-            let id = format!("fill-{run}-{i}");
-            let payload = serde_json::to_vec(&json!({
+            let id = keys.key(&run, i);
+            let order = json!({
                 "orderId": id, "userId": format!("buyer-{i}"),
                 "productId": products.start + (i as i64 % spread), "quantity": 1, "acceptedAt": now,
-            }))
-            .unwrap_or_default();
+            });
             let (channel, queue) = (&channel, &queue);
-            async move { broker::publish_confirmed(channel, queue, &id, &payload, None).await }
+            async move {
+                let payload = serde_json::to_vec(&order).map_err(|e| {
+                    broker::PublishError::Channel(lapin::Error::from(std::io::Error::other(e)))
+                })?;
+                broker::publish_confirmed(channel, queue, &id, &payload, None).await
+            }
         })
         .buffer_unordered(window)
         .collect()
@@ -163,6 +197,7 @@ async fn fill(
         "seconds": seconds,
         "confirmedPublishesPerSecond": (orders - failed) as f64 / seconds,
         "window": window,
+        "keys": format!("{keys:?}").to_lowercase(),
     }))
 }
 

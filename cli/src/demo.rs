@@ -146,6 +146,7 @@ fn plan(args: &DemoArgs) -> Result<(StormPlan, Vec<NewProduct>), Failure> {
             quantity: QuantityRange { min: 1, max: 1 },
             duplicate_ratio: args.duplicate_ratio,
             invalid_ratio: args.invalid_ratio,
+            keys: Default::default(),
         },
         thresholds: Vec::new(),
         verify: true,

@@ -50,6 +50,7 @@ pub(super) async fn engine(
             quantity: QuantityRange { min: 1, max: 1 },
             duplicate_ratio: 0.0,
             invalid_ratio: 0.0,
+            keys: Default::default(),
         },
         thresholds: Vec::new(),
         verify: false,

@@ -1,7 +1,7 @@
 //! `fsctl storm`'s command line.
 
 use super::load::Stage;
-use super::mix::{QuantityRange, Skew};
+use super::mix::{KeyStyle, QuantityRange, Skew};
 use super::threshold::Threshold;
 use crate::verify::parse_duration;
 use clap::Args;
@@ -73,6 +73,10 @@ pub struct StormArgs {
     /// Share of requests that send one of the contract's bad inputs.
     #[arg(long)]
     pub invalid_ratio: Option<f64>,
+    /// Idempotency-Keys: `uuid` (a random UUIDv4 a buy, what real clients
+    /// send; the default) or `sequential` (`storm-<run>-<n>`, as older figures used).
+    #[arg(long, value_enum)]
+    pub keys: Option<KeyStyle>,
     /// A scenario TOML (scenarios/README.md): products to seed, mix, load, thresholds. Flags override it.
     #[arg(long)]
     pub scenario: Option<PathBuf>,

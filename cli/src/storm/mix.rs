@@ -99,6 +99,18 @@ pub struct BuyMix {
     pub quantity: QuantityRange,
     pub duplicate_ratio: f64,
     pub invalid_ratio: f64,
+    /// How each buy's `Idempotency-Key` is made.
+    pub keys: KeyStyle,
+}
+
+/// How a storm makes its `Idempotency-Key`s.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum KeyStyle {
+    /// A random UUIDv4 a request (36 characters): what real clients send.
+    #[default]
+    Uuid,
+    /// `storm-<run>-<n>` (about 20 characters), for comparing with older figures.
+    Sequential,
 }
 
 /// An answered request that a later duplicate may repeat.
@@ -226,7 +238,10 @@ impl MixSource {
     }
 
     fn key(&self, i: u64) -> String {
-        format!("storm-{}-{i}", self.run)
+        match self.mix.keys {
+            KeyStyle::Uuid => uuid::Uuid::new_v4().to_string(),
+            KeyStyle::Sequential => format!("storm-{}-{i}", self.run),
+        }
     }
 
     fn product(&self, rng: &mut SmallRng) -> i64 {
@@ -309,6 +324,7 @@ mod tests {
             quantity: QuantityRange { min: 1, max: 1 },
             duplicate_ratio: 0.0,
             invalid_ratio: 0.0,
+            keys: KeyStyle::default(),
         }
     }
 
@@ -376,6 +392,25 @@ mod tests {
             );
             assert_eq!(r.kind.expected_status(), Some(200));
         }
+    }
+
+    #[test]
+    fn keys_are_uuids_unless_sequential_keys_are_asked_for() {
+        let mut rng = SmallRng::seed_from_u64(5);
+        let uuids = source(mix(1, Skew::Uniform));
+        let keys: std::collections::HashSet<String> =
+            (0..1000).map(|i| uuids.request(i, &mut rng).key).collect();
+        assert_eq!(keys.len(), 1000, "UUID keys repeat");
+        for k in &keys {
+            assert_eq!(k.len(), 36);
+            assert!(flashsale_engine::IdempotencyKey::parse(k).is_ok(), "{k}");
+        }
+        let sequential = source(BuyMix {
+            keys: KeyStyle::Sequential,
+            ..mix(1, Skew::Uniform)
+        });
+        let k = sequential.request(7, &mut rng).key;
+        assert!(k.starts_with("storm-") && k.ends_with("-7"), "{k}");
     }
 
     #[test]

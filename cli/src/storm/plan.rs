@@ -133,6 +133,7 @@ impl StormPlan {
                 spec.duplicate_ratio,
             )?,
             invalid_ratio: ratio("invalid-ratio", args.invalid_ratio, spec.invalid_ratio)?,
+            keys: args.keys.unwrap_or_default(),
         };
         if mix.users == Some(0) {
             return Err(usage("--users must be at least 1"));
