@@ -52,6 +52,8 @@ pub struct StormSpec {
     pub quantity: Option<String>,
     pub duplicate_ratio: Option<f64>,
     pub invalid_ratio: Option<f64>,
+    /// `"uuid"` (the default) or `"sequential"`, as `--keys`.
+    pub keys: Option<String>,
     /// Ramps, `"10s:500"` each.
     #[serde(default)]
     pub stages: Vec<String>,

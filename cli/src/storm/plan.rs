@@ -3,11 +3,12 @@
 
 use super::args::StormArgs;
 use super::load::{LoadPlan, Stage};
-use super::mix::{BuyMix, QuantityRange, Skew};
+use super::mix::{BuyMix, KeyStyle, QuantityRange, Skew};
 use super::threshold::Threshold;
 use crate::exit::Failure;
 use crate::scenario::Scenario;
 use crate::verify::parse_duration;
+use clap::ValueEnum;
 use std::time::Duration;
 
 const DEFAULT_REQUESTS: u64 = 1000;
@@ -133,7 +134,14 @@ impl StormPlan {
                 spec.duplicate_ratio,
             )?,
             invalid_ratio: ratio("invalid-ratio", args.invalid_ratio, spec.invalid_ratio)?,
-            keys: args.keys.unwrap_or_default(),
+            keys: match args.keys {
+                Some(k) => k,
+                None => match spec.keys.as_deref() {
+                    None => KeyStyle::default(),
+                    Some(raw) => KeyStyle::from_str(raw, true)
+                        .map_err(|_| usage(format!("keys {raw:?}: must be uuid or sequential")))?,
+                },
+            },
         };
         if mix.users == Some(0) {
             return Err(usage("--users must be at least 1"));
@@ -251,5 +259,35 @@ mod tests {
         assert_eq!(p.load.max_in_flight, 1000);
         assert_eq!(p.load.time_limit(), Some(Duration::from_secs(5)));
         assert_eq!(p.load.request_limit(), None, "duration wins over -n");
+    }
+
+    #[test]
+    fn keys_come_from_the_flag_then_the_scenario_then_uuid() {
+        let dir = std::env::temp_dir().join(format!("fsctl-keys-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("seq.toml");
+        std::fs::write(
+            &file,
+            "name = \"seq\"\n[[products]]\nid = 1\nstock = 5\n[storm]\nkeys = \"sequential\"\n",
+        )
+        .unwrap();
+        let path = file.to_str().unwrap();
+        assert_eq!(plan(&[]).unwrap().mix.keys, KeyStyle::Uuid);
+        assert_eq!(
+            plan(&["--scenario", path]).unwrap().mix.keys,
+            KeyStyle::Sequential
+        );
+        let flagged = plan(&["--scenario", path, "--keys", "uuid"]).unwrap();
+        assert_eq!(flagged.mix.keys, KeyStyle::Uuid);
+        std::fs::write(
+            &file,
+            "name = \"bad\"\n[[products]]\nid = 1\nstock = 5\n[storm]\nkeys = \"short\"\n",
+        )
+        .unwrap();
+        assert!(
+            plan(&["--scenario", path]).is_err(),
+            "an unknown key style is refused"
+        );
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }
