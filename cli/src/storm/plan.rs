@@ -264,20 +264,20 @@ mod tests {
     #[test]
     fn keys_come_from_the_flag_then_the_scenario_then_uuid() {
         let dir = std::env::temp_dir().join(format!("fsctl-keys-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::create_dir_all(&dir).expect("temp dir");
         let file = dir.join("seq.toml");
         std::fs::write(
             &file,
             "name = \"seq\"\n[[products]]\nid = 1\nstock = 5\n[storm]\nkeys = \"sequential\"\n",
         )
-        .unwrap();
-        let path = file.to_str().unwrap();
-        assert_eq!(plan(&[]).unwrap().mix.keys, KeyStyle::Uuid);
+        .expect("scenario written");
+        let path = file.to_str().expect("utf-8 path");
+        assert_eq!(plan(&[]).expect("valid").mix.keys, KeyStyle::Uuid);
         assert_eq!(
-            plan(&["--scenario", path]).unwrap().mix.keys,
+            plan(&["--scenario", path]).expect("valid").mix.keys,
             KeyStyle::Sequential
         );
-        let flagged = plan(&["--scenario", path, "--keys", "uuid"]).unwrap();
+        let flagged = plan(&["--scenario", path, "--keys", "uuid"]).expect("valid");
         assert_eq!(flagged.mix.keys, KeyStyle::Uuid);
         std::fs::write(
             &file,
