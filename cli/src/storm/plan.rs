@@ -283,7 +283,7 @@ mod tests {
             &file,
             "name = \"bad\"\n[[products]]\nid = 1\nstock = 5\n[storm]\nkeys = \"short\"\n",
         )
-        .unwrap();
+        .expect("scenario written");
         assert!(
             plan(&["--scenario", path]).is_err(),
             "an unknown key style is refused"
