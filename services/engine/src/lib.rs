@@ -1,7 +1,10 @@
-//! Flash Sale Engine core: the domain types every part shares, the stock
-//! ledger in PostgreSQL, the fenced product lock and the accept log in Redis,
-//! the order queue in RabbitMQ, metric names and configuration; the seams
-//! with two implementations, and the in-memory (embedded) one.
+//! Flash Sale Engine core: the domain types every part shares, and one
+//! module per concept, each with its networked and its in-memory
+//! implementation side by side: the stock ledger (`ledger`, PostgreSQL),
+//! the fenced product lock (`locks`, Redis), the order queue (`queue`,
+//! RabbitMQ), the accept log (`accept_log`, Redis) and the workers'
+//! heartbeats (`heartbeat`); metric names, configuration, and the audit of
+//! the invariants. `seams` is the index.
 
 pub mod accept_log;
 pub mod audit;
