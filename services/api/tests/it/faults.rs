@@ -771,3 +771,57 @@ async fn a_returned_publish_is_never_a_202_and_the_other_answers_stay_true() {
     }
     env.finish().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_silent_postgres_does_not_use_up_the_apis_connections() {
+    let mut env = common::env().await;
+    env.seed(1, 10, None).await;
+    let forwarder = Forwarder::start(common::postgres_target()).await;
+    let mut backends = env.backends();
+    backends.database_url = flashsale_engine::scratch::with_database(
+        &format!("postgres://postgres@{}", forwarder.addr),
+        &env.scratch.database,
+    );
+    let api = env.start_api_with(backends, true).await;
+
+    // More reads than the API's pool holds (16), all against a silent server.
+    forwarder.go_silent();
+    let reads = futures_util::future::join_all((0..24).map(|i| {
+        let url = format!("{api}/orders/silent-{i}");
+        let http = env.http.clone();
+        async move {
+            let started = std::time::Instant::now();
+            let status = http.get(url).send().await.unwrap().status();
+            (status, started.elapsed())
+        }
+    }))
+    .await;
+    for (status, took) in &reads {
+        assert_eq!(*status, StatusCode::SERVICE_UNAVAILABLE);
+        assert!(*took < Duration::from_secs(6), "a read hung for {took:?}");
+    }
+
+    // Once the server answers again, so does the API: no read hung on, and
+    // the pool still has connections to give.
+    forwarder.restore();
+    let mut answered = None;
+    for _ in 0..50 {
+        let r = env
+            .http
+            .get(format!("{api}/orders/never-accepted"))
+            .send()
+            .await
+            .unwrap();
+        if r.status() == StatusCode::NOT_FOUND {
+            answered = Some(r.status());
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(
+        answered,
+        Some(StatusCode::NOT_FOUND),
+        "the API never read PostgreSQL again"
+    );
+    env.finish().await;
+}

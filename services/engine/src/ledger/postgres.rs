@@ -62,11 +62,26 @@ fn close_if_late<T>(
     conn: &mut PoolConnection<Postgres>,
     outcome: Result<Result<T, LedgerError>, tokio::time::error::Elapsed>,
 ) -> Result<T, LedgerError> {
+    close_if_later_than(TRANSACTION_DEADLINE, conn, outcome)
+}
+
+/// [`close_if_late`] for work under another deadline.
+fn close_if_later_than<T>(
+    deadline: Duration,
+    conn: &mut PoolConnection<Postgres>,
+    outcome: Result<Result<T, LedgerError>, tokio::time::error::Elapsed>,
+) -> Result<T, LedgerError> {
     outcome.unwrap_or_else(|_| {
         conn.close_on_drop();
-        Err(LedgerError::TimedOut(TRANSACTION_DEADLINE))
+        Err(LedgerError::TimedOut(deadline))
     })
 }
+
+/// A read (a product, the catalog, an order) that has not answered by then
+/// is abandoned and its connection closed, as a group's transaction is.
+/// Below the API's own time limits on these calls (1 s and more), so the
+/// ledger's deadline is the one that fires and the connection is closed.
+pub const READ_DEADLINE: Duration = Duration::from_millis(800);
 
 /// Rows per statement. sqlx does not set TCP_NODELAY, and a statement whose
 /// parameters outgrow its write buffer meets Nagle's algorithm and the
@@ -95,6 +110,19 @@ impl StockLedger {
 
     pub fn pool(&self) -> &PgPool {
         &self.pool
+    }
+
+    /// The rows of one read, on a connection of its own under
+    /// [`READ_DEADLINE`]; a connection that did not answer is closed.
+    async fn read(
+        &self,
+        query: sqlx::query::Query<'_, Postgres, sqlx::postgres::PgArguments>,
+    ) -> Result<Vec<sqlx::postgres::PgRow>, LedgerError> {
+        let mut conn = self.pool.acquire().await.map_err(passing)?;
+        let rows = tokio::time::timeout(READ_DEADLINE, query.fetch_all(&mut *conn))
+            .await
+            .map(|r| r.map_err(passing));
+        close_if_later_than(READ_DEADLINE, &mut conn, rows)
     }
 
     /// Adds `units` to each product's stock and seeded stock, relatively, so
@@ -274,24 +302,26 @@ impl Ledger for StockLedger {
     }
     /// One product's record.
     async fn product(&self, id: ProductId) -> Result<Option<ProductRecord>, LedgerError> {
-        sqlx::query(
-            "SELECT id, name, stock, seeded_stock, max_per_order, per_user_limit, lock_fence
-             FROM products WHERE id = $1",
-        )
-        .bind(id.get())
-        .fetch_optional(&self.pool)
-        .await?
-        .map(|r| product_from_row(&r))
-        .transpose()
-        .map_err(LedgerError::from)
+        let rows = self
+            .read(
+                sqlx::query(
+                    "SELECT id, name, stock, seeded_stock, max_per_order, per_user_limit, lock_fence
+                     FROM products WHERE id = $1",
+                )
+                .bind(id.get()),
+            )
+            .await?;
+        rows.first()
+            .map(product_from_row)
+            .transpose()
+            .map_err(LedgerError::from)
     }
     /// Every product, for the API's catalog cache.
     async fn products(&self) -> Result<Vec<ProductRecord>, LedgerError> {
-        sqlx::query(
+        self.read(sqlx::query(
             "SELECT id, name, stock, seeded_stock, max_per_order, per_user_limit, lock_fence
              FROM products ORDER BY id",
-        )
-        .fetch_all(&self.pool)
+        ))
         .await?
         .iter()
         .map(|r| product_from_row(r).map_err(LedgerError::from))
@@ -299,32 +329,35 @@ impl Ledger for StockLedger {
     }
     /// The order row for a key, if the worker has written one.
     async fn order(&self, order_id: &str) -> Result<Option<OrderView>, LedgerError> {
-        let row = sqlx::query(
-            "SELECT idempotency_key, user_id, product_id, quantity, status, reason,
-                    accepted_at, processed_at
-             FROM orders WHERE idempotency_key = $1",
-        )
-        .bind(order_id)
-        .fetch_optional(&self.pool)
-        .await?;
-        row.map(|r| {
-            let status: String = r.try_get("status")?;
-            Ok(OrderView {
-                order_id: r.try_get("idempotency_key")?,
-                user_id: r.try_get("user_id")?,
-                product_id: r.try_get("product_id")?,
-                quantity: i64::from(r.try_get::<i32, _>("quantity")?),
-                status: if status == "confirmed" {
-                    OrderStatus::Confirmed
-                } else {
-                    OrderStatus::Rejected
-                },
-                reason: r.try_get("reason")?,
-                accepted_at: r.try_get("accepted_at")?,
-                processed_at: Some(r.try_get("processed_at")?),
+        let rows = self
+            .read(
+                sqlx::query(
+                    "SELECT idempotency_key, user_id, product_id, quantity, status, reason,
+                            accepted_at, processed_at
+                     FROM orders WHERE idempotency_key = $1",
+                )
+                .bind(order_id),
+            )
+            .await?;
+        rows.first()
+            .map(|r| {
+                let status: String = r.try_get("status")?;
+                Ok(OrderView {
+                    order_id: r.try_get("idempotency_key")?,
+                    user_id: r.try_get("user_id")?,
+                    product_id: r.try_get("product_id")?,
+                    quantity: i64::from(r.try_get::<i32, _>("quantity")?),
+                    status: if status == "confirmed" {
+                        OrderStatus::Confirmed
+                    } else {
+                        OrderStatus::Rejected
+                    },
+                    reason: r.try_get("reason")?,
+                    accepted_at: r.try_get("accepted_at")?,
+                    processed_at: Some(r.try_get("processed_at")?),
+                })
             })
-        })
-        .transpose()
+            .transpose()
     }
 
     async fn probe(&self) -> crate::seams::Probe {
