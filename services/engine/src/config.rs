@@ -105,6 +105,9 @@ pub fn parse_duration(raw: &str) -> Result<Duration, String> {
 
 /// The URL with its password replaced by `***`, for messages and logs.
 pub fn mask_url(url: &str) -> String {
+    if url.contains(',') {
+        return url.split(',').map(mask_url).collect::<Vec<_>>().join(",");
+    }
     let Some((scheme, rest)) = url.split_once("://") else {
         return url.to_owned();
     };
@@ -137,6 +140,10 @@ mod tests {
         );
         assert_eq!(mask_url("redis://127.0.0.1:6379"), "redis://127.0.0.1:6379");
         assert_eq!(mask_url("redis://:pw@h:1/0"), "redis://:***@h:1/0");
+        assert_eq!(
+            mask_url("amqp://u:p1@a:1/%2f,amqp://u:p2@b:2/%2f"),
+            "amqp://u:***@a:1/%2f,amqp://u:***@b:2/%2f"
+        );
     }
 
     #[test]

@@ -49,18 +49,39 @@ pub enum PublishError {
     Channel(#[from] lapin::Error),
 }
 
-/// Connects to RabbitMQ, with a timeout.
+/// Connects to RabbitMQ, with a timeout. `url` may list several nodes of
+/// one cluster, comma-separated: one that answers is used.
 pub async fn connect(url: &str, name: &str) -> Result<Connection, BrokerError> {
-    let unreachable = |reason: String| BrokerError::Unreachable {
+    let nodes: Vec<&str> = url
+        .split(',')
+        .map(str::trim)
+        .filter(|u| !u.is_empty())
+        .collect();
+    // Start at a node picked at random, so that processes spread over a
+    // cluster's nodes, then try the others in turn.
+    let start = (uuid::Uuid::new_v4().as_u128() % nodes.len().max(1) as u128) as usize;
+    let mut failures = Vec::new();
+    for i in 0..nodes.len() {
+        let node = nodes[(start + i) % nodes.len()];
+        let props = ConnectionProperties::default().with_connection_name(name.into());
+        match tokio::time::timeout(CONNECT_TIMEOUT, Connection::connect(node, props)).await {
+            Ok(Ok(conn)) => return Ok(conn),
+            Ok(Err(e)) => failures.push((node, e.to_string())),
+            Err(_) => failures.push((node, format!("no answer within {CONNECT_TIMEOUT:?}"))),
+        }
+    }
+    let reason = match failures.as_slice() {
+        [(_, why)] => why.clone(),
+        many => many
+            .iter()
+            .map(|(node, why)| format!("{}: {why}", mask_url(node)))
+            .collect::<Vec<_>>()
+            .join("; "),
+    };
+    Err(BrokerError::Unreachable {
         url: mask_url(url),
         reason,
-    };
-    let props = ConnectionProperties::default().with_connection_name(name.into());
-    match tokio::time::timeout(CONNECT_TIMEOUT, Connection::connect(url, props)).await {
-        Ok(Ok(conn)) => Ok(conn),
-        Ok(Err(e)) => Err(unreachable(e.to_string())),
-        Err(_) => Err(unreachable(format!("no answer within {CONNECT_TIMEOUT:?}"))),
-    }
+    })
 }
 
 fn long(s: &str) -> AMQPValue {

@@ -465,3 +465,31 @@ async fn redis_accept_log_conforms() {
     accept_store_conforms(&AcceptLog::new(redis, scratch.backends.namespace())).await;
     scratch.remove().await.unwrap();
 }
+
+#[tokio::test]
+async fn a_list_of_rabbitmq_nodes_connects_to_one_that_answers() {
+    use flashsale_engine::queue::rabbitmq::connect;
+    let real = std::env::var("AMQP_URL").unwrap_or_else(|_| DEFAULT_AMQP_URL.to_owned());
+    let dead = "amqp://guest:secret@127.0.0.1:1/%2f";
+    // Whichever node it starts at, it ends on the one that answers.
+    for list in [format!("{dead},{real}"), format!("{real},{dead}")] {
+        for _ in 0..3 {
+            let conn = connect(&list, "test-list")
+                .await
+                .expect("the node that answers");
+            let _ = conn.close(200, "done".into()).await;
+        }
+    }
+    let err = connect(
+        &format!("{dead},amqp://guest:secret@127.0.0.1:2/%2f"),
+        "test-list",
+    )
+    .await
+    .expect_err("no node answers")
+    .to_string();
+    assert!(
+        err.contains("127.0.0.1:1") && err.contains("127.0.0.1:2"),
+        "{err}"
+    );
+    assert!(!err.contains("secret"), "a password in {err}");
+}
