@@ -23,9 +23,12 @@ pub struct UpArgs {
     /// Worker processes to run.
     #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u16).range(1..=64))]
     pub workers: u16,
-    /// Where the API listens.
+    /// Where the API listens; with --apis N, API i listens on this port + i - 1.
     #[arg(long, env = "API_ADDR", default_value = "127.0.0.1:3000")]
     pub api_addr: String,
+    /// API processes to run (ports in sequence from --api-addr's).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=16))]
+    pub apis: u16,
     /// Worker i serves its metrics on this port + i - 1.
     #[arg(long, default_value_t = 3001)]
     pub first_metrics_port: u16,
@@ -59,6 +62,21 @@ fn binary(dir: Option<&Path>, name: &str) -> Result<PathBuf, Failure> {
             "{name} not found next to fsctl or on PATH (cargo build --release builds it)"
         ))
     })
+}
+
+/// `n` listen addresses: `first`, then the ports after it.
+fn api_addrs(first: &str, n: u16) -> Result<Vec<String>, Failure> {
+    let (host, port) = first
+        .rsplit_once(':')
+        .and_then(|(h, p)| Some((h, p.parse::<u16>().ok()?)))
+        .ok_or_else(|| Failure::usage(format!("--api-addr {first:?}: expected HOST:PORT")))?;
+    (0..n)
+        .map(|i| {
+            port.checked_add(i)
+                .map(|p| format!("{host}:{p}"))
+                .ok_or_else(|| Failure::usage(format!("--apis {n} from port {port}: past 65535")))
+        })
+        .collect()
 }
 
 /// A named child whose output is prefixed with its name.
@@ -142,12 +160,16 @@ pub async fn run(b: &BackendUrls, args: &UpArgs) -> Outcome {
 
     let api_bin = binary(args.bin_dir.as_deref(), "flashsale-api")?;
     let worker_bin = binary(args.bin_dir.as_deref(), "flashsale-worker")?;
-    let mut services = vec![spawn(
-        "api",
-        &api_bin,
-        b,
-        &[("API_ADDR", args.api_addr.clone())],
-    )?];
+    let api_addrs = api_addrs(&args.api_addr, args.apis)?;
+    let mut services = Vec::new();
+    for (i, addr) in api_addrs.iter().enumerate() {
+        let name = if args.apis == 1 {
+            "api".to_owned()
+        } else {
+            format!("api-{}", i + 1)
+        };
+        services.push(spawn(&name, &api_bin, b, &[("API_ADDR", addr.clone())])?);
+    }
     let mut metrics = Vec::new();
     for i in 1..=args.workers {
         let addr = format!("127.0.0.1:{}", args.first_metrics_port + i - 1);
@@ -163,37 +185,46 @@ pub async fn run(b: &BackendUrls, args: &UpArgs) -> Outcome {
         metrics.push(addr);
     }
 
-    let api_url = format!("http://{}", args.api_addr.replace("0.0.0.0", "127.0.0.1"));
+    let api_urls: Vec<String> = api_addrs
+        .iter()
+        .map(|a| format!("http://{}", a.replace("0.0.0.0", "127.0.0.1")))
+        .collect();
     let client = reqwest::Client::builder()
         .timeout(Duration::from_secs(2))
         .build()?;
     let started = Instant::now();
-    loop {
-        let ready = client.get(format!("{api_url}/health/ready")).send().await;
-        if ready.is_ok_and(|r| r.status().is_success()) {
-            break;
-        }
-        for s in &mut services {
-            if let Ok(Some(status)) = s.child.try_wait() {
-                return Err(Failure {
-                    code: VIOLATION,
-                    message: format!("{} exited during start-up ({status})", s.name),
-                });
+    for api_url in &api_urls {
+        loop {
+            let ready = client.get(format!("{api_url}/health/ready")).send().await;
+            if ready.is_ok_and(|r| r.status().is_success()) {
+                break;
             }
-        }
-        if started.elapsed() > Duration::from_secs(30) {
             for s in &mut services {
-                stop(s).await;
+                if let Ok(Some(status)) = s.child.try_wait() {
+                    return Err(Failure {
+                        code: VIOLATION,
+                        message: format!("{} exited during start-up ({status})", s.name),
+                    });
+                }
             }
-            return Err(Failure::usage("the API did not become ready within 30 s"));
+            if started.elapsed() > Duration::from_secs(30) {
+                for s in &mut services {
+                    stop(s).await;
+                }
+                return Err(Failure::usage(format!(
+                    "the API at {api_url} did not become ready within 30 s"
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
         }
-        tokio::time::sleep(Duration::from_millis(200)).await;
     }
     println!(
         "fsctl up: ready in {:.1} s",
         started.elapsed().as_secs_f64()
     );
-    println!("  API      {api_url}  (/buy, /orders/ID, /products/ID, /health/ready, /metrics)");
+    for api_url in &api_urls {
+        println!("  API      {api_url}  (/buy, /orders/ID, /products/ID, /health/ready, /metrics)");
+    }
     for (i, m) in metrics.iter().enumerate() {
         println!("  worker-{} http://{m}/metrics", i + 1);
     }

@@ -281,7 +281,14 @@ async fn fsctl_up_runs_the_stack_that_prometheus_scrapes() {
     let b = env.backends();
     let fsctl = PathBuf::from(env!("CARGO_BIN_EXE_fsctl"));
     let bins = fsctl.parent().unwrap().to_path_buf();
-    let (api_port, metrics_port, prom_port) = (free_port(), free_port(), free_port());
+    // Two APIs on ports in sequence (fsctl up --apis 2).
+    let api_port = loop {
+        let p = free_port();
+        if std::net::TcpListener::bind(("127.0.0.1", p + 1)).is_ok() {
+            break p;
+        }
+    };
+    let (metrics_port, prom_port) = (free_port(), free_port());
     let with_env = |c: &mut Command| {
         c.env("DATABASE_URL", &b.database_url)
             .env("REDIS_URL", &b.redis_url)
@@ -304,6 +311,8 @@ async fn fsctl_up_runs_the_stack_that_prometheus_scrapes() {
             "up",
             "--workers",
             "1",
+            "--apis",
+            "2",
             "--api-addr",
             &format!("127.0.0.1:{api_port}"),
         ])
@@ -327,6 +336,19 @@ async fn fsctl_up_runs_the_stack_that_prometheus_scrapes() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     assert!(ready, "fsctl up never brought the API up");
+    let second = format!("http://127.0.0.1:{}", api_port + 1);
+    let mut second_ready = false;
+    for _ in 0..150 {
+        if get_text(&format!("{second}/health/ready")).await.is_some() {
+            second_ready = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(
+        second_ready,
+        "the second API (--apis 2) is not up on the next port"
+    );
     for i in 0..5 {
         let r = env
             .http
