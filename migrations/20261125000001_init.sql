@@ -1,5 +1,5 @@
 -- Flash Sale Engine schema: the stock ledger and the order book.
--- Names and meanings are fixed by shared/contract.md ("Data").
+-- Names and meanings are fixed: docs/api.md ("The ledger") describes them.
 
 CREATE TABLE IF NOT EXISTS products (
     id             bigint  PRIMARY KEY,

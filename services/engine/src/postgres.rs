@@ -129,13 +129,45 @@ async fn connect_with_migrations(
 
 /// Applies the migrations; sqlx holds an advisory lock while it does.
 pub async fn migrate(pool: &PgPool, url: &str) -> Result<(), DatabaseError> {
-    MIGRATOR
-        .run(pool)
+    let failed = |source| DatabaseError::Migrate {
+        url: mask_url(url),
+        source,
+    };
+    accept_reworded_comment(pool)
         .await
-        .map_err(|source| DatabaseError::Migrate {
-            url: mask_url(url),
-            source,
-        })
+        .map_err(|e| failed(sqlx::migrate::MigrateError::Execute(e)))?;
+    MIGRATOR.run(pool).await.map_err(failed)
+}
+
+/// The first migration's checksum before its header comment was reworded
+/// (it named a file outside the repository; the SQL is unchanged).
+const INIT_CHECKSUM_BEFORE_REWORDING: &str = "a5a71d18362edd68f2cc132e7960ee431c2d8c9c5d66c7d6f4be495e8bfa1dd40b65b7feaceea77bf67de4dc178e8a42";
+
+/// A database migrated before the rewording records the old checksum, and
+/// sqlx would refuse it as modified: record the new one. Only a checksum
+/// that is exactly the old text's is touched.
+async fn accept_reworded_comment(pool: &PgPool) -> Result<(), sqlx::Error> {
+    let Some(init) = MIGRATOR.iter().find(|m| m.version == 20261125000001) else {
+        return Ok(());
+    };
+    let old: Vec<u8> = (0..INIT_CHECKSUM_BEFORE_REWORDING.len())
+        .step_by(2)
+        .filter_map(|i| u8::from_str_radix(&INIT_CHECKSUM_BEFORE_REWORDING[i..i + 2], 16).ok())
+        .collect();
+    let table: Option<String> = sqlx::query_scalar("SELECT to_regclass('_sqlx_migrations')::text")
+        .fetch_one(pool)
+        .await?;
+    if table.is_some() {
+        sqlx::query(
+            "UPDATE _sqlx_migrations SET checksum = $1 WHERE version = $2 AND checksum = $3",
+        )
+        .bind(init.checksum.as_ref())
+        .bind(init.version)
+        .bind(&old)
+        .execute(pool)
+        .await?;
+    }
+    Ok(())
 }
 
 /// A pool that connects on first use: for the API, which starts without its backends.

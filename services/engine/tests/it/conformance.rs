@@ -493,3 +493,42 @@ async fn a_list_of_rabbitmq_nodes_connects_to_one_that_answers() {
     );
     assert!(!err.contains("secret"), "a password in {err}");
 }
+
+#[tokio::test]
+async fn a_database_migrated_before_the_schema_comment_was_reworded_still_starts() {
+    let scratch = Scratch::new(&servers());
+    let url = scratch.backends.database_url.clone();
+    let pool = postgres::connect_and_migrate(&url, 2)
+        .await
+        .expect("PostgreSQL is not answering (scripts/test starts it)");
+    // What such a database records: the checksum of the first migration's old text.
+    let old: Vec<u8> = (0..96)
+        .step_by(2)
+        .map(|i| {
+            u8::from_str_radix(
+                &"a5a71d18362edd68f2cc132e7960ee431c2d8c9c5d66c7d6f4be495e8bfa1dd40b65b7feaceea77bf67de4dc178e8a42"[i..i + 2],
+                16,
+            )
+            .unwrap()
+        })
+        .collect();
+    sqlx::query("UPDATE _sqlx_migrations SET checksum = $1 WHERE version = 20261125000001")
+        .bind(&old)
+        .execute(&pool)
+        .await
+        .unwrap();
+    postgres::migrate(&pool, &url)
+        .await
+        .expect("the reworded comment is accepted");
+    // Any other change to an applied migration is still refused.
+    sqlx::query("UPDATE _sqlx_migrations SET checksum = '\\x00' WHERE version = 20261125000001")
+        .execute(&pool)
+        .await
+        .unwrap();
+    assert!(
+        postgres::migrate(&pool, &url).await.is_err(),
+        "a modified migration was accepted"
+    );
+    pool.close().await;
+    scratch.remove().await.unwrap();
+}
