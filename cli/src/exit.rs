@@ -49,6 +49,7 @@ macro_rules! unreachable_on {
 
 unreachable_on!(
     flashsale_engine::seams::BackendFailed,
+    flashsale_engine::admission::AdmissionError,
     flashsale_engine::ledger::LedgerError,
     flashsale_engine::postgres::DatabaseError,
     flashsale_engine::redis_conn::RedisUnreachable,

@@ -6,10 +6,12 @@ use crate::exit::{Failure, OK, Outcome};
 use crate::output;
 use crate::scenario::{self, Scenario};
 use clap::Args;
+use flashsale_engine::accept_log::{AcceptLog, AcceptStore};
+use flashsale_engine::admission;
 use flashsale_engine::ledger::{Ledger, NewProduct};
 use flashsale_engine::redis_conn::timed;
 use flashsale_engine::stock_feed::StockFeed;
-use flashsale_engine::{BackendUrls, heartbeat, queue};
+use flashsale_engine::{BackendUrls, ProductId, heartbeat, queue};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::json;
 use std::path::PathBuf;
@@ -89,14 +91,21 @@ pub async fn run(b: &BackendUrls, args: &SeedArgs) -> Outcome {
     if args.restock {
         let units = args.stock.unwrap_or(0);
         let changed = ledger.restock(&ids, units).await?;
-        // Tell the APIs now rather than at their next catalog poll.
-        let feed = StockFeed::new(backends::redis(b).await?, &ns);
+        // Tell the APIs now rather than at their next catalog poll, and
+        // derive the admission counters afresh (so the units sell at once).
+        let redis = backends::redis(b).await?;
+        let counters = AcceptLog::new(redis.clone(), ns.clone());
+        let feed = StockFeed::new(redis, &ns);
         for p in ledger
             .products()
             .await?
             .iter()
             .filter(|p| ids.contains(&p.id))
         {
+            counters.drop_counter(p.id).await?;
+            if let Ok(id) = ProductId::new(p.id) {
+                admission::derive(&counters, &ledger, id, true).await?;
+            }
             feed.announce(p.id, p.stock).await;
         }
         let missing = ids.len() as u64 - changed;
@@ -129,6 +138,18 @@ pub async fn run(b: &BackendUrls, args: &SeedArgs) -> Outcome {
     }
     if let Some(bar) = bar {
         bar.finish_and_clear();
+    }
+
+    // A new product's admission counter starts at its stock (a counter left
+    // in Redis by an earlier database of the same namespace would be wrong).
+    if !created.is_empty() {
+        let counters = AcceptLog::new(backends::redis(b).await?, ns.clone());
+        for p in catalog
+            .iter()
+            .filter(|p| created.binary_search(&p.id).is_ok())
+        {
+            counters.reset(p.id, i64::from(p.stock)).await?;
+        }
     }
 
     let mut reset = 0;
@@ -167,8 +188,10 @@ pub async fn run(b: &BackendUrls, args: &SeedArgs) -> Outcome {
             for chunk in keys.chunks(1000) {
                 timed(redis::cmd("DEL").arg(chunk).query_async::<()>(&mut conn)).await?;
             }
+            let counters = AcceptLog::new(redis.clone(), ns.clone());
             let feed = StockFeed::new(redis, &ns);
             for p in &existing {
+                counters.reset(p.id, i64::from(p.stock)).await?;
                 feed.announce(p.id, p.stock).await;
             }
         }

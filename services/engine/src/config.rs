@@ -67,6 +67,18 @@ impl Namespace {
     pub fn fence_key(&self, product: i64) -> String {
         format!("{}:fence:product:{product}", self.0)
     }
+    /// Units a buy may still take (admission counter), hash-tagged by product.
+    pub fn tokens_key(&self, product: i64) -> String {
+        format!("{}:tokens:product:{{{product}}}", self.0)
+    }
+    /// The orders that took units and are not settled yet: key -> quantity.
+    pub fn admitted_key(&self, product: i64) -> String {
+        format!("{}:tokens:admitted:product:{{{product}}}", self.0)
+    }
+    /// Bumped by every change of the counter other than a reconciliation.
+    pub fn tokens_version_key(&self, product: i64) -> String {
+        format!("{}:tokens:version:product:{{{product}}}", self.0)
+    }
     pub fn accept_key(&self, order_id: &str) -> String {
         format!("{}:order:{order_id}", self.0)
     }
@@ -153,6 +165,7 @@ mod tests {
         assert_eq!(ns.dead_letter_queue(), "fs.orders.dlq");
         assert_eq!(ns.lock_key(7), "fs:lock:product:7");
         assert_eq!(ns.fence_key(7), "fs:fence:product:7");
+        assert_eq!(ns.tokens_key(7), "fs:tokens:product:{7}");
         assert_eq!(ns.worker_key("w1"), "fs:worker:w1");
     }
 }

@@ -7,6 +7,7 @@
 //! the invariants. `seams` is the index.
 
 pub mod accept_log;
+pub mod admission;
 pub mod audit;
 pub mod config;
 pub mod domain;

@@ -10,13 +10,14 @@
 //! with backoff. No input can stop the worker from consuming.
 
 use chrono::Utc;
-use flashsale_engine::domain::QueuedOrder;
+use flashsale_engine::accept_log::AcceptStore;
+use flashsale_engine::domain::{QueuedOrder, RejectReason};
 use flashsale_engine::heartbeat::WorkerStats;
 use flashsale_engine::ledger::Ledger;
 use flashsale_engine::ledger::{GroupReceipt, LedgerError, OrderOutcome, Refusal};
 use flashsale_engine::locks::ProductLocks;
 use flashsale_engine::metrics::{
-    BATCH_SIZE, LOCK_WAIT, ORDER_LATENCY, ORDERS_PROCESSED, STOCK_LEVEL,
+    ADMISSION_TOKENS, BATCH_SIZE, LOCK_WAIT, ORDER_LATENCY, ORDERS_PROCESSED, STOCK_LEVEL,
 };
 use flashsale_engine::queue::{Delivered, QueueConsumer};
 use flashsale_engine::seams::BackendFailed;
@@ -68,8 +69,9 @@ impl ProductGroup {
         let mut out = Vec::with_capacity(refusals.len());
         for r in refusals.iter().rev() {
             if r.index < self.orders.len() {
-                self.orders.remove(r.index);
+                let order = self.orders.remove(r.index);
                 out.push(RefusedOrder {
+                    order_id: order.order_id.as_str().to_owned(),
                     tag: self.tags.remove(r.index),
                     reason: r.reason.clone(),
                 });
@@ -82,6 +84,7 @@ impl ProductGroup {
 /// An order the ledger refused as data: its delivery goes to the DLQ.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RefusedOrder {
+    pub order_id: String,
     pub tag: u64,
     pub reason: String,
 }
@@ -115,6 +118,9 @@ impl Committed {
 pub struct OrderBook {
     ledger: Arc<dyn Ledger>,
     lock: Arc<dyn ProductLocks>,
+    /// The admission counters: committed orders are settled there, and the
+    /// units of rejected and refused ones given back.
+    admission: Arc<dyn AcceptStore>,
     /// Stock announcements to the APIs (Redis); none when embedded.
     feed: Option<StockFeed>,
     stats: Arc<WorkerStats>,
@@ -129,12 +135,14 @@ impl OrderBook {
     pub fn new(
         ledger: Arc<dyn Ledger>,
         lock: Arc<dyn ProductLocks>,
+        admission: Arc<dyn AcceptStore>,
         feed: Option<StockFeed>,
         stats: Arc<WorkerStats>,
     ) -> Self {
         Self {
             ledger,
             lock,
+            admission,
             feed,
             stats,
         }
@@ -311,6 +319,7 @@ impl OrderBook {
                     match applied {
                         Ok(receipt) => {
                             self.record(&group, &receipt);
+                            self.settle(&group, &receipt.outcomes).await;
                             if let (Some(feed), Some(stock)) = (&self.feed, receipt.stock_after) {
                                 feed.announce(group.product.get(), stock).await;
                             }
@@ -325,6 +334,10 @@ impl OrderBook {
                         }
                         Err(LedgerError::Refused(e)) => match self.find_refused(&mut group).await {
                             Ok(out) if !out.is_empty() => {
+                                // Never booked: their units go back on sale.
+                                let keys: Vec<String> =
+                                    out.iter().map(|r| r.order_id.clone()).collect();
+                                self.give_back(group.product, &[], &keys).await;
                                 refused.extend(out);
                                 continue;
                             }
@@ -364,6 +377,40 @@ impl OrderBook {
                 Ok(group.take_out(&refusals))
             }
             Err(e) => Err(format!("finding the refused orders: {e}")),
+        }
+    }
+
+    /// Settles a committed group's orders in the admission counter: the
+    /// units of an order rejected for its buyer or product go back on sale;
+    /// a sold-out rejection's do not (the counter admitted too many).
+    async fn settle(&self, group: &ProductGroup, outcomes: &[OrderOutcome]) {
+        let mut done = Vec::with_capacity(group.orders.len());
+        let mut returned = Vec::new();
+        for (order, outcome) in group.orders.iter().zip(outcomes) {
+            let key = order.order_id.as_str().to_owned();
+            match outcome {
+                OrderOutcome::Rejected(
+                    RejectReason::PerUserLimit | RejectReason::UnknownProduct,
+                ) => {
+                    returned.push(key);
+                }
+                _ => done.push(key),
+            }
+        }
+        self.give_back(group.product, &done, &returned).await;
+    }
+
+    /// A failure only delays the counter until its next reconciliation.
+    async fn give_back(&self, product: ProductId, done: &[String], returned: &[String]) {
+        match self.admission.settle(product.get(), done, returned).await {
+            Ok(Some(tokens)) => {
+                metrics::gauge!(ADMISSION_TOKENS, "product_id" => product.to_string())
+                    .set(tokens as f64);
+            }
+            Ok(None) => {}
+            Err(e) => {
+                tracing::debug!(error = %e, %product, "admission not settled; reconciliation will")
+            }
         }
     }
 

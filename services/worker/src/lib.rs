@@ -7,9 +7,11 @@ pub mod metrics_server;
 
 use anyhow::Context;
 use batch::OrderBook;
+use flashsale_engine::accept_log::{AcceptLog, AcceptStore};
+use flashsale_engine::admission;
 use flashsale_engine::embedded::EmbeddedBackends;
 use flashsale_engine::heartbeat::{self, WorkerStats};
-use flashsale_engine::ledger::StockLedger;
+use flashsale_engine::ledger::{Ledger, StockLedger};
 use flashsale_engine::locks::ProductLock;
 use flashsale_engine::queue::rabbitmq as broker;
 use flashsale_engine::queue::{OrderQueue, QueueConsumer, RabbitQueue};
@@ -67,6 +69,8 @@ fn default_worker_id() -> String {
 /// A worker connected to its backends, ready to run.
 pub struct Worker {
     pub book: OrderBook,
+    /// The admission counters and the ledger they are reconciled with.
+    reconciler: (Arc<dyn AcceptStore>, Arc<dyn Ledger>),
     queue: Arc<dyn OrderQueue>,
     prefetch: u16,
     stats: Arc<WorkerStats>,
@@ -105,15 +109,19 @@ impl Worker {
             metrics_listener.local_addr()?.to_string(),
         ));
         let lock = ProductLock::new(redis.clone(), ns.clone(), id);
+        let admission: Arc<dyn AcceptStore> = Arc::new(AcceptLog::new(redis.clone(), ns.clone()));
         let feed = StockFeed::new(redis, &ns);
         let queue = Arc::new(RabbitQueue::consumer_only(&config.backends.amqp_url, &ns));
+        let ledger: Arc<dyn Ledger> = Arc::new(StockLedger::new(pool));
         Ok(Self {
             book: OrderBook::new(
-                Arc::new(StockLedger::new(pool)),
+                ledger.clone(),
                 Arc::new(lock),
+                admission.clone(),
                 Some(feed),
                 stats.clone(),
             ),
+            reconciler: (admission, ledger),
             queue: queue.clone(),
             prefetch: config.prefetch,
             stats,
@@ -140,13 +148,17 @@ impl Worker {
         prefetch: u16,
     ) -> Self {
         let stats = Arc::new(WorkerStats::new(id.to_owned(), String::new()));
+        let admission: Arc<dyn AcceptStore> = backends.accept_log.clone();
+        let ledger: Arc<dyn Ledger> = backends.ledger.clone();
         Self {
             book: OrderBook::new(
-                backends.ledger.clone(),
+                ledger.clone(),
                 Arc::new(backends.locks.holder(id)),
+                admission.clone(),
                 None,
                 stats.clone(),
             ),
+            reconciler: (admission, ledger),
             queue,
             prefetch,
             stats,
@@ -175,7 +187,12 @@ impl Worker {
     /// holds and returns. Reconnects to the queue with backoff when it fails.
     pub async fn run(mut self, shutdown: CancellationToken) -> anyhow::Result<()> {
         let background = CancellationToken::new();
-        let mut tasks = Vec::new();
+        let (admission, ledger) = self.reconciler.clone();
+        let mut tasks = vec![OwnedTask(tokio::spawn(admission::reconcile_forever(
+            admission,
+            ledger,
+            background.clone(),
+        )))];
         if let Some(n) = &mut self.networked {
             let redis = redis_conn::connect_lazy(&n.redis_url)?;
             tasks.push(OwnedTask(tokio::spawn(heartbeat::beat(

@@ -11,17 +11,21 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use axum::{Json, Router};
 use chrono::Utc;
-use flashsale_engine::accept_log::{AcceptRecord, AcceptState, Claim};
+use flashsale_engine::accept_log::{AcceptRecord, AcceptState, Admit};
+use flashsale_engine::admission::{self, Derived};
 use flashsale_engine::domain::InvalidField;
-use flashsale_engine::metrics::ORDER_REQUESTS;
+use flashsale_engine::metrics::{ADMISSION_TOKENS, ORDER_REQUESTS};
 use flashsale_engine::queue::rabbitmq::CONFIRM_TIMEOUT;
 use flashsale_engine::seams::BackendFailed;
-use flashsale_engine::{IdempotencyKey, OrderMessage, OrderRequest, OrderView};
+use flashsale_engine::{IdempotencyKey, OrderMessage, OrderRequest, OrderView, ProductId};
 use serde_json::json;
 use std::time::Duration;
 
 /// Largest body `POST /buy` reads.
 pub const MAX_BODY_BYTES: usize = 16 * 1024;
+/// Derivations of a missing admission counter one buy may try before `503`
+/// (each is lost only to a concurrent take or give-back).
+const DERIVE_ATTEMPTS: u32 = 5;
 /// How long a repeat waits for a concurrent first request with its key.
 const SETTLE_WAIT: Duration = Duration::from_secs(CONFIRM_TIMEOUT.as_secs() + 2);
 
@@ -34,6 +38,8 @@ enum Answer {
     Accepted(IdempotencyKey),
     Repeat(OrderView),
     SoldOut(IdempotencyKey),
+    /// Fewer units left than asked: `available` remain.
+    Insufficient(IdempotencyKey, i64),
     /// The publish failed: `503`, counted where it was decided.
     NotPublished(ApiError),
 }
@@ -43,7 +49,7 @@ impl Answer {
         match self {
             Self::Accepted(_) => "queued",
             Self::Repeat(_) => "duplicate",
-            Self::SoldOut(_) => "rejected_sold_out",
+            Self::SoldOut(_) | Self::Insufficient(..) => "rejected_sold_out",
             Self::NotPublished(e) => e.metric_label(),
         }
     }
@@ -80,6 +86,16 @@ async fn buy(State(state): State<AppState>, headers: HeaderMap, body: Body) -> R
         Ok(Answer::SoldOut(key)) => (
             StatusCode::CONFLICT,
             Json(json!({"orderId": key, "status": "rejected", "reason": "sold_out"})),
+        )
+            .into_response(),
+        Ok(Answer::Insufficient(key, available)) => (
+            StatusCode::CONFLICT,
+            Json(json!({
+                "orderId": key,
+                "status": "rejected",
+                "reason": "insufficient_stock",
+                "available": available,
+            })),
         )
             .into_response(),
         Ok(Answer::NotPublished(e)) | Err(e) => e.into_response(),
@@ -148,6 +164,7 @@ async fn accept(state: &AppState, headers: &HeaderMap, body: Body) -> Result<Ans
     }
     let record = AcceptRecord::pending(&request, Utc::now());
     let redis_down = |e: BackendFailed| ApiError::unavailable("Redis", e);
+    let mut derivations = 0;
     loop {
         let earlier = if product.stock == 0 {
             // Sold out: nothing is claimed or enqueued; only an earlier accept
@@ -167,12 +184,23 @@ async fn accept(state: &AppState, headers: &HeaderMap, body: Body) -> Result<Ans
         } else {
             match state
                 .accept_log
-                .claim(&key, &record)
+                .admit(&key, &record)
                 .await
                 .map_err(redis_down)?
             {
-                Claim::Claimed => return publish(state, key, request, record).await,
-                Claim::Taken(earlier) => earlier,
+                Admit::Claimed { left } => {
+                    metrics::gauge!(ADMISSION_TOKENS, "product_id" => product.id.to_string())
+                        .set(left as f64);
+                    return publish(state, key, request, record).await;
+                }
+                Admit::Taken(earlier) => earlier,
+                Admit::Short { available: 0 } => return Ok(Answer::SoldOut(key)),
+                Admit::Short { available } => return Ok(Answer::Insufficient(key, available)),
+                Admit::NoCounter => {
+                    derivations += 1;
+                    derive_counter(state, request.product_id, derivations).await?;
+                    continue;
+                }
             }
         };
         match settle(state, &key, earlier).await? {
@@ -183,6 +211,37 @@ async fn accept(state: &AppState, headers: &HeaderMap, body: Body) -> Result<Ans
             // The first request with this key failed and withdrew: start afresh.
             None => continue,
         }
+    }
+}
+
+/// The product has no admission counter (first buy, or Redis lost its
+/// data): derive it from PostgreSQL, then admit again.
+async fn derive_counter(
+    state: &AppState,
+    product: ProductId,
+    attempt: u32,
+) -> Result<(), ApiError> {
+    if attempt > DERIVE_ATTEMPTS {
+        return Err(ApiError::unavailable(
+            "Redis",
+            format!("the admission counter of product {product} kept changing while derived"),
+        ));
+    }
+    match admission::derive(
+        state.accept_log.as_ref(),
+        state.ledger.as_ref(),
+        product,
+        true,
+    )
+    .await
+    {
+        Ok(Derived::Set { tokens, in_flight }) => {
+            tracing::info!(%product, tokens, in_flight, "admission counter derived from the ledger");
+            Ok(())
+        }
+        Ok(Derived::Raced) => Ok(()),
+        Ok(Derived::Skipped) => Err(ApiError::UnknownProduct(product.get())),
+        Err(e) => Err(ApiError::unavailable("Redis or PostgreSQL", e)),
     }
 }
 

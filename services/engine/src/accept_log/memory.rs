@@ -1,15 +1,31 @@
-//! The accept log in memory, for `fsctl demo`.
+//! The accept log and admission counters in memory, for `fsctl demo`: the
+//! same rules as in Redis, each change under one mutex.
 
-use super::AcceptStore;
+use super::{AcceptRecord, AcceptState, AcceptStore, Admission, Admit, PENDING_TTL, QUEUED_TTL};
+use crate::domain::IdempotencyKey;
 use crate::seams::BackendFailed;
 use std::collections::HashMap;
 use std::sync::{Mutex, MutexGuard};
 use tokio::time::Instant;
 
+/// One product's admission state.
+#[derive(Debug, Default)]
+struct Tokens {
+    counter: Option<i64>,
+    admitted: HashMap<String, i64>,
+    version: i64,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    records: HashMap<String, (AcceptRecord, Instant)>,
+    tokens: HashMap<i64, Tokens>,
+}
+
 /// The accept log in memory, with the same time limits as in Redis.
 #[derive(Debug, Default)]
 pub struct MemoryAcceptLog {
-    records: Mutex<HashMap<String, (crate::accept_log::AcceptRecord, Instant)>>,
+    state: Mutex<State>,
 }
 
 impl MemoryAcceptLog {
@@ -17,13 +33,25 @@ impl MemoryAcceptLog {
         Self::default()
     }
 
-    fn records(
-        &self,
-    ) -> MutexGuard<'_, HashMap<String, (crate::accept_log::AcceptRecord, Instant)>> {
-        let mut r = self.records.lock().unwrap_or_else(|p| p.into_inner());
+    fn state(&self) -> MutexGuard<'_, State> {
+        let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
         let now = Instant::now();
-        r.retain(|_, (_, until)| *until > now);
-        r
+        s.records.retain(|_, (_, until)| *until > now);
+        s
+    }
+}
+
+impl Tokens {
+    /// Forgets an admitted order; its quantity if it was admitted.
+    fn forget(&mut self, key: &str) -> Option<i64> {
+        self.admitted.remove(key)
+    }
+
+    fn give_back(&mut self, units: i64) {
+        self.version += 1;
+        if let Some(c) = &mut self.counter {
+            *c += units;
+        }
     }
 }
 
@@ -32,53 +60,158 @@ impl AcceptStore for MemoryAcceptLog {
     async fn probe(&self) -> crate::seams::Probe {
         crate::seams::Probe::ok("embedded")
     }
-    async fn claim(
+
+    async fn admit(
         &self,
-        key: &crate::IdempotencyKey,
-        record: &crate::accept_log::AcceptRecord,
-    ) -> Result<crate::accept_log::Claim, BackendFailed> {
-        let mut r = self.records();
-        if let Some((existing, _)) = r.get(key.as_str()) {
-            return Ok(crate::accept_log::Claim::Taken(existing.clone()));
+        key: &IdempotencyKey,
+        record: &AcceptRecord,
+    ) -> Result<Admit, BackendFailed> {
+        let mut s = self.state();
+        if let Some((existing, _)) = s.records.get(key.as_str()) {
+            return Ok(Admit::Taken(existing.clone()));
         }
-        let until = Instant::now() + crate::accept_log::PENDING_TTL;
-        r.insert(key.as_str().to_owned(), (record.clone(), until));
-        Ok(crate::accept_log::Claim::Claimed)
+        let tokens = s.tokens.entry(record.product_id).or_default();
+        let Some(left) = tokens.counter else {
+            return Ok(Admit::NoCounter);
+        };
+        if left < record.quantity {
+            return Ok(Admit::Short {
+                available: left.max(0),
+            });
+        }
+        let left = left - record.quantity;
+        tokens.counter = Some(left);
+        tokens.version += 1;
+        tokens
+            .admitted
+            .insert(key.as_str().to_owned(), record.quantity);
+        let until = Instant::now() + PENDING_TTL;
+        s.records
+            .insert(key.as_str().to_owned(), (record.clone(), until));
+        Ok(Admit::Claimed { left })
     }
 
-    async fn get(
-        &self,
-        key: &str,
-    ) -> Result<Option<crate::accept_log::AcceptRecord>, BackendFailed> {
-        Ok(self.records().get(key).map(|(r, _)| r.clone()))
+    async fn get(&self, key: &str) -> Result<Option<AcceptRecord>, BackendFailed> {
+        Ok(self.state().records.get(key).map(|(r, _)| r.clone()))
+    }
+
+    async fn get_many(&self, keys: &[String]) -> Result<Vec<Option<AcceptRecord>>, BackendFailed> {
+        let s = self.state();
+        Ok(keys
+            .iter()
+            .map(|k| s.records.get(k).map(|(r, _)| r.clone()))
+            .collect())
     }
 
     async fn mark_queued(
         &self,
-        key: &crate::IdempotencyKey,
-        record: &crate::accept_log::AcceptRecord,
+        key: &IdempotencyKey,
+        record: &AcceptRecord,
     ) -> Result<(), BackendFailed> {
-        let queued = crate::accept_log::AcceptRecord {
-            state: crate::accept_log::AcceptState::Queued,
+        let queued = AcceptRecord {
+            state: AcceptState::Queued,
             ..record.clone()
         };
-        let until = Instant::now() + crate::accept_log::QUEUED_TTL;
-        self.records()
+        let until = Instant::now() + QUEUED_TTL;
+        self.state()
+            .records
             .insert(key.as_str().to_owned(), (queued, until));
         Ok(())
     }
 
     async fn withdraw(
         &self,
-        key: &crate::IdempotencyKey,
-        record: &crate::accept_log::AcceptRecord,
+        key: &IdempotencyKey,
+        record: &AcceptRecord,
     ) -> Result<(), BackendFailed> {
-        let mut r = self.records();
-        if r.get(key.as_str())
+        let mut s = self.state();
+        if !s
+            .records
+            .get(key.as_str())
             .is_some_and(|(held, _)| held.claim == record.claim)
         {
-            r.remove(key.as_str());
+            return Ok(());
         }
+        s.records.remove(key.as_str());
+        let tokens = s.tokens.entry(record.product_id).or_default();
+        if let Some(units) = tokens.forget(key.as_str()) {
+            tokens.give_back(units);
+        }
+        Ok(())
+    }
+
+    async fn admission(&self, product: i64) -> Result<Admission, BackendFailed> {
+        let s = self.state();
+        Ok(s.tokens
+            .get(&product)
+            .map(|t| Admission {
+                tokens: t.counter,
+                admitted: t.admitted.iter().map(|(k, q)| (k.clone(), *q)).collect(),
+                version: t.version,
+            })
+            .unwrap_or_default())
+    }
+
+    async fn tokens(&self, products: &[i64]) -> Result<Vec<Option<i64>>, BackendFailed> {
+        let s = self.state();
+        Ok(products
+            .iter()
+            .map(|p| s.tokens.get(p).and_then(|t| t.counter))
+            .collect())
+    }
+
+    async fn reconcile(
+        &self,
+        product: i64,
+        version: i64,
+        settled: &[String],
+        tokens: i64,
+        create: bool,
+    ) -> Result<bool, BackendFailed> {
+        let mut s = self.state();
+        let t = s.tokens.entry(product).or_default();
+        if t.version != version || (!create && t.counter.is_none()) {
+            return Ok(false);
+        }
+        for key in settled {
+            t.forget(key);
+        }
+        t.counter = Some(tokens);
+        Ok(true)
+    }
+
+    async fn settle(
+        &self,
+        product: i64,
+        done: &[String],
+        returned: &[String],
+    ) -> Result<Option<i64>, BackendFailed> {
+        let mut s = self.state();
+        let t = s.tokens.entry(product).or_default();
+        for key in done {
+            t.forget(key);
+        }
+        let back: i64 = returned.iter().filter_map(|k| t.forget(k)).sum();
+        if back > 0 {
+            t.give_back(back);
+        }
+        Ok(t.counter)
+    }
+
+    async fn drop_counter(&self, product: i64) -> Result<(), BackendFailed> {
+        let mut s = self.state();
+        let t = s.tokens.entry(product).or_default();
+        t.version += 1;
+        t.counter = None;
+        Ok(())
+    }
+
+    async fn reset(&self, product: i64, tokens: i64) -> Result<(), BackendFailed> {
+        let mut s = self.state();
+        let t = s.tokens.entry(product).or_default();
+        t.version += 1;
+        t.admitted.clear();
+        t.counter = Some(tokens);
         Ok(())
     }
 }

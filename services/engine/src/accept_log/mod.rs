@@ -79,25 +79,48 @@ impl AcceptRecord {
     }
 }
 
-/// The outcome of trying to claim a key.
+/// The outcome of admitting a buy: claiming its key and taking its units
+/// from the product's admission counter, both or neither.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Claim {
-    /// This request owns the key now and must publish, then mark it queued.
-    Claimed,
-    /// The key was claimed or accepted before.
+pub enum Admit {
+    /// This request owns the key and took its units (`left` remain): it
+    /// must publish, then mark the key queued, or withdraw (units back).
+    Claimed { left: i64 },
+    /// The key was claimed or accepted before; nothing was taken.
     Taken(AcceptRecord),
+    /// Fewer units are left than asked (`available`, maybe none).
+    Short { available: i64 },
+    /// The product has no counter yet (first use, or Redis lost it):
+    /// derive it ([`crate::admission::derive`]) and admit again.
+    NoCounter,
 }
 
-/// The accept log: which keys were claimed or answered `202`.
+/// A product's admission state, read at one instant.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Admission {
+    /// Units a buy may still take; `None` when the counter does not exist.
+    pub tokens: Option<i64>,
+    /// Orders that took units and are not settled: key and quantity.
+    pub admitted: Vec<(String, i64)>,
+    /// Changes with every take and give-back (not with a reconciliation).
+    pub version: i64,
+}
+
+/// The accept log and the admission counters: which keys were claimed or
+/// answered `202`, and how many units of each product buys may still take.
+/// They share a store because a claim and its units are taken together.
 #[async_trait::async_trait]
 pub trait AcceptStore: Send + Sync {
-    /// Claims `key` for `record` unless it is taken (then: what holds it).
-    async fn claim(
+    /// Claims `key` and takes `record.quantity` units of `record.product_id`,
+    /// both or neither.
+    async fn admit(
         &self,
         key: &IdempotencyKey,
         record: &AcceptRecord,
-    ) -> Result<Claim, BackendFailed>;
+    ) -> Result<Admit, BackendFailed>;
     async fn get(&self, key: &str) -> Result<Option<AcceptRecord>, BackendFailed>;
+    /// The records of `keys`, in order (`None` where there is none).
+    async fn get_many(&self, keys: &[String]) -> Result<Vec<Option<AcceptRecord>>, BackendFailed>;
     /// Whether the log answers (for `/health/ready`).
     async fn probe(&self) -> crate::seams::Probe;
     /// The claimed key was accepted (its message confirmed).
@@ -106,10 +129,40 @@ pub trait AcceptStore: Send + Sync {
         key: &IdempotencyKey,
         record: &AcceptRecord,
     ) -> Result<(), BackendFailed>;
-    /// Withdraws this record's claim, and only its own.
+    /// Withdraws this record's claim, and only its own, giving its units back.
     async fn withdraw(
         &self,
         key: &IdempotencyKey,
         record: &AcceptRecord,
     ) -> Result<(), BackendFailed>;
+    /// The product's counter, admitted orders and version, at one instant.
+    async fn admission(&self, product: i64) -> Result<Admission, BackendFailed>;
+    /// The counters of `products`, in order (`None`: no counter).
+    async fn tokens(&self, products: &[i64]) -> Result<Vec<Option<i64>>, BackendFailed>;
+    /// Sets the counter to `tokens` and forgets the admitted orders in
+    /// `settled`, only if nothing changed since `version` was read (and,
+    /// unless `create`, only if the counter exists). Whether it did.
+    async fn reconcile(
+        &self,
+        product: i64,
+        version: i64,
+        settled: &[String],
+        tokens: i64,
+        create: bool,
+    ) -> Result<bool, BackendFailed>;
+    /// After a worker's commit: forgets the admitted orders `done` and gives
+    /// back the units of `returned` (each only if still admitted). The
+    /// counter after it, if it exists.
+    async fn settle(
+        &self,
+        product: i64,
+        done: &[String],
+        returned: &[String],
+    ) -> Result<Option<i64>, BackendFailed>;
+    /// Drops the counter, to be derived again (after `seed --restock`:
+    /// adding to it could count units a reconciliation already saw).
+    async fn drop_counter(&self, product: i64) -> Result<(), BackendFailed>;
+    /// A fresh counter of `tokens`, nothing admitted (`seed --reset`, a new
+    /// product).
+    async fn reset(&self, product: i64, tokens: i64) -> Result<(), BackendFailed>;
 }

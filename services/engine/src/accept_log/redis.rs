@@ -1,17 +1,104 @@
-//! The accept log in Redis: `<ns>:order:<key>` holds the JSON record, with
-//! a short TTL while pending and a day once queued.
+//! The accept log and admission counters in Redis. `<ns>:order:<key>` holds
+//! the JSON record, with a short TTL while pending and a day once queued.
+//! Per product: the counter `<ns>:tokens:product:{<id>}`, the admitted
+//! orders not yet settled (a hash, key to quantity) and a version bumped by
+//! every take and give-back, so a reconciliation never overwrites a change
+//! it did not see. Each change is one Lua script: one round trip, atomic.
 
-use super::{AcceptRecord, AcceptState, AcceptStore, Claim, PENDING_TTL, QUEUED_TTL};
+use super::{AcceptRecord, AcceptState, AcceptStore, Admission, Admit, PENDING_TTL, QUEUED_TTL};
 use crate::config::Namespace;
 use crate::domain::IdempotencyKey;
 use crate::redis_conn::timed;
 use crate::seams::BackendFailed;
 use redis::aio::ConnectionManager;
+use std::collections::HashMap;
+use std::sync::LazyLock;
 
-const WITHDRAW: &str = r"
+/// KEYS: record, counter, admitted, version. ARGV: record JSON, pending TTL
+/// (ms), order id, quantity. `{0, left}` claimed, `{1, record}` taken,
+/// `{2, ''}` no counter, `{3, available}` short.
+static ADMIT: LazyLock<redis::Script> = LazyLock::new(|| {
+    redis::Script::new(
+        r"
+local prev = redis.call('GET', KEYS[1])
+if prev then return {1, prev} end
+local left = redis.call('GET', KEYS[2])
+if not left then return {2, ''} end
+local q = tonumber(ARGV[4])
+if tonumber(left) < q then return {3, left} end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+redis.call('HSET', KEYS[3], ARGV[3], q)
+redis.call('INCR', KEYS[4])
+return {0, tostring(redis.call('DECRBY', KEYS[2], q))}",
+    )
+});
+
+/// KEYS: record, counter, admitted, version. ARGV: claim, order id.
+static WITHDRAW: LazyLock<redis::Script> = LazyLock::new(|| {
+    redis::Script::new(
+        r"
 local v = redis.call('GET', KEYS[1])
-if v and cjson.decode(v)['claim'] == ARGV[1] then return redis.call('DEL', KEYS[1]) end
-return 0";
+if not (v and cjson.decode(v)['claim'] == ARGV[1]) then return 0 end
+redis.call('DEL', KEYS[1])
+local q = redis.call('HGET', KEYS[3], ARGV[2])
+if q then
+  redis.call('HDEL', KEYS[3], ARGV[2])
+  redis.call('INCR', KEYS[4])
+  if redis.call('EXISTS', KEYS[2]) == 1 then redis.call('INCRBY', KEYS[2], q) end
+end
+return 1",
+    )
+});
+
+/// KEYS: counter, admitted, version. ARGV: count of done keys, done keys,
+/// returned keys. The counter after it, or false.
+static SETTLE: LazyLock<redis::Script> = LazyLock::new(|| {
+    redis::Script::new(
+        r"
+local n = tonumber(ARGV[1])
+for i = 2, n + 1 do redis.call('HDEL', KEYS[2], ARGV[i]) end
+local back = 0
+for i = n + 2, #ARGV do
+  local q = redis.call('HGET', KEYS[2], ARGV[i])
+  if q then
+    redis.call('HDEL', KEYS[2], ARGV[i])
+    back = back + tonumber(q)
+  end
+end
+if back > 0 then
+  redis.call('INCR', KEYS[3])
+  if redis.call('EXISTS', KEYS[1]) == 1 then redis.call('INCRBY', KEYS[1], back) end
+end
+return redis.call('GET', KEYS[1])",
+    )
+});
+
+/// KEYS: counter, admitted, version. ARGV: version read, tokens, create
+/// (0/1), settled keys. 1 if set.
+static RECONCILE: LazyLock<redis::Script> = LazyLock::new(|| {
+    redis::Script::new(
+        r"
+if tonumber(redis.call('GET', KEYS[3]) or '0') ~= tonumber(ARGV[1]) then return 0 end
+if ARGV[3] == '0' and redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+for i = 4, #ARGV do redis.call('HDEL', KEYS[2], ARGV[i]) end
+redis.call('SET', KEYS[1], ARGV[2])
+return 1",
+    )
+});
+
+/// KEYS: counter, admitted, version. ARGV: tokens, or nothing to drop the
+/// counter (it is derived again).
+static RESET: LazyLock<redis::Script> = LazyLock::new(|| {
+    redis::Script::new(
+        r"
+redis.call('INCR', KEYS[3])
+if ARGV[1] then
+  redis.call('DEL', KEYS[2])
+  return redis.call('SET', KEYS[1], ARGV[1])
+end
+return redis.call('DEL', KEYS[1])",
+    )
+});
 
 #[derive(Clone)]
 pub struct AcceptLog {
@@ -32,32 +119,65 @@ impl AcceptLog {
     pub fn new(redis: ConnectionManager, ns: Namespace) -> Self {
         Self { redis, ns }
     }
+
+    /// The script with a product's counter, admitted orders and version as keys.
+    fn on_product<'s>(
+        &self,
+        script: &'s redis::Script,
+        product: i64,
+    ) -> redis::ScriptInvocation<'s> {
+        let mut call = script.prepare_invoke();
+        call.key(self.ns.tokens_key(product))
+            .key(self.ns.admitted_key(product))
+            .key(self.ns.tokens_version_key(product));
+        call
+    }
+}
+
+fn number(raw: &str) -> Result<i64, BackendFailed> {
+    raw.parse()
+        .map_err(|_| BackendFailed::Misuse(format!("not a number in Redis: {raw:?}")))
 }
 
 #[async_trait::async_trait]
 impl AcceptStore for AcceptLog {
-    /// Claims `key` for `record` unless it is taken (`SET NX GET`, one round trip).
-    async fn claim(
+    async fn admit(
         &self,
         key: &IdempotencyKey,
         record: &AcceptRecord,
-    ) -> Result<Claim, BackendFailed> {
+    ) -> Result<Admit, BackendFailed> {
         let mut conn = self.redis.clone();
-        let previous: Option<String> = timed(
-            redis::cmd("SET")
-                .arg(self.ns.accept_key(key.as_str()))
+        let p = record.product_id;
+        let (code, value): (i64, String) = timed(
+            ADMIT
+                .key(self.ns.accept_key(key.as_str()))
+                .key(self.ns.tokens_key(p))
+                .key(self.ns.admitted_key(p))
+                .key(self.ns.tokens_version_key(p))
                 .arg(encode(record)?)
-                .arg("NX")
-                .arg("GET")
-                .arg("PX")
                 .arg(PENDING_TTL.as_millis() as u64)
-                .query_async(&mut conn),
+                .arg(key.as_str())
+                .arg(record.quantity)
+                .invoke_async(&mut conn),
         )
         .await
         .map_err(BackendFailed::redis)?;
-        Ok(match decode(previous) {
-            Some(existing) => Claim::Taken(existing),
-            None => Claim::Claimed,
+        Ok(match code {
+            0 => Admit::Claimed {
+                left: number(&value)?,
+            },
+            1 => match decode(Some(value)) {
+                Some(existing) => Admit::Taken(existing),
+                None => {
+                    return Err(BackendFailed::Misuse(format!(
+                        "an unreadable accept record for {key}"
+                    )));
+                }
+            },
+            2 => Admit::NoCounter,
+            _ => Admit::Short {
+                available: number(&value)?.max(0),
+            },
         })
     }
 
@@ -84,6 +204,20 @@ impl AcceptStore for AcceptLog {
         Ok(decode(raw))
     }
 
+    async fn get_many(&self, keys: &[String]) -> Result<Vec<Option<AcceptRecord>>, BackendFailed> {
+        let mut records = Vec::with_capacity(keys.len());
+        let mut conn = self.redis.clone();
+        for chunk in keys.chunks(500) {
+            let names: Vec<String> = chunk.iter().map(|k| self.ns.accept_key(k)).collect();
+            let raw: Vec<Option<String>> =
+                timed(redis::cmd("MGET").arg(&names).query_async(&mut conn))
+                    .await
+                    .map_err(BackendFailed::redis)?;
+            records.extend(raw.into_iter().map(decode));
+        }
+        Ok(records)
+    }
+
     /// Marks a claimed key as accepted (RabbitMQ confirmed its message).
     async fn mark_queued(
         &self,
@@ -107,21 +241,116 @@ impl AcceptStore for AcceptLog {
         .map_err(BackendFailed::redis)
     }
 
-    /// Withdraws this request's claim (the publish failed): a retry starts afresh.
+    /// Withdraws this request's claim (the publish failed) and gives its
+    /// units back: a retry starts afresh.
     async fn withdraw(
         &self,
         key: &IdempotencyKey,
         record: &AcceptRecord,
     ) -> Result<(), BackendFailed> {
         let mut conn = self.redis.clone();
+        let p = record.product_id;
         timed(
-            redis::Script::new(WITHDRAW)
+            WITHDRAW
                 .key(self.ns.accept_key(key.as_str()))
+                .key(self.ns.tokens_key(p))
+                .key(self.ns.admitted_key(p))
+                .key(self.ns.tokens_version_key(p))
                 .arg(&record.claim)
+                .arg(key.as_str())
                 .invoke_async::<i64>(&mut conn),
         )
         .await
         .map(drop)
         .map_err(BackendFailed::redis)
+    }
+
+    async fn admission(&self, product: i64) -> Result<Admission, BackendFailed> {
+        let mut conn = self.redis.clone();
+        let (tokens, admitted, version): (Option<i64>, HashMap<String, i64>, Option<i64>) = timed(
+            redis::pipe()
+                .atomic()
+                .get(self.ns.tokens_key(product))
+                .hgetall(self.ns.admitted_key(product))
+                .get(self.ns.tokens_version_key(product))
+                .query_async(&mut conn),
+        )
+        .await
+        .map_err(BackendFailed::redis)?;
+        Ok(Admission {
+            tokens,
+            admitted: admitted.into_iter().collect(),
+            version: version.unwrap_or(0),
+        })
+    }
+
+    async fn tokens(&self, products: &[i64]) -> Result<Vec<Option<i64>>, BackendFailed> {
+        let mut counters = Vec::with_capacity(products.len());
+        let mut conn = self.redis.clone();
+        for chunk in products.chunks(500) {
+            let names: Vec<String> = chunk.iter().map(|p| self.ns.tokens_key(*p)).collect();
+            let raw: Vec<Option<i64>> =
+                timed(redis::cmd("MGET").arg(&names).query_async(&mut conn))
+                    .await
+                    .map_err(BackendFailed::redis)?;
+            counters.extend(raw);
+        }
+        Ok(counters)
+    }
+
+    async fn reconcile(
+        &self,
+        product: i64,
+        version: i64,
+        settled: &[String],
+        tokens: i64,
+        create: bool,
+    ) -> Result<bool, BackendFailed> {
+        let mut conn = self.redis.clone();
+        let mut call = self.on_product(&RECONCILE, product);
+        call.arg(version).arg(tokens).arg(u8::from(create));
+        for key in settled {
+            call.arg(key);
+        }
+        timed(call.invoke_async::<i64>(&mut conn))
+            .await
+            .map(|set| set == 1)
+            .map_err(BackendFailed::redis)
+    }
+
+    async fn settle(
+        &self,
+        product: i64,
+        done: &[String],
+        returned: &[String],
+    ) -> Result<Option<i64>, BackendFailed> {
+        let mut conn = self.redis.clone();
+        let mut call = self.on_product(&SETTLE, product);
+        call.arg(done.len());
+        for key in done.iter().chain(returned) {
+            call.arg(key);
+        }
+        timed(call.invoke_async::<Option<i64>>(&mut conn))
+            .await
+            .map_err(BackendFailed::redis)
+    }
+
+    async fn drop_counter(&self, product: i64) -> Result<(), BackendFailed> {
+        let mut conn = self.redis.clone();
+        timed(
+            self.on_product(&RESET, product)
+                .invoke_async::<()>(&mut conn),
+        )
+        .await
+        .map_err(BackendFailed::redis)
+    }
+
+    async fn reset(&self, product: i64, tokens: i64) -> Result<(), BackendFailed> {
+        let mut conn = self.redis.clone();
+        let mut call = self.on_product(&RESET, product);
+        call.arg(tokens);
+        timed(call.invoke_async::<()>(&mut conn))
+            .await
+            .map_err(BackendFailed::redis)
     }
 }

@@ -229,6 +229,22 @@ impl Ledger for MemoryLedger {
         Ok(self.books().products.values().cloned().collect())
     }
 
+    async fn stock_and_booked(
+        &self,
+        product: ProductId,
+        keys: &[String],
+    ) -> Result<Option<(i32, HashSet<String>)>, LedgerError> {
+        let books = self.books();
+        Ok(books.products.get(&product.get()).map(|p| {
+            let booked = keys
+                .iter()
+                .filter(|k| books.orders.contains_key(k.as_str()))
+                .cloned()
+                .collect();
+            (p.stock, booked)
+        }))
+    }
+
     async fn order(&self, order_id: &str) -> Result<Option<OrderView>, LedgerError> {
         Ok(self.books().orders.get(order_id).cloned())
     }

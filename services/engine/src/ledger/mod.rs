@@ -109,6 +109,13 @@ pub trait Ledger: Send + Sync {
     /// Whether the ledger answers (for `/health/ready`).
     async fn probe(&self) -> crate::seams::Probe;
     async fn order(&self, order_id: &str) -> Result<Option<OrderView>, LedgerError>;
+    /// The product's stock and which of `keys` have an order row, read in
+    /// one snapshot (for the admission counter); `None`: unknown product.
+    async fn stock_and_booked(
+        &self,
+        product: ProductId,
+        keys: &[String],
+    ) -> Result<Option<(i32, HashSet<String>)>, LedgerError>;
     /// Units of `product` confirmed to `user`.
     async fn held_by(&self, product: ProductId, user: &str) -> Result<i64, LedgerError>;
     /// After `apply_group` failed with [`LedgerError::Refused`]: the orders

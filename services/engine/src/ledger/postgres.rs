@@ -316,6 +316,29 @@ impl Ledger for StockLedger {
             .transpose()
             .map_err(LedgerError::from)
     }
+    async fn stock_and_booked(
+        &self,
+        product: ProductId,
+        keys: &[String],
+    ) -> Result<Option<(i32, HashSet<String>)>, LedgerError> {
+        let rows = self
+            .read(
+                sqlx::query(
+                    "SELECT p.stock, ARRAY(SELECT o.idempotency_key FROM orders o
+                                           WHERE o.idempotency_key = ANY($2)) AS booked
+                     FROM products p WHERE p.id = $1",
+                )
+                .bind(product.get())
+                .bind(keys),
+            )
+            .await?;
+        let Some(row) = rows.first() else {
+            return Ok(None);
+        };
+        let stock: i32 = row.try_get("stock")?;
+        let booked: Vec<String> = row.try_get("booked")?;
+        Ok(Some((stock, booked.into_iter().collect())))
+    }
     /// Every product, for the API's catalog cache.
     async fn products(&self) -> Result<Vec<ProductRecord>, LedgerError> {
         self.read(sqlx::query(

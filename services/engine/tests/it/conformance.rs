@@ -5,7 +5,8 @@
 use chrono::Utc;
 use flashsale_engine::accept_log::AcceptStore;
 use flashsale_engine::accept_log::MemoryAcceptLog;
-use flashsale_engine::accept_log::{AcceptLog, AcceptRecord, AcceptState, Claim};
+use flashsale_engine::accept_log::{AcceptLog, AcceptRecord, AcceptState, Admit};
+use flashsale_engine::admission::{self, Derived};
 use flashsale_engine::config::{DEFAULT_AMQP_URL, DEFAULT_DATABASE_URL, DEFAULT_REDIS_URL};
 use flashsale_engine::ledger::Ledger;
 use flashsale_engine::ledger::MemoryLedger;
@@ -184,6 +185,16 @@ async fn ledger_conforms(l: &dyn Ledger) {
         .unwrap();
     assert_eq!(r.outcomes, vec![Rejected(RejectReason::UnknownProduct)]);
     assert_eq!(r.stock_after, None);
+
+    // The admission counter's read: stock and which keys have rows, at once.
+    let (stock, booked) = l
+        .stock_and_booked(pid(1), &["a1".into(), "a2".into(), "nope".into()])
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(stock, 0);
+    assert_eq!(booked, ["a1".to_owned(), "a2".to_owned()].into());
+    assert!(l.stock_and_booked(pid(404), &[]).await.unwrap().is_none());
 }
 
 /// The lock's exclusivity, lease and fencing, on any implementation;
@@ -423,37 +434,183 @@ fn request(user: &str, units: i64) -> flashsale_engine::OrderRequest {
     .unwrap()
 }
 
-/// The accept log's claims, on any implementation.
+fn key(k: &str) -> IdempotencyKey {
+    IdempotencyKey::parse(k).unwrap()
+}
+
+/// The accept log's claims, on any implementation (product 1's counter
+/// holds 10 units).
 async fn accept_store_conforms(log: &dyn AcceptStore) {
-    let key = IdempotencyKey::parse("k1").unwrap();
+    log.reset(1, 10).await.unwrap();
+    let k1 = key("k1");
     let first = AcceptRecord::pending(&request("u1", 1), Utc::now());
     let second = AcceptRecord::pending(&request("u1", 1), Utc::now());
-    assert_eq!(log.claim(&key, &first).await.unwrap(), Claim::Claimed);
     assert_eq!(
-        log.claim(&key, &second).await.unwrap(),
-        Claim::Taken(first.clone())
+        log.admit(&k1, &first).await.unwrap(),
+        Admit::Claimed { left: 9 }
+    );
+    assert_eq!(
+        log.admit(&k1, &second).await.unwrap(),
+        Admit::Taken(first.clone())
     );
     // Only the claim's owner withdraws it.
-    log.withdraw(&key, &second).await.unwrap();
+    log.withdraw(&k1, &second).await.unwrap();
     assert_eq!(log.get("k1").await.unwrap(), Some(first.clone()));
-    log.withdraw(&key, &first).await.unwrap();
+    log.withdraw(&k1, &first).await.unwrap();
     assert_eq!(log.get("k1").await.unwrap(), None, "a retry starts afresh");
     // Claimed, then queued: a repeat sees the accepted record.
-    assert_eq!(log.claim(&key, &second).await.unwrap(), Claim::Claimed);
-    log.mark_queued(&key, &second).await.unwrap();
-    match log.claim(&key, &first).await.unwrap() {
-        Claim::Taken(r) => {
+    assert_eq!(
+        log.admit(&k1, &second).await.unwrap(),
+        Admit::Claimed { left: 9 },
+        "the withdrawn claim gave its unit back"
+    );
+    log.mark_queued(&k1, &second).await.unwrap();
+    match log.admit(&k1, &first).await.unwrap() {
+        Admit::Taken(r) => {
             assert_eq!(r.state, AcceptState::Queued);
             assert_eq!(r.claim, second.claim);
             assert!(r.same_body(&request("u1", 1)) && !r.same_body(&request("u1", 2)));
         }
-        Claim::Claimed => panic!("an accepted key was claimed again"),
+        other => panic!("an accepted key was admitted again: {other:?}"),
     }
+    let queued = AcceptRecord {
+        state: AcceptState::Queued,
+        ..second.clone()
+    };
+    assert_eq!(
+        log.get_many(&["k1".into(), "none".into()]).await.unwrap(),
+        vec![Some(queued), None]
+    );
+}
+
+/// The admission counter, on any store and ledger: takes by quantity, gives
+/// back once, derives from the ledger, and never overwrites a change it did
+/// not see. Product 1 of `ledger` has 5 units and no orders.
+async fn admission_conforms(store: &dyn AcceptStore, ledger: &dyn Ledger) {
+    let admit = |k: &'static str, units: i64| {
+        let record = AcceptRecord::pending(&request(k, units), Utc::now());
+        async move { (store.admit(&key(k), &record).await.unwrap(), record) }
+    };
+    let tokens = || async { store.tokens(&[1]).await.unwrap()[0] };
+    assert_eq!(admit("x0", 1).await.0, Admit::NoCounter);
+    assert_eq!(
+        store.get("x0").await.unwrap(),
+        None,
+        "nothing claimed without a counter"
+    );
+    store.reset(1, 3).await.unwrap();
+    assert_eq!(store.tokens(&[1, 2]).await.unwrap(), vec![Some(3), None]);
+    let (a, a_rec) = admit("a", 2).await;
+    assert_eq!(a, Admit::Claimed { left: 1 });
+    assert_eq!(admit("b", 2).await.0, Admit::Short { available: 1 });
+    assert_eq!(
+        store.get("b").await.unwrap(),
+        None,
+        "a short buy claims nothing"
+    );
+    assert_eq!(admit("c", 1).await.0, Admit::Claimed { left: 0 });
+    assert_eq!(admit("d", 1).await.0, Admit::Short { available: 0 });
+
+    // Withdrawn (a 503): the units come back, once.
+    store.withdraw(&key("a"), &a_rec).await.unwrap();
+    store.withdraw(&key("a"), &a_rec).await.unwrap();
+    assert_eq!(tokens().await, Some(2));
+
+    // Settled by a worker: a confirmed order keeps its units, a rejected
+    // one gives them back, once.
+    assert_eq!(admit("e", 2).await.0, Admit::Claimed { left: 0 });
+    assert_eq!(store.settle(1, &["c".into()], &[]).await.unwrap(), Some(0));
+    assert_eq!(store.settle(1, &[], &["e".into()]).await.unwrap(), Some(2));
+    assert_eq!(store.settle(1, &[], &["e".into()]).await.unwrap(), Some(2));
+    let snapshot = store.admission(1).await.unwrap();
+    assert_eq!(snapshot.tokens, Some(2));
+    assert!(snapshot.admitted.is_empty(), "{:?}", snapshot.admitted);
+
+    // Derived from the ledger: stock 5 minus the units still in flight (a
+    // queued order, a fresh claim), not a dead claim's.
+    store.reset(1, 3).await.unwrap();
+    let (_, q_rec) = admit("q", 1).await;
+    store.mark_queued(&key("q"), &q_rec).await.unwrap();
+    admit("p", 1).await;
+    let long_ago = Utc::now() - chrono::Duration::seconds(60);
+    let dead = AcceptRecord::pending(&request("z", 1), long_ago);
+    assert!(matches!(
+        store.admit(&key("z"), &dead).await.unwrap(),
+        Admit::Claimed { left: 0 }
+    ));
+    assert_eq!(
+        admission::derive(store, ledger, pid(1), false)
+            .await
+            .unwrap(),
+        Derived::Set {
+            tokens: 3,
+            in_flight: 2
+        }
+    );
+    let admitted = store.admission(1).await.unwrap().admitted;
+    assert_eq!(
+        admitted.len(),
+        2,
+        "the dead claim is forgotten: {admitted:?}"
+    );
+
+    // A take between the read and the write: the write is refused.
+    let before = store.admission(1).await.unwrap();
+    admit("r", 1).await;
+    assert!(
+        !store
+            .reconcile(1, before.version, &[], 99, false)
+            .await
+            .unwrap()
+    );
+    assert_eq!(tokens().await, Some(2));
+
+    // Dropped (a restock): no counter until derived again; a reconciliation
+    // does not create one, a buy's derivation does.
+    store.drop_counter(1).await.unwrap();
+    let derive = |create| admission::derive(store, ledger, pid(1), create);
+    assert_eq!(derive(false).await.unwrap(), Derived::Skipped);
+    assert_eq!(
+        derive(true).await.unwrap(),
+        Derived::Set {
+            tokens: 2,
+            in_flight: 3
+        }
+    );
+    let unknown = admission::derive(store, ledger, pid(404), true).await;
+    assert_eq!(unknown.unwrap(), Derived::Skipped);
 }
 
 #[tokio::test]
 async fn embedded_accept_log_conforms() {
     accept_store_conforms(&MemoryAcceptLog::new()).await;
+}
+
+#[tokio::test]
+async fn embedded_admission_conforms() {
+    let ledger = MemoryLedger::new();
+    ledger.create_missing(&[product(1, 5, None)]).await.unwrap();
+    admission_conforms(&MemoryAcceptLog::new(), &ledger).await;
+}
+
+#[tokio::test]
+async fn redis_and_postgres_admission_conforms() {
+    let scratch = Scratch::new(&servers());
+    let redis = redis_conn::connect(&scratch.backends.redis_url)
+        .await
+        .expect("Redis is not answering (scripts/test starts it)");
+    let pool = postgres::connect_for_lookups(&scratch.backends.database_url, 2)
+        .await
+        .expect("PostgreSQL is not answering (scripts/test starts it)");
+    let ledger = StockLedger::new(pool.clone());
+    ledger.create_missing(&[product(1, 5, None)]).await.unwrap();
+    admission_conforms(
+        &AcceptLog::new(redis, scratch.backends.namespace()),
+        &ledger,
+    )
+    .await;
+    pool.close().await;
+    scratch.remove().await.unwrap();
 }
 
 #[tokio::test]

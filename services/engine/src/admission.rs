@@ -1,0 +1,154 @@
+//! Admission by stock tokens: a buy is admitted only by taking its units
+//! from the product's counter in Redis (in the same script that claims its
+//! key, see [`crate::accept_log`]), so a buyer who will not get the item
+//! hears `409` at once instead of `202` and a rejection later.
+//!
+//! PostgreSQL stays the only truth. The counter is derived from it, never
+//! trusted blindly: `tokens = stock − units in flight`, where the units in
+//! flight are those of the admitted orders (kept per product beside the
+//! counter) that have no order row yet and are still alive in the accept
+//! log (queued, or pending for less than [`PENDING_ALIVE`]). It is derived
+//! when missing (first use, Redis lost its data) and reconciled by the
+//! workers every [`RECONCILE_EVERY`] for each product whose counter differs
+//! from its stock, so units lost by a crash between taking and publishing
+//! come back once their claim is dead. A reconciliation applies only if no
+//! take or give-back happened since it read the admitted orders (a version
+//! compare-and-set), so it never overwrites a change it did not see.
+
+use crate::accept_log::{AcceptState, AcceptStore};
+use crate::domain::ProductId;
+use crate::ledger::{Ledger, LedgerError};
+use crate::metrics::ADMISSION_TOKENS;
+use crate::queue::rabbitmq::CONFIRM_TIMEOUT;
+use crate::seams::BackendFailed;
+use chrono::Utc;
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+
+/// How often a worker reconciles the counters.
+pub const RECONCILE_EVERY: Duration = Duration::from_secs(1);
+/// A product with more unsettled orders than this is mid-sale: its counter
+/// is reconciled once they settle (the workers settle them as they commit).
+pub const RECONCILE_MAX_ADMITTED: usize = 2000;
+/// A claim still pending after this long is dead: its API answered `503`
+/// (the publish gives up after [`CONFIRM_TIMEOUT`]) or died.
+pub const PENDING_ALIVE: Duration = Duration::from_secs(CONFIRM_TIMEOUT.as_secs() + 2);
+
+#[derive(Debug, thiserror::Error)]
+pub enum AdmissionError {
+    #[error(transparent)]
+    Store(#[from] BackendFailed),
+    #[error(transparent)]
+    Ledger(#[from] LedgerError),
+}
+
+/// What a derivation came to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Derived {
+    /// The counter is now `tokens`; `in_flight` units were still on the way.
+    Set { tokens: i64, in_flight: i64 },
+    /// A take or give-back happened meanwhile: nothing set (try again).
+    Raced,
+    /// Nothing done: an unknown product, or (unless asked to create one)
+    /// no counter or too many orders unsettled.
+    Skipped,
+}
+
+/// Derives the product's counter from the ledger and sets it (creating it
+/// only if `create`).
+pub async fn derive(
+    store: &dyn AcceptStore,
+    ledger: &dyn Ledger,
+    product: ProductId,
+    create: bool,
+) -> Result<Derived, AdmissionError> {
+    let snapshot = store.admission(product.get()).await?;
+    if !create && (snapshot.tokens.is_none() || snapshot.admitted.len() > RECONCILE_MAX_ADMITTED) {
+        return Ok(Derived::Skipped);
+    }
+    let keys: Vec<String> = snapshot.admitted.iter().map(|(k, _)| k.clone()).collect();
+    let Some((stock, booked)) = ledger.stock_and_booked(product, &keys).await? else {
+        return Ok(Derived::Skipped);
+    };
+    let (unbooked, mut settled): (Vec<_>, Vec<_>) = snapshot
+        .admitted
+        .into_iter()
+        .partition(|(k, _)| !booked.contains(k));
+    let unbooked_keys: Vec<String> = unbooked.iter().map(|(k, _)| k.clone()).collect();
+    let records = store.get_many(&unbooked_keys).await?;
+    let now = Utc::now();
+    let mut in_flight = 0;
+    for ((key, units), record) in unbooked.into_iter().zip(records) {
+        let alive = record.is_some_and(|r| {
+            r.state == AcceptState::Queued
+                || (now - r.accepted_at).to_std().unwrap_or_default() < PENDING_ALIVE
+        });
+        if alive {
+            in_flight += units;
+        } else {
+            settled.push((key, units));
+        }
+    }
+    let settled: Vec<String> = settled.into_iter().map(|(k, _)| k).collect();
+    let tokens = (i64::from(stock) - in_flight).max(0);
+    let set = store
+        .reconcile(product.get(), snapshot.version, &settled, tokens, create)
+        .await?;
+    Ok(if set {
+        Derived::Set { tokens, in_flight }
+    } else {
+        Derived::Raced
+    })
+}
+
+/// Reconciles every product whose counter exists and differs from its
+/// stock; returns how many were set. Updates `flashsale_admission_tokens`.
+pub async fn reconcile_all(
+    store: &dyn AcceptStore,
+    ledger: &dyn Ledger,
+) -> Result<usize, AdmissionError> {
+    let products = ledger.products().await?;
+    let ids: Vec<i64> = products.iter().map(|p| p.id).collect();
+    let counters = store.tokens(&ids).await?;
+    let mut set = 0;
+    for (product, counter) in products.iter().zip(counters) {
+        let Some(mut tokens) = counter else { continue };
+        if tokens != i64::from(product.stock)
+            && let Ok(id) = ProductId::new(product.id)
+            && let Derived::Set { tokens: now, .. } = derive(store, ledger, id, false).await?
+        {
+            if now != tokens {
+                tracing::info!(
+                    product = product.id,
+                    was = tokens,
+                    now,
+                    "admission counter reconciled"
+                );
+            }
+            tokens = now;
+            set += 1;
+        }
+        metrics::gauge!(ADMISSION_TOKENS, "product_id" => product.id.to_string())
+            .set(tokens as f64);
+    }
+    Ok(set)
+}
+
+/// Reconciles every [`RECONCILE_EVERY`] until `stop`.
+pub async fn reconcile_forever(
+    store: std::sync::Arc<dyn AcceptStore>,
+    ledger: std::sync::Arc<dyn Ledger>,
+    stop: CancellationToken,
+) {
+    let mut tick = tokio::time::interval(RECONCILE_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        if let Err(e) = reconcile_all(store.as_ref(), ledger.as_ref()).await {
+            tracing::debug!(error = %e, "admission counters not reconciled this round");
+        }
+    }
+}
