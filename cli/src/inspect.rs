@@ -48,7 +48,8 @@ pub enum View {
         #[arg(long, default_value_t = 10)]
         limit: usize,
     },
-    /// One product: its row (PostgreSQL), order counts, lock (Redis).
+    /// One product: its row (PostgreSQL), order counts, lock and admission
+    /// counter with the admitted orders not yet settled (Redis).
     Product { id: i64 },
     /// One order as the API would return it, and where it is: confirmed or
     /// rejected (PostgreSQL row), queued (Redis accept log), dead_lettered
@@ -244,8 +245,14 @@ pub async fn run(b: &BackendUrls, args: &InspectArgs) -> Outcome {
                     .query_async(&mut conn),
             )
             .await?;
+            let admission = AcceptLog::new(redis.clone(), ns.clone())
+                .admission(*id)
+                .await?;
+            let in_flight: i64 = admission.admitted.iter().map(|(_, q)| q).sum();
             let view = json!({
                 "id": p.id, "name": p.name, "stock": p.stock, "seededStock": p.seeded_stock,
+                "admissionTokens": admission.tokens, "admittedUnsettled": admission.admitted.len(),
+                "admittedUnits": in_flight,
                 "maxPerOrder": p.max_per_order, "perUserLimit": p.per_user_limit,
                 "soldOut": p.stock == 0, "lockFence": p.lock_fence,
                 "confirmedOrders": confirmed_orders, "confirmedUnits": confirmed_units,

@@ -38,6 +38,8 @@ pub struct LedgerSample {
     pub violations: Vec<Violation>,
     pub confirmed_orders: u64,
     pub rejected_orders: u64,
+    /// Each product's admission counter (Redis), where it exists.
+    pub tokens: BTreeMap<i64, i64>,
 }
 
 /// What Redis (and the workers it names) said.
@@ -227,6 +229,8 @@ pub struct ProductRow {
     pub name: String,
     pub seeded: i64,
     pub stock: i64,
+    /// Units buys may still take (the admission counter), if known.
+    pub tokens: Option<i64>,
     pub confirmed: i64,
     pub rejected: i64,
 }
@@ -409,6 +413,7 @@ impl App {
                         name: ledger.names.get(&b.id).cloned().unwrap_or_default(),
                         seeded: b.seeded_stock,
                         stock: b.stock,
+                        tokens: ledger.tokens.get(&b.id).copied(),
                         confirmed: b.confirmed_units,
                         rejected: b.rejected_orders,
                     })
@@ -596,6 +601,7 @@ mod tests {
             violations: Vec::new(),
             confirmed_orders: confirmed,
             rejected_orders: 0,
+            tokens: BTreeMap::new(),
         }))
     }
 

@@ -5,10 +5,12 @@
 
 use super::app::{ApiSample, Buckets, LedgerSample, RedisSample, Sample};
 use super::event::Event;
+use flashsale_engine::accept_log::{AcceptLog, AcceptStore};
 use flashsale_engine::audit::{self, QueueFacts};
 use flashsale_engine::ledger::{Ledger, StockLedger};
 use flashsale_engine::metrics::{ORDER_LATENCY, ORDER_REQUESTS, REQUEST_DURATION};
 use flashsale_engine::{BackendUrls, heartbeat, locks, postgres, queue, redis_conn};
+use std::collections::BTreeMap;
 use std::future::Future;
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc::UnboundedSender;
@@ -34,11 +36,14 @@ pub fn start(
         let ledger = postgres::connect_lazy(&backends.database_url, 2)
             .map(StockLedger::new)
             .map_err(|e| e.to_string());
+        let accept_log = redis_conn::connect_lazy(&backends.redis_url)
+            .ok()
+            .map(|r| AcceptLog::new(r, backends.namespace()));
         tasks.spawn(poll(slow, events.clone(), move || {
-            let ledger = ledger.clone();
+            let (ledger, accept_log) = (ledger.clone(), accept_log.clone());
             async move {
                 Sample::Postgres(match ledger {
-                    Ok(l) => timed(books(&l)).await,
+                    Ok(l) => timed(books(&l, accept_log.as_ref())).await,
                     Err(e) => Err(e),
                 })
             }
@@ -101,6 +106,7 @@ pub fn start_embedded(
     let s = sources.clone();
     tasks.spawn(poll(refresh, events.clone(), move || {
         let ledger = s.backends.ledger.clone();
+        let accept_log = s.backends.accept_log.clone();
         async move {
             let audit = ledger.audit(&[], &Default::default(), true);
             let names = ledger
@@ -110,12 +116,16 @@ pub fn start_embedded(
                 .map(|p| (p.id, p.name))
                 .collect();
             let (confirmed_orders, rejected_orders) = ledger.totals();
+            let tokens = counters(accept_log.as_ref(), &names)
+                .await
+                .unwrap_or_default();
             Sample::Postgres(Ok(LedgerSample {
                 books: audit.products,
                 names,
                 violations: audit.violations,
                 confirmed_orders,
                 rejected_orders,
+                tokens,
             }))
         }
     }));
@@ -222,7 +232,25 @@ async fn api(http: &reqwest::Client, url: &str) -> Result<ApiSample, String> {
     })
 }
 
-async fn books(ledger: &StockLedger) -> Result<LedgerSample, String> {
+/// The admission counters of the `products` named (none when Redis fails:
+/// the stock is still shown).
+async fn counters(
+    accept_log: &dyn AcceptStore,
+    products: &BTreeMap<i64, String>,
+) -> Result<BTreeMap<i64, i64>, String> {
+    let ids: Vec<i64> = products.keys().copied().collect();
+    let tokens = accept_log.tokens(&ids).await.map_err(|e| e.to_string())?;
+    Ok(ids
+        .into_iter()
+        .zip(tokens)
+        .filter_map(|(id, t)| Some((id, t?)))
+        .collect())
+}
+
+async fn books(
+    ledger: &StockLedger,
+    accept_log: Option<&AcceptLog>,
+) -> Result<LedgerSample, String> {
     let e = |e: sqlx::Error| e.to_string();
     let report = audit::audit(ledger.pool(), None, &QueueFacts::default())
         .await
@@ -235,12 +263,17 @@ async fn books(ledger: &StockLedger) -> Result<LedgerSample, String> {
         .map(|p| (p.id, p.name))
         .collect();
     let (confirmed_orders, rejected_orders) = ledger.totals().await.map_err(e)?;
+    let tokens = match accept_log {
+        Some(log) => timed(counters(log, &names)).await.unwrap_or_default(),
+        None => BTreeMap::new(),
+    };
     Ok(LedgerSample {
         books: report.products,
         names,
         violations: report.violations,
         confirmed_orders,
         rejected_orders,
+        tokens,
     })
 }
 

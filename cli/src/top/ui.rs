@@ -395,6 +395,7 @@ fn draw_products(frame: &mut Frame, app: &App, now: Instant, paint: &Paint, area
             }
             cells.push(Cell::from(Span::styled(gauge(p, bar), bar_style)));
             cells.push(Cell::from(format!("{}/{}", p.stock, p.seeded)));
+            cells.push(Cell::from(p.tokens.map_or("-".into(), |t| t.to_string())));
             cells.push(Cell::from(p.confirmed.to_string()));
             cells.push(Cell::from(p.rejected.to_string()));
             Row::new(cells)
@@ -406,10 +407,11 @@ fn draw_products(frame: &mut Frame, app: &App, now: Instant, paint: &Paint, area
         header.push("name");
         widths.push(Constraint::Min(8));
     }
-    header.extend(["left", "stock", "conf", "rej"]);
+    header.extend(["left", "stock", "adm", "conf", "rej"]);
     widths.extend([
         Constraint::Length(bar as u16),
         Constraint::Length(if wide { 15 } else { 9 }),
+        Constraint::Length(if wide { 8 } else { 5 }),
         Constraint::Length(if wide { 8 } else { 5 }),
         Constraint::Length(if wide { 8 } else { 5 }),
     ]);
@@ -694,6 +696,7 @@ mod tests {
                     violations: Vec::new(),
                     confirmed_orders: confirmed,
                     rejected_orders: confirmed / 10,
+                    tokens: products.iter().map(|b| (b.id, b.stock)).collect(),
                 })),
             );
             let redis = match &self.redis_down {

@@ -161,7 +161,12 @@ async fn reset_restock_and_the_refusal_while_not_drained() {
     let api = env.start_api().await;
     env.start_worker().await;
     let answers = env.storm(&api, 1, 20, 10, |i| format!("r{i}")).await;
-    let keys: Vec<String> = answers.iter().map(|a| a.key.clone()).collect();
+    let keys: Vec<String> = answers
+        .iter()
+        .filter(|a| a.status == StatusCode::ACCEPTED)
+        .map(|a| a.key.clone())
+        .collect();
+    assert_eq!(keys.len(), 10, "admitted as many as there are units");
     env.wait_for_rows(&keys).await;
 
     let out = fsctl(
@@ -177,7 +182,7 @@ async fn reset_restock_and_the_refusal_while_not_drained() {
         ],
     );
     assert_eq!(code(&out), 0, "{}", String::from_utf8_lossy(&out.stderr));
-    assert_eq!(json(&out)["ordersDeleted"], 20);
+    assert_eq!(json(&out)["ordersDeleted"], 10);
     assert_eq!(env.count("SELECT count(*) FROM orders").await, 0);
     assert_eq!(env.stock(1).await, 10);
     assert_eq!(code(&fsctl(&env, &["verify"])), 0);
@@ -397,5 +402,104 @@ async fn unreachable_components_and_bad_values_exit_2_with_one_line() {
     let out = fsctl(&env, &["completions", "bash"]);
     assert_eq!(code(&out), 0);
     assert!(String::from_utf8_lossy(&out.stdout).contains("fsctl"));
+    env.finish().await;
+}
+
+/// The product's admission counter as `fsctl inspect product` shows it.
+fn counter(env: &TestEnv, id: &str) -> serde_json::Value {
+    let out = fsctl(env, &["inspect", "product", id, "--json"]);
+    assert_eq!(code(&out), 0, "{}", String::from_utf8_lossy(&out.stderr));
+    json(&out)["product"]["admissionTokens"].clone()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn restock_reopens_at_once_reset_restores_and_verify_warns_of_a_wrong_counter() {
+    let mut env = env().await;
+    assert_eq!(
+        code(&fsctl(&env, &["seed", "--products", "1", "--stock", "3"])),
+        0
+    );
+    assert_eq!(counter(&env, "1"), 3, "seeding sets the counter");
+    let api = env.start_api().await;
+    env.start_worker().await;
+    let answers = env.storm(&api, 1, 20, 10, |i| format!("a{i}")).await;
+    let accepted: Vec<String> = answers
+        .iter()
+        .filter(|a| a.status == StatusCode::ACCEPTED)
+        .map(|a| a.key.clone())
+        .collect();
+    assert_eq!(accepted.len(), 3, "three units, three buyers admitted");
+    env.wait_for_rows(&accepted).await;
+    assert_eq!(counter(&env, "1"), 0);
+
+    // A counter gone wrong is a warning (exit 0), and the workers'
+    // reconciliation sets it right.
+    let b = env.backends();
+    let redis = redis_conn::connect(&b.redis_url).await.unwrap();
+    let mut conn = redis.clone();
+    redis::cmd("SET")
+        .arg(b.namespace().tokens_key(1))
+        .arg(50)
+        .query_async::<()>(&mut conn)
+        .await
+        .unwrap();
+    let out = fsctl(&env, &["verify", "--json"]);
+    assert_eq!(code(&out), 0, "a warning changes no exit code");
+    let report = json(&out);
+    assert_eq!(report["warnings"][0]["productId"], 1, "{report}");
+    assert_eq!(report["warnings"][0]["tokens"], 50, "{report}");
+    let started = std::time::Instant::now();
+    while counter(&env, "1") != 0 {
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "never reconciled"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let out = fsctl(&env, &["verify", "--json"]);
+    assert_eq!(json(&out)["warnings"], serde_json::json!([]));
+
+    // --restock reopens the sold-out product within a second.
+    let out = fsctl(
+        &env,
+        &["seed", "--products", "1", "--stock", "2", "--restock"],
+    );
+    assert_eq!(code(&out), 0, "{}", String::from_utf8_lossy(&out.stderr));
+    let restocked = std::time::Instant::now();
+    let body = serde_json::json!({"userId": "back", "productId": 1, "quantity": 1});
+    loop {
+        let a = env.buy(&api, None, body.clone()).await;
+        if a.status == StatusCode::ACCEPTED {
+            break;
+        }
+        assert!(
+            restocked.elapsed() < Duration::from_secs(1),
+            "still {} a second after the restock: {}",
+            a.status,
+            a.body
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let more = env.storm(&api, 1, 10, 5, |i| format!("b{i}")).await;
+    let admitted = more
+        .iter()
+        .filter(|a| a.status == StatusCode::ACCEPTED)
+        .count();
+    assert_eq!(admitted, 1, "two units restocked, two buyers in all");
+
+    // --reset restores it.
+    let keys: Vec<String> = more
+        .iter()
+        .filter(|a| a.status == StatusCode::ACCEPTED)
+        .map(|a| a.key.clone())
+        .collect();
+    env.wait_for_rows(&keys).await;
+    let out = fsctl(
+        &env,
+        &["seed", "--products", "1", "--stock", "4", "--reset"],
+    );
+    assert_eq!(code(&out), 0, "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(counter(&env, "1"), 4);
+    assert_eq!(code(&fsctl(&env, &["verify"])), 0);
     env.finish().await;
 }
