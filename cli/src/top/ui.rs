@@ -395,7 +395,9 @@ fn draw_products(frame: &mut Frame, app: &App, now: Instant, paint: &Paint, area
             }
             cells.push(Cell::from(Span::styled(gauge(p, bar), bar_style)));
             cells.push(Cell::from(format!("{}/{}", p.stock, p.seeded)));
-            cells.push(Cell::from(p.tokens.map_or("-".into(), |t| t.to_string())));
+            if wide {
+                cells.push(Cell::from(p.tokens.map_or("-".into(), |t| t.to_string())));
+            }
             cells.push(Cell::from(p.confirmed.to_string()));
             cells.push(Cell::from(p.rejected.to_string()));
             Row::new(cells)
@@ -407,11 +409,18 @@ fn draw_products(frame: &mut Frame, app: &App, now: Instant, paint: &Paint, area
         header.push("name");
         widths.push(Constraint::Min(8));
     }
-    header.extend(["left", "stock", "adm", "conf", "rej"]);
+    header.extend(["left", "stock"]);
     widths.extend([
         Constraint::Length(bar as u16),
         Constraint::Length(if wide { 15 } else { 9 }),
-        Constraint::Length(if wide { 8 } else { 5 }),
+    ]);
+    if wide {
+        // Units buys may still take: the admission counter.
+        header.push("adm");
+        widths.push(Constraint::Length(8));
+    }
+    header.extend(["conf", "rej"]);
+    widths.extend([
         Constraint::Length(if wide { 8 } else { 5 }),
         Constraint::Length(if wide { 8 } else { 5 }),
     ]);

@@ -22,6 +22,8 @@ const CONTRACT_METRICS: &[&str] = &[
     "flashsale_queue_depth",
     "flashsale_queue_consumers",
     "flashsale_inflight_orders",
+    // Contract v3, admission by stock tokens.
+    "flashsale_admission_tokens",
 ];
 
 fn repo() -> PathBuf {

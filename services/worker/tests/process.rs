@@ -124,7 +124,7 @@ fn sigterm_stops_the_worker_with_exit_0() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn kill_9_of_a_busy_worker_loses_and_doubles_nothing() {
     let mut env = flashsale_testkit::env().await;
-    env.seed(1, 300, None).await;
+    env.seed(1, 600, None).await;
     let api = env.start_api().await;
     let answers = env.storm(&api, 1, 600, 50, |i| format!("k9-{i}")).await;
     let keys: Vec<String> = answers.iter().map(|a| a.key.clone()).collect();
@@ -161,7 +161,7 @@ async fn kill_9_of_a_busy_worker_loses_and_doubles_nothing() {
     assert_eq!(
         env.count("SELECT count(*) FROM orders WHERE status = 'confirmed'")
             .await,
-        300
+        600
     );
     assert_eq!(env.stock(1).await, 0);
     env.assert_invariants().await;
