@@ -31,6 +31,10 @@ async fn try_buy(
     Some((status, response.json().await.unwrap_or(Value::Null)))
 }
 
+/// One buy of a storm: its key, its body, and its answer (status, body),
+/// `None` when the connection dropped.
+type Sent = (String, Value, Option<(u16, Value)>);
+
 /// `n` buys over `apis` (round robin) at `concurrency`: key, body, answer.
 async fn storm(
     env: &common::TestEnv,
@@ -38,7 +42,7 @@ async fn storm(
     n: usize,
     concurrency: usize,
     body: impl Fn(usize) -> Value,
-) -> Vec<(String, Value, Option<(u16, Value)>)> {
+) -> Vec<Sent> {
     storm_counted(env, apis, n, concurrency, body, &AtomicUsize::new(0)).await
 }
 
@@ -50,7 +54,7 @@ async fn storm_counted(
     concurrency: usize,
     body: impl Fn(usize) -> Value,
     answered: &AtomicUsize,
-) -> Vec<(String, Value, Option<(u16, Value)>)> {
+) -> Vec<Sent> {
     let tag = uuid::Uuid::new_v4().simple().to_string();
     futures_util::stream::iter(0..n)
         .map(|i| {
@@ -68,7 +72,7 @@ async fn storm_counted(
         .await
 }
 
-fn tally(answers: &[(String, Value, Option<(u16, Value)>)]) -> HashMap<u16, usize> {
+fn tally(answers: &[Sent]) -> HashMap<u16, usize> {
     let mut by_status = HashMap::new();
     for (_, _, a) in answers {
         *by_status
@@ -78,7 +82,7 @@ fn tally(answers: &[(String, Value, Option<(u16, Value)>)]) -> HashMap<u16, usiz
     by_status
 }
 
-fn accepted(answers: &[(String, Value, Option<(u16, Value)>)]) -> Vec<String> {
+fn accepted(answers: &[Sent]) -> Vec<String> {
     answers
         .iter()
         .filter(|(_, _, a)| a.as_ref().is_some_and(|(s, _)| *s == 202))

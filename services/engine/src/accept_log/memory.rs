@@ -125,10 +125,10 @@ impl AcceptStore for MemoryAcceptLog {
         record: &AcceptRecord,
     ) -> Result<(), BackendFailed> {
         let mut s = self.state();
-        if !s
-            .records
+        let own = |held: &AcceptRecord| held.claim == record.claim;
+        if s.records
             .get(key.as_str())
-            .is_some_and(|(held, _)| held.claim == record.claim)
+            .is_none_or(|(held, _)| !own(held))
         {
             return Ok(());
         }
