@@ -351,3 +351,81 @@ async fn units_taken_by_a_killed_api_come_back() {
     env.assert_invariants().await;
     env.finish().await;
 }
+
+/// A Redis server of the test's own on a free port, without persistence:
+/// a restart loses everything, as the project's Redis does.
+struct OwnRedis {
+    port: u16,
+    child: std::process::Child,
+}
+
+impl OwnRedis {
+    fn start(port: u16) -> Self {
+        let child = Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server (scripts/test installs it)");
+        for _ in 0..100 {
+            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Self { port, child }
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+}
+
+impl Drop for OwnRedis {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_redis_restart_mid_sale_never_oversells_and_every_unit_sells() {
+    let mut env = common::env().await;
+    env.seed(1, 300, None).await;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let redis = OwnRedis::start(port);
+    let mut backends = env.backends();
+    backends.redis_url = redis.url();
+    let api = env.start_api_with(backends.clone(), true).await;
+    env.start_worker_with(backends.clone()).await;
+    env.start_worker_with(backends).await;
+
+    let apis = vec![api.clone()];
+    let answered = AtomicUsize::new(0);
+    let storm = storm_counted(&env, &apis, 3000, 100, one_unit, &answered);
+    let counted = &answered;
+    let restart = async move {
+        after_answers(counted, 200).await;
+        drop(redis);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        OwnRedis::start(port)
+    };
+    let (answers, _redis) = tokio::join!(storm, restart);
+    let by_status = tally(&answers);
+    for status in by_status.keys() {
+        assert!([202, 409, 503].contains(status), "{by_status:?}");
+    }
+    assert!(
+        by_status.contains_key(&503),
+        "the restart came mid-storm: {by_status:?}"
+    );
+    env.wait_for_rows(&accepted(&answers)).await;
+    sell_the_rest(&env, &api, Duration::from_secs(20)).await;
+    env.assert_invariants().await;
+    env.finish().await;
+}
