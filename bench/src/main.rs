@@ -166,23 +166,23 @@ async fn fill(
         .await?;
     let ns = backends.namespace();
     broker::declare_queues(&channel, &ns).await?;
-    let queue = ns.orders_queue();
     let run = uuid_like();
     let now = chrono::Utc::now();
     let started = Instant::now();
     let results: Vec<Result<(), broker::PublishError>> = futures_util::stream::iter(0..orders)
         .map(|i| {
             let id = keys.key(&run, i);
+            let product = products.start + (i as i64 % spread);
             let order = json!({
                 "orderId": id, "userId": format!("buyer-{i}"),
-                "productId": products.start + (i as i64 % spread), "quantity": 1, "acceptedAt": now,
+                "productId": product, "quantity": 1, "acceptedAt": now,
             });
-            let (channel, queue) = (&channel, &queue);
+            let (channel, queue) = (&channel, ns.queue_for(product));
             async move {
                 let payload = serde_json::to_vec(&order).map_err(|e| {
                     broker::PublishError::Channel(lapin::Error::from(std::io::Error::other(e)))
                 })?;
-                broker::publish_confirmed(channel, queue, &id, &payload, None).await
+                broker::publish_confirmed(channel, &queue, &id, &payload, None).await
             }
         })
         .buffer_unordered(window)

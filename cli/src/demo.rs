@@ -186,8 +186,13 @@ struct StallingConsumer {
 
 #[async_trait::async_trait]
 impl OrderQueue for StallingQueue {
-    async fn publish(&self, message_id: &str, payload: &[u8]) -> Result<(), BackendFailed> {
-        self.inner.publish(message_id, payload).await
+    async fn publish(
+        &self,
+        product: i64,
+        message_id: &str,
+        payload: &[u8],
+    ) -> Result<(), BackendFailed> {
+        self.inner.publish(product, message_id, payload).await
     }
     async fn consume(&self, prefetch: u16) -> Result<Box<dyn QueueConsumer>, BackendFailed> {
         Ok(Box::new(StallingConsumer {

@@ -35,7 +35,7 @@ pub enum View {
         #[arg(long, default_value = "1s", value_parser = crate::verify::parse_duration)]
         interval: std::time::Duration,
     },
-    /// Held product locks (Redis `<ns>:lock:product:*`: holder, token, TTL
+    /// Held product locks (Redis `<ns>:lock:product:{<id>}`: holder, token, TTL
     /// left) beside each product's last fence in PostgreSQL.
     Locks,
     /// Workers from their Redis heartbeats: up since, processed, current
@@ -74,12 +74,27 @@ pub async fn run(b: &BackendUrls, args: &InspectArgs) -> Outcome {
                 output::json(&json!({"queue": {
                     "queue": ns.orders_queue(), "ready": q.orders_ready, "consumers": q.orders_consumers,
                     "inflight": inflight, "dlq": q.dlq_ready, "dlqConsumers": q.dlq_consumers,
-                    "drained": drained,
+                    "drained": drained, "partitions": q.partitions,
                 }}));
             } else {
                 let mut t = output::table(&["queue", "ready", "in flight", "consumers"]);
+                if q.partitions.len() > 1 {
+                    for p in &q.partitions {
+                        t.add_row(vec![
+                            Cell::new(&p.queue),
+                            Cell::new(p.ready),
+                            Cell::new("-"),
+                            Cell::new(p.consumers),
+                        ]);
+                    }
+                }
+                let all = if q.partitions.len() > 1 {
+                    format!("{} ({} partitions)", ns.orders_queue(), q.partitions.len())
+                } else {
+                    ns.orders_queue()
+                };
                 t.add_row(vec![
-                    Cell::new(ns.orders_queue()),
+                    Cell::new(all),
                     Cell::new(q.orders_ready),
                     Cell::new(inflight),
                     Cell::new(q.orders_consumers),

@@ -48,10 +48,20 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Create the database if missing and apply migrations/.
-    #[command(
-        after_help = "Example: fsctl migrate --json\nExit codes: 0 applied; 2 PostgreSQL unreachable."
-    )]
+    /// Create the database if missing, apply migrations/, and record (or,
+    /// once drained, change) the order queue's partitions.
+    #[command(after_help = "Examples:
+  fsctl migrate --json
+  fsctl migrate --partitions 3     # split the order queue in 3, once drained
+
+With --partitions K (or FLASHSALE_PARTITIONS), a deployment without a
+recorded K records it; one with another K changes to K only when every
+partition is drained (no ready message, no delivery held by a worker). Start
+every API and worker again with FLASHSALE_PARTITIONS=K afterwards: a
+process with another K refuses to start.
+
+Exit codes: 0 applied; 2 PostgreSQL or RabbitMQ unreachable; 3 not drained,
+the partitions left as they were.")]
     Migrate {
         /// One JSON document on stdout.
         #[arg(long)]
@@ -78,7 +88,19 @@ pub enum Command {
 }
 
 pub async fn run(cli: Cli) -> ExitCode {
-    let b = &cli.backends;
+    let resolved;
+    let b = match &cli.command {
+        Command::Seed(_)
+        | Command::Storm(_)
+        | Command::Verify(_)
+        | Command::Inspect(_)
+        | Command::Top(_)
+        | Command::Up(_) => {
+            resolved = with_recorded_partitions(&cli.backends).await;
+            &resolved
+        }
+        _ => &cli.backends,
+    };
     exit::finish(match &cli.command {
         Command::Migrate { json } => migrate(b, *json).await,
         Command::Seed(args) => seed::run(b, args).await,
@@ -99,6 +121,7 @@ pub async fn run(cli: Cli) -> ExitCode {
 async fn migrate(b: &BackendUrls, json: bool) -> Outcome {
     let url = &b.database_url;
     let pool = postgres::connect_and_migrate(url, 1).await?;
+    let partitions = repartition(b, &pool).await?;
     let applied: Vec<(i64, String)> = sqlx::query_as(
         "SELECT version, description FROM _sqlx_migrations WHERE success ORDER BY version",
     )
@@ -109,7 +132,7 @@ async fn migrate(b: &BackendUrls, json: bool) -> Outcome {
             .iter()
             .map(|(v, d)| serde_json::json!({"version": v, "description": d}))
             .collect();
-        output::json(&serde_json::json!({"ok": true, "applied": list}));
+        output::json(&serde_json::json!({"ok": true, "applied": list, "partitions": partitions}));
     } else {
         for (v, d) in &applied {
             println!("applied {v} {d}");
@@ -119,6 +142,63 @@ async fn migrate(b: &BackendUrls, json: bool) -> Outcome {
             flashsale_engine::config::mask_url(url),
             applied.last().map(|(v, _)| *v).unwrap_or(0),
         );
+        println!("order queue partitions: {partitions}");
     }
     Ok(OK)
+}
+
+/// The backends with the deployment's recorded partitions, unless
+/// `--partitions`/`FLASHSALE_PARTITIONS` names some (or PostgreSQL does not
+/// answer: the command then meets it and says so).
+async fn with_recorded_partitions(b: &BackendUrls) -> BackendUrls {
+    let mut b = b.clone();
+    if b.partitions.is_none() {
+        let read = async {
+            let pool = postgres::connect_and_migrate(&b.database_url, 1)
+                .await
+                .ok()?;
+            let k = postgres::recorded_partitions(&pool, &b.namespace())
+                .await
+                .ok();
+            pool.close().await;
+            k
+        };
+        b.partitions = tokio::time::timeout(std::time::Duration::from_secs(3), read)
+            .await
+            .ok()
+            .flatten();
+    }
+    b
+}
+
+/// Records the partitions asked for (`--partitions`, `FLASHSALE_PARTITIONS`)
+/// or, when another K is recorded, changes it once every partition of the
+/// recorded K is drained. Returns the partitions now in force.
+async fn repartition(b: &BackendUrls, pool: &sqlx::PgPool) -> Result<u16, exit::Failure> {
+    let asked = b.namespace();
+    let recorded = postgres::recorded_partitions(pool, &asked).await?;
+    if b.partitions.is_none() || recorded == asked.partitions() {
+        return Ok(recorded);
+    }
+    let current = flashsale_engine::Namespace::partitioned(asked.as_str(), recorded);
+    let redis = backends::redis(b).await?;
+    let queues = flashsale_engine::queue::queues(&b.amqp_url, &current).await?;
+    let workers = flashsale_engine::heartbeat::workers(&redis, &current).await?;
+    if !flashsale_engine::queue::is_drained(&queues, &workers) {
+        return Err(exit::Failure {
+            code: exit::PENDING,
+            message: format!(
+                "not changing the partitions from {recorded} to {}: {} orders ready and {} held by workers; wait for the drain",
+                asked.partitions(),
+                queues.orders_ready,
+                workers
+                    .iter()
+                    .filter(|w| w.alive)
+                    .map(|w| w.inflight)
+                    .sum::<u64>()
+            ),
+        });
+    }
+    postgres::set_partitions(pool, &asked).await?;
+    Ok(asked.partitions())
 }

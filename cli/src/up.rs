@@ -96,6 +96,10 @@ fn spawn(
         .env("REDIS_URL", &b.redis_url)
         .env("AMQP_URL", &b.amqp_url)
         .env("FLASHSALE_NAMESPACE", &b.namespace)
+        .env(
+            "FLASHSALE_PARTITIONS",
+            b.partitions.unwrap_or(1).to_string(),
+        )
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .kill_on_drop(true);

@@ -51,7 +51,7 @@ pub(super) async fn rabbitmq(
         .confirm_select(ConfirmSelectOptions::default())
         .await?;
     broker::declare_queues(&channel, &ns).await?;
-    let queue = ns.orders_queue();
+    let queue = ns.partition_queue(0);
 
     let started = Instant::now();
     let published: Vec<Result<(), broker::PublishError>> = stream::iter(0u64..)
@@ -96,7 +96,9 @@ pub(super) async fn rabbitmq(
 
     // Consume + ack what was published, as the worker does: batches up to
     // the prefetch, one `multiple` ack per batch.
-    let consumer = OrderConsumer::open(&b.amqp_url, &ns, DEFAULT_PREFETCH, "fsctl-doctor").await?;
+    let all: Vec<u16> = (0..ns.partitions()).collect();
+    let consumer =
+        OrderConsumer::open(&b.amqp_url, &ns, DEFAULT_PREFETCH, "fsctl-doctor", &all).await?;
     let started = Instant::now();
     let mut taken = 0u64;
     while started.elapsed() < budget * 2 {

@@ -735,6 +735,7 @@ mod tests {
                     orders_consumers: 2,
                     dlq_ready: 0,
                     dlq_consumers: 0,
+                    partitions: Vec::new(),
                 })),
             );
         }

@@ -503,3 +503,39 @@ async fn restock_reopens_at_once_reset_restores_and_verify_warns_of_a_wrong_coun
     assert_eq!(code(&fsctl(&env, &["verify"])), 0);
     env.finish().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn migrate_changes_the_partitions_only_when_drained() {
+    let mut env = env().await;
+    let out = fsctl(&env, &["migrate", "--json"]);
+    assert_eq!(json(&out)["partitions"], 1, "recorded on first use");
+    env.seed(1, 10, None).await;
+    env.publish_raw(
+        "waiting-1",
+        br#"{"orderId":"waiting-1","userId":"u","productId":1,"quantity":1,"acceptedAt":"2026-01-01T00:00:00Z"}"#,
+    )
+    .await;
+    let out = fsctl(&env, &["migrate", "--partitions", "3"]);
+    assert_eq!(code(&out), 3, "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("not changing the partitions from 1 to 3")
+    );
+    assert_eq!(json(&fsctl(&env, &["migrate", "--json"]))["partitions"], 1);
+
+    env.start_worker().await;
+    env.wait_for_rows(&["waiting-1".to_owned()]).await;
+    env.stop_workers().await;
+    let out = fsctl(&env, &["migrate", "--partitions", "3", "--json"]);
+    assert_eq!(code(&out), 0, "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(json(&out)["partitions"], 3);
+    // Without --partitions, fsctl reads the recorded count: every partition shows.
+    let out = fsctl(&env, &["inspect", "queue", "--json"]);
+    assert_eq!(code(&out), 0, "{}", String::from_utf8_lossy(&out.stderr));
+    let partitions = json(&out)["queue"]["partitions"].clone();
+    assert_eq!(partitions.as_array().unwrap().len(), 3, "{partitions}");
+    assert_eq!(
+        partitions[2]["queue"],
+        format!("{}.orders.2", env.backends().namespace)
+    );
+    env.finish().await;
+}

@@ -43,6 +43,7 @@ pub fn nowhere() -> BackendUrls {
         redis_url: "redis://127.0.0.1:1".into(),
         amqp_url: "amqp://guest:guest@127.0.0.1:1/%2f".into(),
         namespace: String::new(),
+        partitions: None,
     }
 }
 

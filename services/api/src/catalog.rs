@@ -60,7 +60,8 @@ impl Catalog {
         let snapshot: Shared = Arc::new(RwLock::new(None));
         let url = backends.database_url.clone();
         let source: Arc<dyn Ledger> = Arc::new(ledger.clone());
-        let setup = async move { prepare(&ledger, &url).await };
+        let ns = backends.namespace();
+        let setup = async move { prepare(&ledger, &url, &ns).await };
         let tasks = vec![
             tokio::spawn(refresh(source, setup, snapshot.clone(), REFRESH_EVERY)),
             tokio::spawn(follow_announcements(backends.clone(), snapshot.clone())),
@@ -99,12 +100,18 @@ impl Catalog {
 }
 
 /// Creates the database and applies the migrations, retrying until done.
-async fn prepare(ledger: &StockLedger, url: &str) {
+/// Creates the database and migrates, then checks the partitions: an API
+/// whose `FLASHSALE_PARTITIONS` differs from the recorded one never loads
+/// its catalog, so it publishes nothing (every buy is a `503`).
+async fn prepare(ledger: &StockLedger, url: &str, ns: &flashsale_engine::Namespace) {
     let mut backoff = Duration::from_millis(100);
     loop {
         let migrated = async {
             postgres::ensure_database(url).await?;
-            postgres::migrate(ledger.pool(), url).await
+            postgres::migrate(ledger.pool(), url).await?;
+            postgres::check_partitions(ledger.pool(), ns)
+                .await
+                .map_err(anyhow::Error::from)
         };
         match tokio::time::timeout(Duration::from_secs(10), migrated).await {
             Ok(Ok(())) => return,

@@ -107,6 +107,22 @@ pub struct Application {
     limits: HttpLimits,
 }
 
+/// Refuses to start with another `FLASHSALE_PARTITIONS` than the one
+/// recorded in PostgreSQL, when PostgreSQL answers now (if it does not, the
+/// catalog checks once it does, and loads nothing on a mismatch).
+async fn refuse_other_partitions(backends: &BackendUrls) -> anyhow::Result<()> {
+    let connect = flashsale_engine::postgres::connect_and_migrate(&backends.database_url, 1);
+    if let Ok(Ok(pool)) = tokio::time::timeout(Duration::from_secs(3), connect).await {
+        let checked =
+            flashsale_engine::postgres::check_partitions(&pool, &backends.namespace()).await;
+        pool.close().await;
+        if let Err(flashsale_engine::postgres::PartitionsError::Mismatch(m)) = checked {
+            return Err(m.into());
+        }
+    }
+    Ok(())
+}
+
 impl Application {
     /// Binds the port and starts the background connections; the backends
     /// may be unreachable (requests are answered `503` until they answer).
@@ -114,6 +130,7 @@ impl Application {
         let listener = listen(&config.api_addr)
             .await
             .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", config.api_addr))?;
+        refuse_other_partitions(&config.backends).await?;
         let state = AppState::start(&config.backends, &config.limits)?;
         Ok(Self {
             listener,

@@ -25,11 +25,21 @@ pub struct BackendUrls {
     /// Prefix of every Redis key and RabbitMQ queue name.
     #[arg(long, global = true, env = "FLASHSALE_NAMESPACE", default_value = DEFAULT_NAMESPACE)]
     pub namespace: String,
+    /// Order queue partitions K: a product's orders go to
+    /// `<ns>.orders.<id mod K>` (K = 1: `<ns>.orders`). Recorded in
+    /// PostgreSQL; change it with `fsctl migrate --partitions K`.
+    /// (default 1)
+    #[arg(long, global = true, env = "FLASHSALE_PARTITIONS",
+          value_parser = clap::value_parser!(u16).range(1..=MAX_PARTITIONS as i64))]
+    pub partitions: Option<u16>,
 }
+
+/// Most order queue partitions a deployment may have.
+pub const MAX_PARTITIONS: u16 = 64;
 
 impl BackendUrls {
     pub fn namespace(&self) -> Namespace {
-        Namespace::new(&self.namespace)
+        Namespace::partitioned(&self.namespace, self.partitions.unwrap_or(1))
     }
 }
 
@@ -40,32 +50,69 @@ impl Default for BackendUrls {
             redis_url: DEFAULT_REDIS_URL.into(),
             amqp_url: DEFAULT_AMQP_URL.into(),
             namespace: DEFAULT_NAMESPACE.into(),
+            partitions: None,
         }
     }
 }
 
-/// The names of every Redis key and queue of one deployment.
+/// The names of every Redis key and queue of one deployment, and how many
+/// partitions its order queue has.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Namespace(String);
+pub struct Namespace(String, u16);
 
 impl Namespace {
     pub fn new(prefix: &str) -> Self {
-        Self(prefix.to_owned())
+        Self(prefix.to_owned(), 1)
+    }
+    /// With `partitions` order queues (at least 1).
+    pub fn partitioned(prefix: &str, partitions: u16) -> Self {
+        Self(prefix.to_owned(), partitions.max(1))
     }
     pub fn as_str(&self) -> &str {
         &self.0
     }
+    pub fn partitions(&self) -> u16 {
+        self.1
+    }
+    /// The unpartitioned order queue's name, `<ns>.orders`.
     pub fn orders_queue(&self) -> String {
         format!("{}.orders", self.0)
+    }
+    /// Partition `p`'s order queue: `<ns>.orders.<p>`, or `<ns>.orders`
+    /// when there is one partition.
+    pub fn partition_queue(&self, p: u16) -> String {
+        if self.1 == 1 {
+            self.orders_queue()
+        } else {
+            format!("{}.orders.{p}", self.0)
+        }
+    }
+    /// Every order queue, partition by partition.
+    pub fn order_queues(&self) -> Vec<String> {
+        (0..self.1).map(|p| self.partition_queue(p)).collect()
+    }
+    /// The partition of a product's orders: `id mod K`.
+    pub fn partition_of(&self, product: i64) -> u16 {
+        product.rem_euclid(i64::from(self.1)) as u16
+    }
+    /// The order queue of a product's orders.
+    pub fn queue_for(&self, product: i64) -> String {
+        self.partition_queue(self.partition_of(product))
     }
     pub fn dead_letter_queue(&self) -> String {
         format!("{}.orders.dlq", self.0)
     }
+    /// A product's lock; its keys share the hash tag `{<id>}`, so the
+    /// scripts that touch several stay in one Redis Cluster slot.
     pub fn lock_key(&self, product: i64) -> String {
-        format!("{}:lock:product:{product}", self.0)
+        format!("{}{{{product}}}", self.lock_prefix())
+    }
+    /// What every product lock's key starts with.
+    pub fn lock_prefix(&self) -> String {
+        format!("{}:lock:product:", self.0)
     }
     pub fn fence_key(&self, product: i64) -> String {
-        format!("{}:fence:product:{product}", self.0)
+        format!("{}:fence:product:{{{product}}}", self.0)
     }
     /// Units a buy may still take (admission counter), hash-tagged by product.
     pub fn tokens_key(&self, product: i64) -> String {
@@ -163,9 +210,17 @@ mod tests {
         let ns = Namespace::new("fs");
         assert_eq!(ns.orders_queue(), "fs.orders");
         assert_eq!(ns.dead_letter_queue(), "fs.orders.dlq");
-        assert_eq!(ns.lock_key(7), "fs:lock:product:7");
-        assert_eq!(ns.fence_key(7), "fs:fence:product:7");
+        assert_eq!(ns.lock_key(7), "fs:lock:product:{7}");
+        assert_eq!(ns.fence_key(7), "fs:fence:product:{7}");
         assert_eq!(ns.tokens_key(7), "fs:tokens:product:{7}");
+        assert_eq!(ns.order_queues(), vec!["fs.orders"]);
+        let three = Namespace::partitioned("fs", 3);
+        assert_eq!(
+            three.order_queues(),
+            vec!["fs.orders.0", "fs.orders.1", "fs.orders.2"]
+        );
+        assert_eq!(three.queue_for(7), "fs.orders.1");
+        assert_eq!(three.dead_letter_queue(), "fs.orders.dlq");
         assert_eq!(ns.worker_key("w1"), "fs:worker:w1");
     }
 }

@@ -2,7 +2,7 @@
 //! the migrations (safe when several processes start at once), and session
 //! settings that keep every transaction shorter than the product lock's lease.
 
-use crate::config::mask_url;
+use crate::config::{Namespace, mask_url};
 use crate::locks::LOCK_LEASE;
 use sqlx::migrate::Migrator;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
@@ -32,6 +32,70 @@ pub enum DatabaseError {
         #[source]
         source: sqlx::migrate::MigrateError,
     },
+}
+
+/// This process's `FLASHSALE_PARTITIONS` differs from what the deployment
+/// recorded: it must not publish or consume by another partitioning.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "FLASHSALE_PARTITIONS is {asked}, but namespace {namespace} has {recorded} order queue partition(s) recorded in PostgreSQL; start with FLASHSALE_PARTITIONS={recorded}, or change it with `fsctl migrate --partitions {asked}` once drained"
+)]
+pub struct PartitionMismatch {
+    pub namespace: String,
+    pub asked: u16,
+    pub recorded: u16,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum PartitionsError {
+    #[error(transparent)]
+    Mismatch(#[from] PartitionMismatch),
+    #[error("cannot read the recorded partitions: {0}")]
+    Database(#[from] sqlx::Error),
+}
+
+/// The partitions recorded for `ns` (recording `ns`'s own on first use).
+pub async fn recorded_partitions(pool: &PgPool, ns: &Namespace) -> Result<u16, sqlx::Error> {
+    sqlx::query(
+        "INSERT INTO queue_partitions (namespace, partitions) VALUES ($1, $2)
+         ON CONFLICT (namespace) DO NOTHING",
+    )
+    .bind(ns.as_str())
+    .bind(i32::from(ns.partitions()))
+    .execute(pool)
+    .await?;
+    let k: i32 = sqlx::query_scalar("SELECT partitions FROM queue_partitions WHERE namespace = $1")
+        .bind(ns.as_str())
+        .fetch_one(pool)
+        .await?;
+    Ok(u16::try_from(k).unwrap_or(1))
+}
+
+/// Refuses a process whose partitions differ from the recorded ones.
+pub async fn check_partitions(pool: &PgPool, ns: &Namespace) -> Result<(), PartitionsError> {
+    let recorded = recorded_partitions(pool, ns).await?;
+    if recorded != ns.partitions() {
+        return Err(PartitionMismatch {
+            namespace: ns.as_str().to_owned(),
+            asked: ns.partitions(),
+            recorded,
+        }
+        .into());
+    }
+    Ok(())
+}
+
+/// Records `ns`'s partitions (`fsctl migrate --partitions K`, once drained).
+pub async fn set_partitions(pool: &PgPool, ns: &Namespace) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "INSERT INTO queue_partitions (namespace, partitions) VALUES ($1, $2)
+         ON CONFLICT (namespace) DO UPDATE SET partitions = EXCLUDED.partitions",
+    )
+    .bind(ns.as_str())
+    .bind(i32::from(ns.partitions()))
+    .execute(pool)
+    .await
+    .map(drop)
 }
 
 fn unreachable(url: &str) -> impl FnOnce(sqlx::Error) -> DatabaseError + '_ {

@@ -57,7 +57,12 @@ impl Scratch {
         let ns = self.backends.namespace();
         let conn = broker::connect(&self.backends.amqp_url, "flashsale-scratch").await?;
         let channel = conn.create_channel().await?;
-        for queue in [ns.orders_queue(), ns.dead_letter_queue()] {
+        // Every partition a test may have used, whatever K it ended with
+        // (deleting a queue that does not exist succeeds).
+        let every = crate::Namespace::partitioned(ns.as_str(), crate::config::MAX_PARTITIONS);
+        let mut queues = every.order_queues();
+        queues.extend([ns.orders_queue(), ns.dead_letter_queue()]);
+        for queue in queues {
             channel
                 .queue_delete(queue.into(), QueueDeleteOptions::default())
                 .await?;

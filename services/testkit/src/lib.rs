@@ -32,6 +32,7 @@ pub fn servers() -> BackendUrls {
         redis_url: var("REDIS_URL", flashsale_engine::config::DEFAULT_REDIS_URL),
         amqp_url: var("AMQP_URL", flashsale_engine::config::DEFAULT_AMQP_URL),
         namespace: String::new(),
+        partitions: None,
     }
 }
 
@@ -321,7 +322,12 @@ impl TestEnv {
         let ns = self.scratch.backends.namespace();
         broker::declare_queues(&channel, &ns).await.unwrap();
         for (message_id, payload) in messages {
-            broker::publish_confirmed(&channel, &ns.orders_queue(), message_id, payload, None)
+            // Routed as the API routes it: by the payload's product, if any.
+            let product = serde_json::from_slice::<Value>(payload)
+                .ok()
+                .and_then(|v| v["productId"].as_i64())
+                .unwrap_or(0);
+            broker::publish_confirmed(&channel, &ns.queue_for(product), message_id, payload, None)
                 .await
                 .unwrap();
         }
@@ -359,7 +365,7 @@ impl TestEnv {
         panic!("expected {n} dead letters, found {seen:?}");
     }
 
-    /// Ready messages in the order queue.
+    /// Ready messages in the order queues (every partition), or in the DLQ.
     pub async fn queue_depth(&self, dead_letters: bool) -> u32 {
         let conn = broker::connect(&self.scratch.backends.amqp_url, "test-probe")
             .await
@@ -367,12 +373,15 @@ impl TestEnv {
         let channel = conn.create_channel().await.unwrap();
         let ns = self.scratch.backends.namespace();
         broker::declare_queues(&channel, &ns).await.unwrap();
-        let queue = if dead_letters {
-            ns.dead_letter_queue()
+        let queues = if dead_letters {
+            vec![ns.dead_letter_queue()]
         } else {
-            ns.orders_queue()
+            ns.order_queues()
         };
-        let (ready, _) = broker::queue_stats(&channel, &queue).await.unwrap();
+        let mut ready = 0;
+        for queue in queues {
+            ready += broker::queue_stats(&channel, &queue).await.unwrap().0;
+        }
         let _ = conn.close(200, "done".into()).await;
         ready
     }

@@ -46,6 +46,9 @@ pub struct WorkerConfig {
     /// Deliveries held at once (RabbitMQ prefetch).
     #[arg(long, env = "WORKER_PREFETCH", default_value_t = DEFAULT_PREFETCH)]
     pub prefetch: u16,
+    /// The order queue partitions to consume, e.g. `0,2` (default: all).
+    #[arg(long, env = "WORKER_PARTITIONS", value_delimiter = ',')]
+    pub worker_partitions: Vec<u16>,
 }
 
 impl WorkerConfig {
@@ -55,6 +58,7 @@ impl WorkerConfig {
             metrics_addr: "127.0.0.1:0".into(),
             worker_id: None,
             prefetch: DEFAULT_PREFETCH,
+            worker_partitions: Vec::new(),
         }
     }
 }
@@ -93,6 +97,20 @@ impl Worker {
         let id = config.worker_id.clone().unwrap_or_else(default_worker_id);
         let ns = config.backends.namespace();
         let pool = postgres::connect_for_lookups(&config.backends.database_url, 8).await?;
+        postgres::check_partitions(&pool, &ns).await?;
+        let consumed = match config.worker_partitions.as_slice() {
+            [] => (0..ns.partitions()).collect(),
+            some => {
+                if let Some(p) = some.iter().find(|p| **p >= ns.partitions()) {
+                    anyhow::bail!(
+                        "WORKER_PARTITIONS names partition {p}, but there are {} (0 to {})",
+                        ns.partitions(),
+                        ns.partitions() - 1
+                    );
+                }
+                some.to_vec()
+            }
+        };
         let redis = redis_conn::connect(&config.backends.redis_url).await?;
         // Fail now, not in the reconnect loop, when RabbitMQ is unreachable.
         let probe = broker::connect(&config.backends.amqp_url, "flashsale-worker").await?;
@@ -111,7 +129,9 @@ impl Worker {
         let lock = ProductLock::new(redis.clone(), ns.clone(), id);
         let admission: Arc<dyn AcceptStore> = Arc::new(AcceptLog::new(redis.clone(), ns.clone()));
         let feed = StockFeed::new(redis, &ns);
-        let queue = Arc::new(RabbitQueue::consumer_only(&config.backends.amqp_url, &ns));
+        let queue = Arc::new(
+            RabbitQueue::consumer_only(&config.backends.amqp_url, &ns).consuming(consumed),
+        );
         let ledger: Arc<dyn Ledger> = Arc::new(StockLedger::new(pool));
         Ok(Self {
             book: OrderBook::new(

@@ -7,4 +7,5 @@
 mod admission;
 mod faults;
 mod orders;
+mod partitions;
 mod process;

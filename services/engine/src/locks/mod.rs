@@ -1,7 +1,7 @@
 //! The per-product lock and its fencing tokens.
 //!
-//! `<ns>:lock:product:<id>` holds `<worker_id>:<token>` with a lease; the
-//! token comes from `INCR <ns>:fence:product:<id>`, one per transaction, and
+//! `<ns>:lock:product:{<id>}` holds `<worker_id>:<token>` with a lease; the
+//! token comes from `INCR <ns>:fence:product:{<id>}`, one per transaction, and
 //! PostgreSQL refuses any token not above the last one that wrote the row
 //! (see [`crate::ledger`]). The lock keeps workers from queueing on one hot
 //! row; correctness rests on the fence, not on the lock. Two

@@ -119,8 +119,7 @@ pub struct LockView {
 /// Every product lock held now, by product.
 pub async fn held(redis: &ConnectionManager, ns: &Namespace) -> redis::RedisResult<Vec<LockView>> {
     let mut conn = redis.clone();
-    let prefix = ns.lock_key(0);
-    let prefix = prefix.trim_end_matches('0');
+    let prefix = ns.lock_prefix();
     let mut out = Vec::new();
     for key in crate::redis_conn::scan(redis, &format!("{prefix}*")).await? {
         let (value, ttl): (Option<String>, i64) = timed(
@@ -135,7 +134,10 @@ pub async fn held(redis: &ConnectionManager, ns: &Namespace) -> redis::RedisResu
         let Some(value) = value else { continue };
         let (holder, token) = value.rsplit_once(':').unwrap_or((&value, "0"));
         out.push(LockView {
-            product_id: key[prefix.len()..].parse().unwrap_or(0),
+            product_id: key[prefix.len()..]
+                .trim_matches(['{', '}'])
+                .parse()
+                .unwrap_or(0),
             holder: holder.to_owned(),
             token: token.parse().unwrap_or(0),
             ttl_ms: ttl,

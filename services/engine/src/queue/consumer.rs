@@ -3,6 +3,7 @@
 
 use super::rabbitmq as broker;
 use crate::Namespace;
+use futures_util::stream::SelectAll;
 use futures_util::{FutureExt, StreamExt};
 use lapin::message::Delivery;
 use lapin::options::{
@@ -15,9 +16,11 @@ use std::time::Duration;
 pub struct OrderConsumer {
     connection: Connection,
     channel: Channel,
-    consumer: tokio::sync::Mutex<Consumer>,
+    /// One consumer per partition consumed, on the one channel (so the
+    /// delivery tags, and the `multiple` acks, span them all).
+    consumer: tokio::sync::Mutex<SelectAll<Consumer>>,
     prefetch: u16,
-    tag: String,
+    tags: Vec<String>,
     ns: Namespace,
 }
 
@@ -27,6 +30,7 @@ impl OrderConsumer {
         ns: &Namespace,
         prefetch: u16,
         worker_id: &str,
+        partitions: &[u16],
     ) -> Result<Self, broker::BrokerError> {
         let connection = broker::connect(url, &format!("flashsale-worker {worker_id}")).await?;
         let channel = connection.create_channel().await?;
@@ -39,20 +43,26 @@ impl OrderConsumer {
             .basic_qos(prefetch, BasicQosOptions::default())
             .await?;
         let tag = format!("{worker_id}-{}", uuid::Uuid::new_v4().simple());
-        let consumer = channel
-            .basic_consume(
-                ns.orders_queue().into(),
-                tag.as_str().into(),
-                BasicConsumeOptions::default(),
-                FieldTable::default(),
-            )
-            .await?;
+        let mut consumers = Vec::new();
+        for p in partitions {
+            let consumer = channel
+                .basic_consume(
+                    ns.partition_queue(*p).into(),
+                    format!("{tag}-{p}").as_str().into(),
+                    BasicConsumeOptions::default(),
+                    FieldTable::default(),
+                )
+                .await?;
+            consumers.push(consumer);
+        }
+        let tags = partitions.iter().map(|p| format!("{tag}-{p}")).collect();
+        let consumer = futures_util::stream::select_all(consumers);
         Ok(Self {
             connection,
             channel,
             consumer: tokio::sync::Mutex::new(consumer),
             prefetch,
-            tag,
+            tags,
             ns: ns.clone(),
         })
     }
@@ -92,10 +102,12 @@ impl OrderConsumer {
 
     /// Stops new deliveries; those already sent can still be taken.
     pub async fn cancel(&self) {
-        let cancel = self
-            .channel
-            .basic_cancel(self.tag.as_str().into(), BasicCancelOptions::default());
-        let _ = tokio::time::timeout(Duration::from_secs(2), cancel).await;
+        for tag in &self.tags {
+            let cancel = self
+                .channel
+                .basic_cancel(tag.as_str().into(), BasicCancelOptions::default());
+            let _ = tokio::time::timeout(Duration::from_secs(2), cancel).await;
+        }
     }
 
     /// Closes the connection; unacked deliveries go back to the queue.

@@ -57,13 +57,20 @@ impl MemoryQueue {
             orders_consumers: s.held.len() as u64,
             dlq_ready: s.dead.len() as u64,
             dlq_consumers: 0,
+            partitions: Vec::new(),
         }
     }
 }
 
 #[async_trait::async_trait]
 impl OrderQueue for MemoryQueue {
-    async fn publish(&self, message_id: &str, payload: &[u8]) -> Result<(), BackendFailed> {
+    /// One queue in memory: the partitions are RabbitMQ's concern.
+    async fn publish(
+        &self,
+        _product: i64,
+        message_id: &str,
+        payload: &[u8],
+    ) -> Result<(), BackendFailed> {
         self.state().ready.push_back(Message {
             id: message_id.to_owned(),
             payload: payload.to_vec(),

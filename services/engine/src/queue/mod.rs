@@ -40,8 +40,14 @@ pub const MAX_BATCH: usize = 500;
 /// redelivery of what a consumer held when it went away, dead letters.
 #[async_trait::async_trait]
 pub trait OrderQueue: Send + Sync {
-    /// Returns once the broker has the message durably (its confirm).
-    async fn publish(&self, message_id: &str, payload: &[u8]) -> Result<(), BackendFailed>;
+    /// Returns once the broker has the message durably (its confirm); it
+    /// goes to `product`'s partition.
+    async fn publish(
+        &self,
+        product: i64,
+        message_id: &str,
+        payload: &[u8],
+    ) -> Result<(), BackendFailed>;
     /// A consumer holding at most `prefetch` unacknowledged messages, handed
     /// out in batches of at most [`MAX_BATCH`].
     async fn consume(&self, prefetch: u16) -> Result<Box<dyn QueueConsumer>, BackendFailed>;

@@ -62,7 +62,7 @@ impl PublisherState {
 #[derive(Clone)]
 pub struct OrderPublisher {
     state: Arc<PublisherState>,
-    queue: String,
+    ns: Namespace,
     _task: Arc<AbortOnDrop>,
 }
 
@@ -95,7 +95,7 @@ impl OrderPublisher {
         let task = tokio::spawn(maintain(Arc::downgrade(&state), url.to_owned(), ns.clone()));
         Self {
             state,
-            queue: ns.orders_queue(),
+            ns: ns.clone(),
             _task: Arc::new(AbortOnDrop(task)),
         }
     }
@@ -106,7 +106,12 @@ impl OrderPublisher {
 
     /// Publishes one order and waits for RabbitMQ's confirm, on a channel
     /// that carries nothing else meanwhile.
-    pub async fn publish(&self, message_id: &str, payload: &[u8]) -> Result<(), PublishError> {
+    pub async fn publish(
+        &self,
+        product: i64,
+        message_id: &str,
+        payload: &[u8],
+    ) -> Result<(), PublishError> {
         let not_connected = || {
             self.state.kick.notify_one();
             PublishError::NotConnected
@@ -122,7 +127,8 @@ impl OrderPublisher {
                 .await
                 .map_err(|_| PublishError::Timeout(CALL_TIMEOUT))??,
         };
-        let result = publish_confirmed(&channel, &self.queue, message_id, payload, None).await;
+        let queue = self.ns.queue_for(product);
+        let result = publish_confirmed(&channel, &queue, message_id, payload, None).await;
         match &result {
             // The confirm came: the channel has nothing in flight.
             Ok(()) | Err(PublishError::Returned | PublishError::Nacked) => {

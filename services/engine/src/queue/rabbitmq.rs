@@ -113,20 +113,24 @@ fn durable() -> QueueDeclareOptions {
     }
 }
 
-/// Declares `<ns>.orders` and `<ns>.orders.dlq` (idempotent).
+/// Declares the order queues (`<ns>.orders`, or one per partition with
+/// their leaders balanced over the cluster's nodes) and `<ns>.orders.dlq`
+/// (idempotent).
 pub async fn declare_queues(channel: &Channel, ns: &Namespace) -> Result<(), lapin::Error> {
     let mut dlq_args = FieldTable::default();
     dlq_args.insert("x-queue-type".into(), long("quorum"));
     channel
         .queue_declare(ns.dead_letter_queue().into(), durable(), dlq_args)
         .await?;
-    channel
-        .queue_declare(
-            ns.orders_queue().into(),
-            durable(),
-            order_queue_arguments(ns),
-        )
-        .await?;
+    let mut args = order_queue_arguments(ns);
+    if ns.partitions() > 1 {
+        args.insert("x-queue-leader-locator".into(), long("balanced"));
+    }
+    for queue in ns.order_queues() {
+        channel
+            .queue_declare(queue.into(), durable(), args.clone())
+            .await?;
+    }
     Ok(())
 }
 
@@ -148,7 +152,9 @@ pub async fn queue_stats(channel: &Channel, queue: &str) -> Result<(u32, u32), l
 /// Records both queues' ready messages and consumers as gauges (so the API
 /// reports them too, and an alert can see a queue nobody consumes).
 pub async fn record_queue_stats(channel: &Channel, ns: &Namespace) {
-    for queue in [ns.orders_queue(), ns.dead_letter_queue()] {
+    let mut queues = ns.order_queues();
+    queues.push(ns.dead_letter_queue());
+    for queue in queues {
         let stats =
             tokio::time::timeout(Duration::from_secs(1), queue_stats(channel, &queue)).await;
         if let Ok(Ok((ready, consumers))) = stats {
@@ -233,6 +239,8 @@ pub struct RabbitQueue {
     ns: crate::Namespace,
     /// The API's publisher (connects in the background); a worker has none.
     publisher: Option<super::OrderPublisher>,
+    /// The partitions a consumer takes from (all unless narrowed).
+    consumed: Vec<u16>,
 }
 
 impl RabbitQueue {
@@ -242,6 +250,7 @@ impl RabbitQueue {
             url: url.to_owned(),
             ns: ns.clone(),
             publisher: Some(super::OrderPublisher::start(url, ns)),
+            consumed: (0..ns.partitions()).collect(),
         }
     }
 
@@ -251,7 +260,14 @@ impl RabbitQueue {
             url: url.to_owned(),
             ns: ns.clone(),
             publisher: None,
+            consumed: (0..ns.partitions()).collect(),
         }
+    }
+
+    /// Consumes only these partitions (`WORKER_PARTITIONS`).
+    pub fn consuming(mut self, partitions: Vec<u16>) -> Self {
+        self.consumed = partitions;
+        self
     }
 
     pub fn is_connected(&self) -> bool {
@@ -264,7 +280,8 @@ impl RabbitQueue {
         prefetch: u16,
         worker_id: &str,
     ) -> Result<Box<dyn QueueConsumer>, BackendFailed> {
-        let open = super::OrderConsumer::open(&self.url, &self.ns, prefetch, worker_id);
+        let open =
+            super::OrderConsumer::open(&self.url, &self.ns, prefetch, worker_id, &self.consumed);
         let consumer = tokio::time::timeout(CONNECT_TIMEOUT + CALL_TIMEOUT, open)
             .await
             .map_err(|_| {
@@ -299,14 +316,19 @@ async fn within_deadline<T>(
 
 #[async_trait::async_trait]
 impl OrderQueue for RabbitQueue {
-    async fn publish(&self, message_id: &str, payload: &[u8]) -> Result<(), BackendFailed> {
+    async fn publish(
+        &self,
+        product: i64,
+        message_id: &str,
+        payload: &[u8],
+    ) -> Result<(), BackendFailed> {
         let Some(publisher) = &self.publisher else {
             return Err(BackendFailed::Misuse(
                 "this queue handle only consumes".into(),
             ));
         };
         publisher
-            .publish(message_id, payload)
+            .publish(product, message_id, payload)
             .await
             .map_err(broker_failed)
     }
@@ -414,10 +436,23 @@ impl QueueConsumer for RabbitConsumer {
 #[derive(Debug, Clone, Default, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct QueueView {
+    /// Ready messages over every partition.
     pub orders_ready: u64,
+    /// Consumers of the least consumed partition (0: one nobody consumes).
     pub orders_consumers: u64,
     pub dlq_ready: u64,
     pub dlq_consumers: u64,
+    /// Each order queue (one per partition), in partition order.
+    pub partitions: Vec<PartitionView>,
+}
+
+/// One partition's order queue.
+#[derive(Debug, Clone, Default, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PartitionView {
+    pub queue: String,
+    pub ready: u64,
+    pub consumers: u64,
 }
 
 /// Counts of both queues, by passive declare on a connection of its own.
@@ -426,13 +461,22 @@ pub async fn queues(amqp_url: &str, ns: &Namespace) -> Result<QueueView, BrokerE
     let result = async {
         let channel = conn.create_channel().await?;
         declare_queues(&channel, ns).await?;
-        let (orders_ready, orders_consumers) = queue_stats(&channel, &ns.orders_queue()).await?;
+        let mut partitions = Vec::new();
+        for queue in ns.order_queues() {
+            let (ready, consumers) = queue_stats(&channel, &queue).await?;
+            partitions.push(PartitionView {
+                queue,
+                ready: ready.into(),
+                consumers: consumers.into(),
+            });
+        }
         let (dlq_ready, dlq_consumers) = queue_stats(&channel, &ns.dead_letter_queue()).await?;
         Ok::<_, lapin::Error>(QueueView {
-            orders_ready: orders_ready.into(),
-            orders_consumers: orders_consumers.into(),
+            orders_ready: partitions.iter().map(|p| p.ready).sum(),
+            orders_consumers: partitions.iter().map(|p| p.consumers).min().unwrap_or(0),
             dlq_ready: dlq_ready.into(),
             dlq_consumers: dlq_consumers.into(),
+            partitions,
         })
     }
     .await;
