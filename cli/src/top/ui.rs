@@ -303,7 +303,7 @@ fn draw_queue(frame: &mut Frame, app: &App, now: Instant, paint: &Paint, area: R
                 Some(d) => format!("{:.1}s", d.as_secs_f64()),
                 None => "— (nothing processed lately)".to_owned(),
             };
-            vec![
+            let mut lines = vec![
                 Line::from(format!(
                     "ready      {:>8}   consumers {:>3}",
                     q.orders_ready, q.orders_consumers
@@ -321,7 +321,18 @@ fn draw_queue(frame: &mut Frame, app: &App, now: Instant, paint: &Paint, area: R
                     ),
                 ]),
                 Line::from(format!("drain ETA  {eta}")),
-            ]
+            ];
+            if q.partitions.len() > 1 {
+                // Each partition's ready messages and consumers: p:ready/consumers.
+                let each: Vec<String> = q
+                    .partitions
+                    .iter()
+                    .enumerate()
+                    .map(|(i, p)| format!("{i}:{}/{}", p.ready, p.consumers))
+                    .collect();
+                lines.push(Line::from(format!("partitions {}", each.join(" "))));
+            }
+            lines
         }
     };
     frame.render_widget(Paragraph::new(lines).style(style).block(block), area);
@@ -772,6 +783,32 @@ mod tests {
         let screen = sale.render(80, 24);
         assert!(screen.contains("SOLD OUT"));
         insta::assert_snapshot!("sold_out_80x24", screen);
+    }
+
+    #[test]
+    fn partitions_show_in_the_queue_panel() {
+        use flashsale_engine::queue::rabbitmq::PartitionView;
+        let mut sale = Sale::healthy();
+        let at = sale.at();
+        let part = |p: u16, ready| PartitionView {
+            queue: format!("ns.orders.{p}"),
+            ready,
+            consumers: 2,
+        };
+        sale.app.on_sample(
+            at,
+            Sample::Broker(Ok(QueueView {
+                orders_ready: 30,
+                orders_consumers: 2,
+                partitions: vec![part(0, 10), part(1, 0), part(2, 20)],
+                ..QueueView::default()
+            })),
+        );
+        let screen = sale.render(140, 40);
+        assert!(
+            screen.contains("partitions 0:10/2 1:0/2 2:20/2"),
+            "{screen}"
+        );
     }
 
     #[test]
