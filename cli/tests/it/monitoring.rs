@@ -194,14 +194,15 @@ fn compose_file_is_safe_by_default() {
     let mut compose: serde_yaml::Value = serde_yaml::from_str(&text).unwrap();
     compose.apply_merge().unwrap();
     let services = compose["services"].as_mapping().unwrap();
-    // Only the API is published on every interface; the operators' pages on loopback.
+    // Only the API (and the cluster profile's load balancer in front of its
+    // APIs) is published on every interface; the operators' pages on loopback.
     for (name, service) in services {
         let Some(ports) = service.get("ports") else {
             continue;
         };
         for port in ports.as_sequence().unwrap() {
             let port = port.as_str().unwrap();
-            if name.as_str() == Some("api") {
+            if matches!(name.as_str(), Some("api" | "lb")) {
                 continue;
             }
             assert!(
@@ -261,6 +262,87 @@ fn compose_file_is_safe_by_default() {
         ignored.lines().any(|l| l.trim() == ".env"),
         ".env is not ignored by git"
     );
+}
+
+#[test]
+fn compose_cluster_profile_is_a_three_node_cluster_behind_a_balancer() {
+    let text = std::fs::read_to_string(repo().join("docker-compose.yml")).unwrap();
+    let mut compose: serde_yaml::Value = serde_yaml::from_str(&text).unwrap();
+    compose.apply_merge().unwrap();
+    let services = compose["services"].as_mapping().unwrap();
+    let in_cluster = |name: &str| {
+        let profiles = &services[name]["profiles"];
+        profiles
+            .as_sequence()
+            .is_some_and(|p| p.iter().any(|v| v == "cluster"))
+    };
+    for n in 1..=3 {
+        let name = format!("rabbit-{n}");
+        let node = &services[name.as_str()];
+        assert!(in_cluster(&name), "{name} is not in the cluster profile");
+        assert_eq!(
+            node["hostname"],
+            name.as_str(),
+            "{name} keeps its node name"
+        );
+        assert_eq!(
+            node["volumes"][0],
+            format!("{name}-data:/var/lib/rabbitmq").as_str()
+        );
+        assert!(
+            node["environment"].get("RABBITMQ_ERLANG_COOKIE").is_some(),
+            "{name}: no shared cookie"
+        );
+        assert!(
+            compose["volumes"]
+                .as_mapping()
+                .unwrap()
+                .contains_key(format!("{name}-data").as_str())
+        );
+    }
+    let formation = compose["configs"]["rabbit-cluster-conf"]["content"]
+        .as_str()
+        .unwrap();
+    for n in 1..=3 {
+        assert!(
+            formation.contains(&format!("rabbit@rabbit-{n}")),
+            "{formation}"
+        );
+    }
+    // Two APIs and three workers on every node, the queue in partitions.
+    let mut apis = 0;
+    for (name, service) in services {
+        let name = name.as_str().unwrap();
+        if !in_cluster(name) || name.starts_with("rabbit-") || name == "lb" {
+            continue;
+        }
+        apis += usize::from(name.starts_with("api-"));
+        let env = &service["environment"];
+        let amqp = env["AMQP_URL"].as_str().unwrap();
+        for n in 1..=3 {
+            assert!(
+                amqp.contains(&format!("@rabbit-{n}:5672")),
+                "{name}: {amqp}"
+            );
+        }
+        assert_eq!(env["FLASHSALE_PARTITIONS"], 3, "{name}");
+        assert_eq!(env["FLASHSALE_NAMESPACE"], "flashsale-cluster", "{name}");
+        for n in 1..=3 {
+            assert!(
+                service["depends_on"]
+                    .get(format!("rabbit-{n}").as_str())
+                    .is_some(),
+                "{name} does not wait for rabbit-{n}"
+            );
+        }
+    }
+    assert_eq!(apis, 2);
+    let lb = compose["configs"]["lb-conf"]["content"].as_str().unwrap();
+    assert!(
+        lb.contains("server api-a:3000") && lb.contains("server api-b:3000"),
+        "{lb}"
+    );
+    assert!(in_cluster("lb"));
 }
 
 fn free_port() -> u16 {
