@@ -7,6 +7,7 @@ use crate::catalog::Catalog;
 use crate::settling::Settling;
 use flashsale_engine::accept_log::AcceptLog;
 use flashsale_engine::accept_log::AcceptStore;
+use flashsale_engine::admission::ApiHeartbeat;
 use flashsale_engine::embedded::EmbeddedBackends;
 use flashsale_engine::ledger::Ledger;
 use flashsale_engine::ledger::StockLedger;
@@ -31,6 +32,10 @@ pub struct Shared {
     /// Buys in progress, for load shedding above `API_MAX_INFLIGHT`.
     pub buys: BuysInFlight,
     pub limits: HttpLimits,
+    /// This process's id in its claims and its heartbeat.
+    pub instance: String,
+    /// The heartbeat (none when embedded): it stops with the state.
+    _beat: Option<ApiHeartbeat>,
 }
 
 /// Counts the buys in progress; entering fails above the limit.
@@ -69,6 +74,8 @@ impl AppState {
         let ledger = StockLedger::new(postgres::connect_lazy(&backends.database_url, 16)?);
         let redis = redis_conn::connect_lazy(&backends.redis_url)?;
         let queue = Arc::new(RabbitQueue::start(&backends.amqp_url, &namespace));
+        let instance = uuid::Uuid::new_v4().simple().to_string()[..12].to_owned();
+        let beat = ApiHeartbeat::start(redis.clone(), namespace.clone(), instance.clone());
         Ok(Self(Arc::new(Shared {
             catalog: Catalog::start(ledger.clone(), backends),
             accept_log: Arc::new(AcceptLog::new(redis.clone(), namespace.clone())),
@@ -79,6 +86,8 @@ impl AppState {
             settling: Arc::default(),
             buys: BuysInFlight::default(),
             limits: *limits,
+            instance,
+            _beat: Some(beat),
         })))
     }
 
@@ -96,6 +105,8 @@ impl AppState {
             settling: Arc::default(),
             buys: BuysInFlight::default(),
             limits: *limits,
+            instance: "embedded".into(),
+            _beat: None,
         }))
     }
 }

@@ -7,7 +7,9 @@
 //! trusted blindly: `tokens = stock − units in flight`, where the units in
 //! flight are those of the admitted orders (kept per product beside the
 //! counter) that have no order row yet and are still alive in the accept
-//! log (queued, or pending for less than [`PENDING_ALIVE`]). It is derived
+//! log: queued, or pending for less than [`PENDING_ALIVE`] in an API
+//! process whose heartbeat (`<ns>:api:<instance>`, [`API_BEAT_TTL`]) has not
+//! expired. It is derived
 //! when missing (first use, Redis lost its data) and reconciled by the
 //! workers every [`RECONCILE_EVERY`] for each product whose counter differs
 //! from its stock, so units lost by a crash between taking and publishing
@@ -24,6 +26,61 @@ use crate::seams::BackendFailed;
 use chrono::Utc;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
+
+/// An API process's heartbeat lives this long; it beats every second.
+pub const API_BEAT_TTL: Duration = Duration::from_secs(4);
+
+/// An API process's heartbeat, beating until dropped (then removed).
+pub struct ApiHeartbeat(CancellationToken);
+
+impl ApiHeartbeat {
+    pub fn start(
+        redis: redis::aio::ConnectionManager,
+        ns: crate::Namespace,
+        instance: String,
+    ) -> Self {
+        let stop = CancellationToken::new();
+        tokio::spawn(api_heartbeat(redis, ns, instance, stop.clone()));
+        Self(stop)
+    }
+}
+
+impl Drop for ApiHeartbeat {
+    fn drop(&mut self) {
+        self.0.cancel();
+    }
+}
+
+/// Keeps an API process's heartbeat, `<ns>:api:<instance>`, until `stop`
+/// (then removes it), so that its pending claims count as in flight only
+/// while it lives.
+async fn api_heartbeat(
+    redis: redis::aio::ConnectionManager,
+    ns: crate::Namespace,
+    instance: String,
+    stop: CancellationToken,
+) {
+    let key = ns.api_key(&instance);
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => break,
+            _ = tick.tick() => {}
+        }
+        let mut conn = redis.clone();
+        let mut set = redis::cmd("SET");
+        set.arg(&key)
+            .arg(1)
+            .arg("PX")
+            .arg(API_BEAT_TTL.as_millis() as u64);
+        if let Err(e) = crate::redis_conn::timed(set.query_async::<()>(&mut conn)).await {
+            tracing::debug!(error = %e, "API heartbeat not written");
+        }
+    }
+    let mut conn = redis.clone();
+    let _ =
+        crate::redis_conn::timed(redis::cmd("DEL").arg(&key).query_async::<()>(&mut conn)).await;
+}
 
 /// How often a worker reconciles the counters.
 pub const RECONCILE_EVERY: Duration = Duration::from_secs(1);
@@ -76,12 +133,28 @@ pub async fn derive(
         .partition(|(k, _)| !booked.contains(k));
     let unbooked_keys: Vec<String> = unbooked.iter().map(|(k, _)| k.clone()).collect();
     let records = store.get_many(&unbooked_keys).await?;
+    // The API processes holding pending claims, and which of them still beat.
+    let mut claimants: Vec<String> = records
+        .iter()
+        .flatten()
+        .filter(|r| r.state == AcceptState::Pending)
+        .filter_map(|r| r.claimant().map(str::to_owned))
+        .collect();
+    claimants.sort();
+    claimants.dedup();
+    let beating = store.claimants_alive(&claimants).await?;
+    let dead = |instance: &str| {
+        claimants
+            .binary_search_by(|c| c.as_str().cmp(instance))
+            .is_ok_and(|i| !beating[i])
+    };
     let now = Utc::now();
     let mut in_flight = 0;
     for ((key, units), record) in unbooked.into_iter().zip(records) {
         let alive = record.is_some_and(|r| {
             r.state == AcceptState::Queued
-                || (now - r.accepted_at).to_std().unwrap_or_default() < PENDING_ALIVE
+                || ((now - r.accepted_at).to_std().unwrap_or_default() < PENDING_ALIVE
+                    && !r.claimant().is_some_and(dead))
         });
         if alive {
             in_flight += units;

@@ -129,6 +129,10 @@ impl Namespace {
     pub fn accept_key(&self, order_id: &str) -> String {
         format!("{}:order:{order_id}", self.0)
     }
+    /// An API process's heartbeat (its instance id).
+    pub fn api_key(&self, instance: &str) -> String {
+        format!("{}:api:{instance}", self.0)
+    }
     pub fn worker_key(&self, worker_id: &str) -> String {
         format!("{}:worker:{worker_id}", self.0)
     }

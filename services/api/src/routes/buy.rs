@@ -162,7 +162,7 @@ async fn accept(state: &AppState, headers: &HeaderMap, body: Body) -> Result<Ans
         }
         .into());
     }
-    let record = AcceptRecord::pending(&request, Utc::now());
+    let record = AcceptRecord::pending(&request, Utc::now()).claimed_by(&state.instance);
     let redis_down = |e: BackendFailed| ApiError::unavailable("Redis", e);
     let mut derivations = 0;
     loop {

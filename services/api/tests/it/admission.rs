@@ -344,6 +344,30 @@ async fn units_taken_by_a_killed_api_come_back() {
     );
     env.wait_for_rows(&accepted).await;
 
+    // Drained: within 5 s the counter is back at the stock (the killed
+    // process's claims are dead once its heartbeat expires).
+    let drained = Instant::now();
+    let redis = flashsale_engine::redis_conn::connect(&b.redis_url)
+        .await
+        .unwrap();
+    loop {
+        let mut conn = redis.clone();
+        let tokens: Option<i64> = redis::cmd("GET")
+            .arg(b.namespace().tokens_key(1))
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        let stock = i64::from(env.stock(1).await);
+        if tokens == Some(stock) {
+            break;
+        }
+        assert!(
+            drained.elapsed() < Duration::from_secs(5),
+            "counter {tokens:?}, stock {stock}, 5 s after the drain"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
     // Every unit still sells through another API: what the killed process
     // had taken and never published comes back by reconciliation.
     let api = env.start_api().await;

@@ -57,6 +57,19 @@ impl AcceptRecord {
         }
     }
 
+    /// The same record, its claim marked with the API process that holds it
+    /// (`<instance>/<claim>`), so that a reconciliation can tell a claim
+    /// whose process died ([`AcceptStore::claimants_alive`]).
+    pub fn claimed_by(mut self, instance: &str) -> Self {
+        self.claim = format!("{instance}/{}", self.claim);
+        self
+    }
+
+    /// The API process holding the claim, if it was marked.
+    pub fn claimant(&self) -> Option<&str> {
+        self.claim.split_once('/').map(|(instance, _)| instance)
+    }
+
     /// Same buyer, product and quantity as `request`.
     pub fn same_body(&self, request: &OrderRequest) -> bool {
         self.user_id == request.user_id.as_str()
@@ -135,6 +148,9 @@ pub trait AcceptStore: Send + Sync {
         key: &IdempotencyKey,
         record: &AcceptRecord,
     ) -> Result<(), BackendFailed>;
+    /// Whether each API process (by its instance id) is still alive: its
+    /// heartbeat has not expired.
+    async fn claimants_alive(&self, instances: &[String]) -> Result<Vec<bool>, BackendFailed>;
     /// The product's counter, admitted orders and version, at one instant.
     async fn admission(&self, product: i64) -> Result<Admission, BackendFailed>;
     /// The counters of `products`, in order (`None`: no counter).

@@ -265,6 +265,19 @@ impl AcceptStore for AcceptLog {
         .map_err(BackendFailed::redis)
     }
 
+    async fn claimants_alive(&self, instances: &[String]) -> Result<Vec<bool>, BackendFailed> {
+        if instances.is_empty() {
+            return Ok(Vec::new());
+        }
+        let names: Vec<String> = instances.iter().map(|i| self.ns.api_key(i)).collect();
+        let mut conn = self.redis.clone();
+        let beats: Vec<Option<String>> =
+            timed(redis::cmd("MGET").arg(&names).query_async(&mut conn))
+                .await
+                .map_err(BackendFailed::redis)?;
+        Ok(beats.iter().map(Option::is_some).collect())
+    }
+
     async fn admission(&self, product: i64) -> Result<Admission, BackendFailed> {
         let mut conn = self.redis.clone();
         let (tokens, admitted, version): (Option<i64>, HashMap<String, i64>, Option<i64>) = timed(

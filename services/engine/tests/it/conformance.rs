@@ -690,3 +690,47 @@ async fn a_database_migrated_before_the_schema_comment_was_reworded_still_starts
     pool.close().await;
     scratch.remove().await.unwrap();
 }
+
+/// A fresh claim counts as in flight only while its API process beats.
+#[tokio::test]
+async fn a_claim_of_an_api_whose_heartbeat_expired_is_not_in_flight() {
+    let scratch = Scratch::new(&servers());
+    let redis = redis_conn::connect(&scratch.backends.redis_url)
+        .await
+        .expect("Redis is not answering (scripts/test starts it)");
+    let pool = postgres::connect_for_lookups(&scratch.backends.database_url, 2)
+        .await
+        .expect("PostgreSQL is not answering (scripts/test starts it)");
+    let ledger = StockLedger::new(pool.clone());
+    ledger.create_missing(&[product(1, 5, None)]).await.unwrap();
+    let ns = scratch.backends.namespace();
+    let store = AcceptLog::new(redis.clone(), ns.clone());
+    store.reset(1, 5).await.unwrap();
+    let beating = flashsale_engine::admission::ApiHeartbeat::start(redis, ns, "alive".into());
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    for (k, instance) in [("by-alive", "alive"), ("by-gone", "gone")] {
+        let record = AcceptRecord::pending(&request(k, 1), Utc::now()).claimed_by(instance);
+        assert_eq!(record.claimant(), Some(instance));
+        let admitted = store.admit(&key(k), &record).await.unwrap();
+        assert!(matches!(admitted, Admit::Claimed { .. }));
+    }
+    assert_eq!(
+        store
+            .claimants_alive(&["alive".into(), "gone".into()])
+            .await
+            .unwrap(),
+        vec![true, false]
+    );
+    assert_eq!(
+        admission::derive(&store, &ledger, pid(1), false)
+            .await
+            .unwrap(),
+        Derived::Set {
+            tokens: 4,
+            in_flight: 1
+        }
+    );
+    drop(beating);
+    pool.close().await;
+    scratch.remove().await.unwrap();
+}
