@@ -89,6 +89,11 @@ pub async fn peek_dead_letters(
                 body: String::from_utf8_lossy(&d.data).into_owned(),
             });
         }
+        // Close the channel first and wait for RabbitMQ's answer: its acks
+        // are handled before it closes. A connection closed at once can
+        // end the channel with an ack still unhandled, and the original,
+        // requeued, then sits in the DLQ beside its copy.
+        channel.close(200, "peeked".into()).await?;
         Ok::<_, lapin::Error>(out)
     }
     .await;
