@@ -455,7 +455,9 @@ pub struct PartitionView {
     pub consumers: u64,
 }
 
-/// Counts of both queues, by passive declare on a connection of its own.
+/// Each order queue's and the DLQ's ready messages and consumers, on a
+/// connection of its own. The queues are declared first (with the fixed
+/// arguments, so a missing one is created rather than failing the look).
 pub async fn queues(amqp_url: &str, ns: &Namespace) -> Result<QueueView, BrokerError> {
     let conn = connect(amqp_url, "fsctl").await?;
     let result = async {
