@@ -390,7 +390,7 @@ async fn fsctl_up_runs_the_stack_that_prometheus_scrapes() {
 
     let mut up = Command::new(&fsctl);
     with_env(&mut up);
-    let mut up = up
+    let up = up
         .args([
             "up",
             "--workers",
@@ -410,6 +410,8 @@ async fn fsctl_up_runs_the_stack_that_prometheus_scrapes() {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
+    // Stopped (with its APIs and workers) even if the test fails midway.
+    let mut up = flashsale_testkit::Stopped(up);
     let api = format!("http://127.0.0.1:{api_port}");
     let mut ready = false;
     for _ in 0..150 {
@@ -510,11 +512,11 @@ async fn fsctl_up_runs_the_stack_that_prometheus_scrapes() {
     let _ = std::fs::remove_dir_all(&dir);
 
     let _ = Command::new("kill")
-        .args(["-TERM", &up.id().to_string()])
+        .args(["-TERM", &up.0.id().to_string()])
         .status();
     let mut stopped = None;
     for _ in 0..100 {
-        if let Some(s) = up.try_wait().unwrap() {
+        if let Some(s) = up.0.try_wait().unwrap() {
             stopped = Some(s);
             break;
         }

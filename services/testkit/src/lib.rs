@@ -551,6 +551,29 @@ pub fn postgres_target() -> SocketAddr {
         .unwrap()
 }
 
+/// A child process stopped when the guard drops (SIGTERM, SIGKILL after
+/// 10 s), so that a test that fails midway leaves nothing running.
+pub struct Stopped(pub std::process::Child);
+
+impl Drop for Stopped {
+    fn drop(&mut self) {
+        if !matches!(self.0.try_wait(), Ok(None)) {
+            return;
+        }
+        let _ = std::process::Command::new("kill")
+            .args(["-TERM", &self.0.id().to_string()])
+            .status();
+        for _ in 0..100 {
+            if !matches!(self.0.try_wait(), Ok(None)) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// Sends SIGTERM to `child` and waits (blocking, up to 10 s) for it to exit.
 pub fn terminate(child: &mut std::process::Child) -> Option<std::process::ExitStatus> {
     let sent = std::process::Command::new("kill")

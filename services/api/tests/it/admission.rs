@@ -303,16 +303,18 @@ async fn units_taken_by_a_killed_api_come_back() {
         .unwrap()
         .port();
     let b = env.backends();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_flashsale-api"))
-        .env("DATABASE_URL", &b.database_url)
-        .env("REDIS_URL", &b.redis_url)
-        .env("AMQP_URL", &b.amqp_url)
-        .env("FLASHSALE_NAMESPACE", &b.namespace)
-        .env("API_ADDR", format!("127.0.0.1:{port}"))
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut child = common::Stopped(
+        Command::new(env!("CARGO_BIN_EXE_flashsale-api"))
+            .env("DATABASE_URL", &b.database_url)
+            .env("REDIS_URL", &b.redis_url)
+            .env("AMQP_URL", &b.amqp_url)
+            .env("FLASHSALE_NAMESPACE", &b.namespace)
+            .env("API_ADDR", format!("127.0.0.1:{port}"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
     let doomed = format!("http://127.0.0.1:{port}");
     let mut ready = false;
     for _ in 0..100 {
@@ -332,9 +334,9 @@ async fn units_taken_by_a_killed_api_come_back() {
     let storm = storm_counted(&env, &apis, 4000, 300, one_unit, &answered);
     let (answers, ()) = tokio::join!(storm, async {
         after_answers(&answered, 100).await;
-        child.kill().unwrap();
+        child.0.kill().unwrap();
     });
-    let _ = child.wait();
+    let _ = child.0.wait();
     let accepted = accepted(&answers);
     let dropped = tally(&answers).get(&0).copied().unwrap_or(0);
     assert!(

@@ -15,16 +15,18 @@ async fn sigterm_stops_the_api_with_exit_0() {
         .unwrap()
         .port();
     let b = env.backends();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_flashsale-api"))
-        .env("DATABASE_URL", &b.database_url)
-        .env("REDIS_URL", &b.redis_url)
-        .env("AMQP_URL", &b.amqp_url)
-        .env("FLASHSALE_NAMESPACE", &b.namespace)
-        .env("API_ADDR", format!("127.0.0.1:{port}"))
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut child = flashsale_testkit::Stopped(
+        Command::new(env!("CARGO_BIN_EXE_flashsale-api"))
+            .env("DATABASE_URL", &b.database_url)
+            .env("REDIS_URL", &b.redis_url)
+            .env("AMQP_URL", &b.amqp_url)
+            .env("FLASHSALE_NAMESPACE", &b.namespace)
+            .env("API_ADDR", format!("127.0.0.1:{port}"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
     let mut ready = false;
     for _ in 0..100 {
         let answer = env
@@ -39,7 +41,8 @@ async fn sigterm_stops_the_api_with_exit_0() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert!(ready, "the API never became ready");
-    let status = flashsale_testkit::terminate(&mut child).expect("the API did not stop on SIGTERM");
+    let status =
+        flashsale_testkit::terminate(&mut child.0).expect("the API did not stop on SIGTERM");
     assert_eq!(status.code(), Some(0));
     env.finish().await;
 }
