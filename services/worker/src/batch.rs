@@ -313,18 +313,33 @@ impl OrderBook {
                         .apply_group(group.product, held.token, &group.orders)
                         .await;
                     self.stats.applying(None);
+                    if let Ok(receipt) = &applied {
+                        // The release, the admission settle and a sell-out's
+                        // announcement go out together (one round trip's
+                        // wait, not three). Only a sell-out is announced:
+                        // the APIs' catalogs need it at once for their fast
+                        // path, and poll every other change within 250 ms.
+                        self.record(&group, receipt);
+                        let announce = async {
+                            if let (Some(feed), Some(0)) = (&self.feed, receipt.stock_after) {
+                                feed.announce(group.product.get(), 0).await;
+                            }
+                        };
+                        let (released, (), ()) = tokio::join!(
+                            self.lock.release(&held),
+                            self.settle(&group, &receipt.outcomes),
+                            announce
+                        );
+                        if let Err(e) = released {
+                            tracing::debug!(error = %e, "lock not released; its lease ends it");
+                        }
+                        return Ok(refused);
+                    }
                     if let Err(e) = self.lock.release(&held).await {
                         tracing::debug!(error = %e, "lock not released; its lease ends it");
                     }
                     match applied {
-                        Ok(receipt) => {
-                            self.record(&group, &receipt);
-                            self.settle(&group, &receipt.outcomes).await;
-                            if let (Some(feed), Some(stock)) = (&self.feed, receipt.stock_after) {
-                                feed.announce(group.product.get(), stock).await;
-                            }
-                            return Ok(refused);
-                        }
+                        Ok(_) => return Ok(refused),
                         Err(LedgerError::FencedOut { product, fence }) => {
                             tracing::info!(%product, fence, "fenced out; raising the fence counter");
                             match self.lock.raise_fence(product, fence).await {
