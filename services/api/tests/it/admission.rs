@@ -297,35 +297,8 @@ async fn redis_state_lost_mid_sale_never_oversells_and_every_unit_sells() {
 async fn units_taken_by_a_killed_api_come_back() {
     let mut env = common::env().await;
     env.seed(1, 200, None).await;
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
     let b = env.backends();
-    let mut child = common::Stopped(
-        Command::new(env!("CARGO_BIN_EXE_flashsale-api"))
-            .env("DATABASE_URL", &b.database_url)
-            .env("REDIS_URL", &b.redis_url)
-            .env("AMQP_URL", &b.amqp_url)
-            .env("FLASHSALE_NAMESPACE", &b.namespace)
-            .env("API_ADDR", format!("127.0.0.1:{port}"))
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
-    let doomed = format!("http://127.0.0.1:{port}");
-    let mut ready = false;
-    for _ in 0..100 {
-        let answer = env.http.get(format!("{doomed}/health/ready")).send().await;
-        if answer.is_ok_and(|r| r.status().is_success()) {
-            ready = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    assert!(ready, "the API never became ready");
+    let (mut child, doomed) = super::api_process(&env).await;
     env.start_worker().await;
     env.start_worker().await;
 
