@@ -9,6 +9,10 @@ local run = tostring(os.time())
 -- KEYS=sequential keeps the old `wrk-<run>-<thread>-<n>` keys; the default is a
 -- random UUIDv4 a request (36 characters), what real clients send.
 local sequential = os.getenv("KEYS") == "sequential"
+-- TOKENS names a file of "<user> <jwt>" lines (fsctl token): each request
+-- then buys as one of those users, with its token (FLASHSALE_AUTH=jwt).
+local token_file = os.getenv("TOKENS")
+local tokens = {}
 
 local function uuid4()
   local r = function() return math.random(0, 0xffff) end
@@ -25,6 +29,12 @@ function init(args)
   n = 0
   expected = 0
   math.randomseed(os.time() * 1000 + id)
+  if token_file then
+    for line in io.lines(token_file) do
+      local user, token = line:match("^(%S+) (%S+)$")
+      if user then table.insert(tokens, {user, "Bearer " .. token}) end
+    end
+  end
 end
 
 function request()
@@ -33,7 +43,13 @@ function request()
     ["Content-Type"] = "application/json",
     ["Idempotency-Key"] = sequential and string.format("wrk-%s-%d-%d", run, id, n) or uuid4(),
   }
-  local body = string.format('{"userId":"u%d","productId":%s,"quantity":1}', n % 1000, product)
+  local user = "u" .. (n % 1000)
+  if #tokens > 0 then
+    local t = tokens[(n % #tokens) + 1]
+    user = t[1]
+    headers["Authorization"] = t[2]
+  end
+  local body = string.format('{"userId":"%s","productId":%s,"quantity":1}', user, product)
   return wrk.format("POST", nil, headers, body)
 end
 

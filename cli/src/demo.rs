@@ -11,10 +11,12 @@ use crate::storm::mix::{BuyMix, QuantityRange, Skew};
 use crate::storm::report::{Drain, StormReport, VerifySummary};
 use crate::storm::target::BuyTarget;
 use crate::storm::{self, StormPlan};
+use crate::token::Tokens;
 use crate::verify;
 use clap::Args;
-use flashsale_api::{Application, RunningApi};
+use flashsale_api::{Access, Application, RunningApi};
 use flashsale_engine::embedded::EmbeddedBackends;
+use flashsale_engine::identity::{AuthConfig, Secret, Signer};
 use flashsale_engine::ledger::Ledger;
 use flashsale_engine::ledger::NewProduct;
 use flashsale_engine::queue::{Delivered, OrderQueue, QueueConsumer};
@@ -44,6 +46,7 @@ Examples:
   fsctl demo --products 20 --stock 50 --duplicate-ratio 0.2 --invalid-ratio 0.1
   fsctl demo --scenario scenarios/retry-storm.toml
   fsctl demo --serve                 # keep the API up for curl afterwards
+  fsctl demo --auth                  # buyers need a token; bots cannot buy as others
 
 Exit codes: 0 the ledger is exact and nothing was lost; 1 otherwise;
 2 bad usage."
@@ -79,6 +82,11 @@ pub struct DemoArgs {
     /// Watch it on the live dashboard (fsctl top) instead of the text report; q quits.
     #[arg(long, conflicts_with = "json")]
     pub top: bool,
+    /// Identity on (FLASHSALE_AUTH=jwt, HS256 with a secret made up for this
+    /// run): the storm signs a token per buyer, and one buyer first shows
+    /// the 401, 403 and owner-only reads.
+    #[arg(long)]
+    pub auth: bool,
     /// Keep the API running afterwards, for curl, until Ctrl-C.
     #[arg(long)]
     pub serve: bool,
@@ -154,6 +162,7 @@ fn plan(args: &DemoArgs) -> Result<(StormPlan, Vec<NewProduct>), Failure> {
         timeout: Duration::from_secs(30),
         seed: rand::random(),
         scenario: None,
+        tokens: None,
     };
     Ok((plan, catalog))
 }
@@ -235,6 +244,21 @@ impl QueueConsumer for StallingConsumer {
     }
 }
 
+/// With `--auth`: the API wants HS256 tokens of a secret made up for this
+/// run, and the storm signs one per buyer.
+fn access(args: &DemoArgs, plan: &StormPlan) -> (Access, Option<Arc<Tokens>>) {
+    if !args.auth {
+        return (Access::default(), plan.tokens.clone());
+    }
+    let secret = uuid::Uuid::new_v4().simple().to_string();
+    let access = Access {
+        auth: AuthConfig::hs256(&secret),
+        ..Access::default()
+    };
+    let tokens = Tokens::new(Signer::hs256(&Secret::new(secret)));
+    (access, Some(Arc::new(tokens)))
+}
+
 fn say(quiet: bool, line: impl AsRef<str>) {
     if !quiet {
         eprintln!("{}", line.as_ref());
@@ -264,8 +288,9 @@ impl DemoEngine {
         listen: &str,
         workers: u64,
         chaos: bool,
+        access: &Access,
     ) -> Result<Self, Failure> {
-        let app = Application::embedded(backends, listen)
+        let app = Application::embedded(backends, listen, access)
             .await
             .map_err(|e| Failure::usage(e.to_string()))?;
         let api = RunningApi::spawn(app)?;
@@ -371,12 +396,25 @@ pub async fn run(args: &DemoArgs) -> Outcome {
             args.workers
         ),
     );
-    let mut engine = DemoEngine::start(&backends, &args.listen, args.workers, args.chaos).await?;
+    let (access, tokens) = access(args, &plan);
+    let mut engine =
+        DemoEngine::start(&backends, &args.listen, args.workers, args.chaos, &access).await?;
     let api = engine.api.url.clone();
+    if args.auth
+        && let Some(tokens) = &tokens
+    {
+        let product = plan.mix.products[0];
+        let lines = crate::identity_tour::run(&api, tokens, product).await?;
+        say(quiet, "auth: FLASHSALE_AUTH=jwt (HS256); one buyer first:");
+        for line in lines {
+            say(quiet, line);
+        }
+    }
     let target = BuyTarget::new(
         std::slice::from_ref(&api),
         plan.load.max_in_flight,
         plan.timeout,
+        tokens,
     )?;
     say(
         quiet,

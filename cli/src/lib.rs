@@ -5,11 +5,13 @@ pub mod backends;
 pub mod demo;
 pub mod doctor;
 pub mod exit;
+mod identity_tour;
 pub mod inspect;
 pub mod output;
 pub mod scenario;
 pub mod seed;
 pub mod storm;
+pub mod token;
 pub mod top;
 pub mod up;
 pub mod verify;
@@ -83,6 +85,8 @@ the partitions left as they were.")]
     Up(up::UpArgs),
     /// Raw capacity of PostgreSQL, Redis and RabbitMQ here, beside what the engine achieves.
     Doctor(doctor::DoctorArgs),
+    /// Print a buyer's token for an API with FLASHSALE_AUTH=jwt (for curl).
+    Token(token::TokenArgs),
     /// Print shell completions: fsctl completions bash > /etc/bash_completion.d/fsctl
     Completions { shell: clap_complete::Shell },
 }
@@ -111,6 +115,7 @@ pub async fn run(cli: Cli) -> ExitCode {
         Command::Top(args) => top::run(b, &cli.api_url, args).await,
         Command::Up(args) => up::run(b, args).await,
         Command::Doctor(args) => doctor::run(b, args).await,
+        Command::Token(args) => token::run(args),
         Command::Completions { shell } => {
             clap_complete::generate(*shell, &mut Cli::command(), "fsctl", &mut std::io::stdout());
             Ok(OK)

@@ -54,6 +54,9 @@ pub struct StormSpec {
     pub invalid_ratio: Option<f64>,
     /// `"uuid"` (the default) or `"sequential"`, as `--keys`.
     pub keys: Option<String>,
+    /// HS256 secret to sign each buyer's token with, as `--jwt-secret`
+    /// (a test deployment's: a scenario file is no place for a real one).
+    pub jwt_secret: Option<String>,
     /// Ramps, `"10s:500"` each.
     #[serde(default)]
     pub stages: Vec<String>,

@@ -28,6 +28,7 @@ pub(super) async fn engine(
         std::slice::from_ref(&api),
         CONCURRENCY as usize,
         Duration::from_secs(30),
+        None,
     )?;
     running_api
         .wait_ready(Duration::from_secs(20))
@@ -58,6 +59,7 @@ pub(super) async fn engine(
         timeout: Duration::from_secs(30),
         seed: rand::random(),
         scenario: None,
+        tokens: None,
     };
     let report = storm::execute(
         &plan,

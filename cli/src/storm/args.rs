@@ -32,6 +32,10 @@ Examples:
   fsctl storm -c 500 -n 5000 --product 1 --threshold 'p99<250ms' --threshold 'lost==0'
   fsctl storm -q 2000 -z 30s --products 20 --skew zipf:1.1 --users 5000 --json
   fsctl storm -c 10 --stage 10s:500 --stage 20s:500 --duplicate-ratio 0.3
+  fsctl storm --jwt-secret \"$FLASHSALE_JWT_SECRET\" --users 1000   # an API with FLASHSALE_AUTH=jwt
+
+With --jwt-secret or --jwt-key each simulated buyer sends a token naming it
+(signed once per buyer and reused).
 
 Exit codes: 0 all held; 1 an accepted order lost or an invariant violated;
 2 bad usage or the API unreachable (nothing sent); 3 not drained within
@@ -101,6 +105,8 @@ pub struct StormArgs {
     /// One JSON document on stdout (the contract's storm report).
     #[arg(long)]
     pub json: bool,
+    #[command(flatten)]
+    pub signing: crate::token::SigningArgs,
 }
 
 impl StormArgs {

@@ -86,6 +86,8 @@ impl Kind {
 pub struct BuyRequest {
     pub key: String,
     pub body: String,
+    /// The buyer a token names for it (with `--jwt-secret`/`--jwt-key`).
+    pub buyer: String,
     pub kind: Kind,
 }
 
@@ -118,6 +120,7 @@ pub enum KeyStyle {
 struct Answered {
     key: String,
     body: String,
+    buyer: String,
     accepted: bool,
 }
 
@@ -196,14 +199,18 @@ impl MixSource {
             return BuyRequest {
                 key: earlier.key,
                 body: earlier.body,
+                buyer: earlier.buyer,
                 kind: Kind::Duplicate {
                     replays: earlier.accepted,
                 },
             };
         }
+        let buyer = self.user(i, rng);
+        let q = self.mix.quantity;
         BuyRequest {
             key: self.key(i),
-            body: self.body(i, rng),
+            body: body(&buyer, self.product(rng), rng.random_range(q.min..=q.max)),
+            buyer,
             kind: Kind::Fresh,
         }
     }
@@ -216,6 +223,7 @@ impl MixSource {
         let entry = Answered {
             key: request.key.clone(),
             body: request.body.clone(),
+            buyer: request.buyer.clone(),
             accepted: status == 202,
         };
         let Ok(mut memory) = self.answered.lock() else {
@@ -257,18 +265,11 @@ impl MixSource {
         }
     }
 
-    fn body(&self, i: u64, rng: &mut SmallRng) -> String {
-        let q = self.mix.quantity;
-        body(
-            &self.user(i, rng),
-            self.product(rng),
-            rng.random_range(q.min..=q.max),
-        )
-    }
-
     fn invalid(&self, i: u64, rng: &mut SmallRng) -> BuyRequest {
         let which = rng.random_range(0..BAD_INPUTS.len());
         let (key, product, user) = (self.key(i), self.product(rng), self.user(i, rng));
+        // The token names the body's buyer wherever the body has a valid one.
+        let mut buyer = user.clone();
         let (key, body, expect) = match which {
             0 => (key, r#"{"userId":"x","productId":"#.to_owned(), 400),
             1 => (key, "[1,2,3]".to_owned(), 400),
@@ -291,13 +292,17 @@ impl MixSource {
             10 => (key, body(&user, 9_000_000_000_000, 1), 404),
             11 => (key, body(&"u".repeat(17 * 1024), product, 1), 413),
             _ => match self.earlier(rng).filter(|e| e.accepted) {
-                Some(e) => (e.key, body(&format!("{user}-other"), product, 1), 422),
+                Some(e) => {
+                    buyer = format!("{user}-other");
+                    (e.key, body(&buyer, product, 1), 422)
+                }
                 None => (key, body(&user, product, 0), 400),
             },
         };
         BuyRequest {
             key,
             body,
+            buyer,
             kind: Kind::Invalid { expect },
         }
     }

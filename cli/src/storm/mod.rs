@@ -214,7 +214,7 @@ pub async fn run(b: &BackendUrls, api_urls: &[String], args: &StormArgs) -> Outc
     let plan = StormPlan::resolve(args)?;
     let show = !args.json && std::io::stdout().is_terminal();
     let connections = plan.load.max_in_flight.max(plan.load.peak_level() as usize);
-    let target = BuyTarget::new(api_urls, connections, plan.timeout)?;
+    let target = BuyTarget::new(api_urls, connections, plan.timeout, plan.tokens.clone())?;
     preflight(target.client(), api_urls).await?;
     if let Some(scenario) = &plan.scenario {
         seed_scenario(b, scenario, args.json).await;

@@ -7,8 +7,11 @@ use super::mix::{BuyMix, KeyStyle, QuantityRange, Skew};
 use super::threshold::Threshold;
 use crate::exit::Failure;
 use crate::scenario::Scenario;
+use crate::token::Tokens;
 use crate::verify::parse_duration;
 use clap::ValueEnum;
+use flashsale_engine::identity::{Secret, Signer};
+use std::sync::Arc;
 use std::time::Duration;
 
 const DEFAULT_REQUESTS: u64 = 1000;
@@ -28,6 +31,8 @@ pub struct StormPlan {
     pub seed: u64,
     /// The scenario's catalog, seeded (missing products only) before the storm.
     pub scenario: Option<Scenario>,
+    /// Each buyer's token, when the API wants them.
+    pub tokens: Option<Arc<Tokens>>,
 }
 
 fn usage(e: impl std::fmt::Display) -> Failure {
@@ -178,6 +183,14 @@ impl StormPlan {
                 .map_err(usage)?
                 .unwrap_or(DEFAULT_DRAIN_TIMEOUT),
         };
+        let mut signing = args.signing.clone();
+        if signing.jwt_secret.is_none() && signing.jwt_key.is_none() {
+            signing.jwt_secret = spec.jwt_secret.as_deref().map(Secret::new);
+        }
+        let tokens = signing
+            .signer(Signer::DEFAULT_TTL)?
+            .map(Tokens::new)
+            .map(Arc::new);
         Ok(Self {
             load,
             mix,
@@ -187,6 +200,7 @@ impl StormPlan {
             timeout: args.timeout,
             seed: args.seed.unwrap_or_else(rand::random),
             scenario,
+            tokens,
         })
     }
 }

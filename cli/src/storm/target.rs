@@ -3,7 +3,9 @@
 
 use super::mix::BuyRequest;
 use crate::exit::Failure;
+use crate::token::Tokens;
 use serde::{Deserialize, Serialize};
+use std::sync::Arc;
 use std::time::Duration;
 
 /// How a request that got no HTTP answer failed.
@@ -80,6 +82,8 @@ pub struct BuyAnswer {
 pub struct BuyTarget {
     client: reqwest::Client,
     buy_urls: Vec<String>,
+    /// Each buyer's token, when the API wants them.
+    tokens: Option<Arc<Tokens>>,
 }
 
 #[derive(Deserialize)]
@@ -94,6 +98,7 @@ impl BuyTarget {
         api_urls: &[String],
         connections: usize,
         timeout: Duration,
+        tokens: Option<Arc<Tokens>>,
     ) -> Result<Self, Failure> {
         let client = reqwest::Client::builder()
             .pool_max_idle_per_host(connections)
@@ -106,7 +111,11 @@ impl BuyTarget {
             .iter()
             .map(|u| format!("{}/buy", u.trim_end_matches('/')))
             .collect();
-        Ok(Self { client, buy_urls })
+        Ok(Self {
+            client,
+            buy_urls,
+            tokens,
+        })
     }
 
     pub fn client(&self) -> &reqwest::Client {
@@ -116,14 +125,15 @@ impl BuyTarget {
     /// Sends request `i` to the API whose turn it is.
     pub async fn buy(&self, i: u64, request: &BuyRequest) -> BuyAnswer {
         let url = &self.buy_urls[(i % self.buy_urls.len() as u64) as usize];
-        let sent = self
+        let mut post = self
             .client
             .post(url)
             .header("Idempotency-Key", &request.key)
-            .header("content-type", "application/json")
-            .body(request.body.clone())
-            .send()
-            .await;
+            .header("content-type", "application/json");
+        if let Some(bearer) = self.tokens.as_ref().and_then(|t| t.bearer(&request.buyer)) {
+            post = post.header("authorization", &*bearer);
+        }
+        let sent = post.body(request.body.clone()).send().await;
         let response = match sent {
             Ok(r) => r,
             Err(e) => return failed(&e),

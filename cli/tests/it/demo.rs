@@ -76,3 +76,26 @@ async fn demo_top_refuses_a_non_terminal() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("--top needs a terminal"));
 }
+
+#[tokio::test]
+async fn the_demo_with_auth_signs_every_buyers_token_and_shows_the_refusals() {
+    let out = demo(&["--auth", "-n", "2000"]).await;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    for step in [
+        "a buy without a token",
+        "alice's token buying as bob",
+        "bob reading alice's order",
+    ] {
+        assert!(
+            stderr.contains(step),
+            "the tour does not show {step:?}: {stderr}"
+        );
+    }
+    let r = report(&demo(&["--auth", "-n", "2000", "--json"]).await);
+    assert!(r["statusCounts"].get("401").is_none(), "{r}");
+    // The tour's one order and the storm's sell the stock exactly.
+    let books = r["books"].as_array().unwrap();
+    assert_eq!(books[0]["confirmedUnits"], 100);
+    assert_eq!(r["drain"]["lost"], 0);
+}

@@ -6,6 +6,7 @@
 mod admin;
 mod demo;
 mod doctor;
+mod identity;
 mod monitoring;
 mod storm;
 mod top;

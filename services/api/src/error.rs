@@ -6,7 +6,9 @@ use axum::Json;
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use flashsale_engine::domain::InvalidField;
+use flashsale_engine::identity::Unauthorized;
 use serde_json::json;
+use std::time::Duration;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
@@ -22,6 +24,12 @@ pub enum ApiError {
     UnknownOrder(String),
     #[error("Idempotency-Key was already used with a different body")]
     KeyReused,
+    #[error("{0}")]
+    Unauthorized(Unauthorized),
+    #[error("userId is not the buyer the token names; leave it out or send the token's sub")]
+    Forbidden,
+    #[error("too many requests; retry after {} s", retry_after_seconds(*.0))]
+    RateLimited(Duration),
     /// A backend is unreachable or did not confirm: retry later, same key.
     #[error("{0}")]
     Unavailable(String),
@@ -41,6 +49,9 @@ impl ApiError {
             Self::UnknownProduct(_) => (StatusCode::NOT_FOUND, "unknown_product"),
             Self::UnknownOrder(_) => (StatusCode::NOT_FOUND, "unknown_order"),
             Self::KeyReused => (StatusCode::UNPROCESSABLE_ENTITY, "idempotency_key_reused"),
+            Self::Unauthorized(_) => (StatusCode::UNAUTHORIZED, "unauthorized"),
+            Self::Forbidden => (StatusCode::FORBIDDEN, "forbidden"),
+            Self::RateLimited(_) => (StatusCode::TOO_MANY_REQUESTS, "rate_limited"),
             Self::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
         }
     }
@@ -53,6 +64,9 @@ impl ApiError {
             Self::TooLarge { .. } => "too_large",
             Self::UnknownProduct(_) | Self::UnknownOrder(_) => "unknown_product",
             Self::KeyReused => "idempotency_conflict",
+            Self::Unauthorized(_) => "unauthorized",
+            Self::Forbidden => "forbidden",
+            Self::RateLimited(_) => "rate_limited",
             Self::Unavailable(_) => "unavailable",
         }
     }
@@ -61,16 +75,38 @@ impl ApiError {
 /// Seconds a client should wait before retrying a `503`.
 pub const RETRY_AFTER_SECONDS: &str = "1";
 
+/// Whole seconds to wait, rounded up, at least one (`Retry-After`).
+fn retry_after_seconds(wait: Duration) -> u64 {
+    (wait.as_secs() + u64::from(wait.subsec_nanos() > 0)).max(1)
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let (status, code) = self.status_and_code();
         let body = json!({"error": {"code": code, "message": self.to_string()}});
         let mut response = (status, Json(body)).into_response();
-        if status == StatusCode::SERVICE_UNAVAILABLE {
-            response.headers_mut().insert(
-                header::RETRY_AFTER,
-                HeaderValue::from_static(RETRY_AFTER_SECONDS),
-            );
+        let headers = response.headers_mut();
+        match self {
+            Self::Unavailable(_) => {
+                headers.insert(
+                    header::RETRY_AFTER,
+                    HeaderValue::from_static(RETRY_AFTER_SECONDS),
+                );
+            }
+            Self::RateLimited(wait) => {
+                headers.insert(header::RETRY_AFTER, retry_after_seconds(wait).into());
+            }
+            // RFC 6750: a token that was sent and refused is `invalid_token`.
+            Self::Unauthorized(Unauthorized::Missing) => {
+                headers.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+            }
+            Self::Unauthorized(_) => {
+                headers.insert(
+                    header::WWW_AUTHENTICATE,
+                    HeaderValue::from_static(r#"Bearer error="invalid_token""#),
+                );
+            }
+            _ => {}
         }
         response
     }

@@ -4,6 +4,7 @@
 
 pub mod catalog;
 pub mod error;
+pub mod gate;
 pub mod routes;
 pub mod serve;
 pub mod settling;
@@ -12,6 +13,8 @@ pub mod state;
 use axum::Router;
 use flashsale_engine::BackendUrls;
 use flashsale_engine::config::parse_duration;
+use flashsale_engine::identity::AuthConfig;
+use flashsale_engine::rate_limit::RateConfig;
 use state::AppState;
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -28,6 +31,18 @@ pub struct ApiConfig {
     pub api_addr: String,
     #[command(flatten)]
     pub limits: HttpLimits,
+    #[command(flatten)]
+    pub access: Access,
+}
+
+/// Who may buy and how often (contract v3, "Identity and abuse"): both off
+/// by default.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct Access {
+    #[command(flatten)]
+    pub auth: AuthConfig,
+    #[command(flatten)]
+    pub rates: RateConfig,
 }
 
 /// What one client may hold of the API: the contract's HTTP limits.
@@ -76,6 +91,7 @@ impl ApiConfig {
             backends,
             api_addr: api_addr.to_owned(),
             limits: HttpLimits::default(),
+            access: Access::default(),
         }
     }
 }
@@ -131,7 +147,7 @@ impl Application {
             .await
             .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", config.api_addr))?;
         refuse_other_partitions(&config.backends).await?;
-        let state = AppState::start(&config.backends, &config.limits)?;
+        let state = AppState::start(&config.backends, &config.limits, &config.access)?;
         Ok(Self {
             listener,
             router: routes::router(state),
@@ -143,6 +159,7 @@ impl Application {
     pub async fn embedded(
         backends: &flashsale_engine::embedded::EmbeddedBackends,
         addr: &str,
+        access: &Access,
     ) -> anyhow::Result<Self> {
         let listener = listen(addr)
             .await
@@ -150,7 +167,7 @@ impl Application {
         let limits = HttpLimits::default();
         Ok(Self {
             listener,
-            router: routes::router(AppState::embedded(backends, &limits)),
+            router: routes::router(AppState::embedded(backends, &limits, access)?),
             limits,
         })
     }

@@ -2,9 +2,10 @@
 //! accept log, the order queue and the ledger — on Redis, RabbitMQ and
 //! PostgreSQL, or embedded in memory for `fsctl demo`.
 
-use crate::HttpLimits;
 use crate::catalog::Catalog;
+use crate::gate::Gate;
 use crate::settling::Settling;
+use crate::{Access, HttpLimits};
 use flashsale_engine::accept_log::AcceptLog;
 use flashsale_engine::accept_log::AcceptStore;
 use flashsale_engine::admission::ApiHeartbeat;
@@ -12,6 +13,7 @@ use flashsale_engine::embedded::EmbeddedBackends;
 use flashsale_engine::ledger::Ledger;
 use flashsale_engine::ledger::StockLedger;
 use flashsale_engine::queue::{OrderQueue, RabbitQueue};
+use flashsale_engine::rate_limit::{MemoryRateLimiter, RedisRateLimiter};
 use flashsale_engine::{BackendUrls, Namespace, metrics, postgres, redis_conn};
 use metrics_exporter_prometheus::PrometheusHandle;
 use std::sync::Arc;
@@ -32,6 +34,8 @@ pub struct Shared {
     /// Buys in progress, for load shedding above `API_MAX_INFLIGHT`.
     pub buys: BuysInFlight,
     pub limits: HttpLimits,
+    /// Who the buyer is and whether they are within their rate limits.
+    pub gate: Gate,
     /// This process's id in its claims and its heartbeat.
     pub instance: String,
     /// The heartbeat (none when embedded): it stops with the state.
@@ -69,12 +73,22 @@ impl std::ops::Deref for AppState {
 impl AppState {
     /// Starts the lazy connections and background tasks; fails only on a
     /// malformed URL, never on an unreachable backend.
-    pub fn start(backends: &BackendUrls, limits: &HttpLimits) -> anyhow::Result<Self> {
+    pub fn start(
+        backends: &BackendUrls,
+        limits: &HttpLimits,
+        access: &Access,
+    ) -> anyhow::Result<Self> {
         let namespace = backends.namespace();
         let ledger = StockLedger::new(postgres::connect_lazy(&backends.database_url, 16)?);
         let redis = redis_conn::connect_lazy(&backends.redis_url)?;
         let queue = Arc::new(RabbitQueue::start(&backends.amqp_url, &namespace));
         let instance = uuid::Uuid::new_v4().simple().to_string()[..12].to_owned();
+        let gate = Gate::new(
+            &access.auth,
+            access.rates.clone(),
+            Arc::new(RedisRateLimiter::new(redis.clone())),
+            namespace.clone(),
+        )?;
         let beat = ApiHeartbeat::start(redis.clone(), namespace.clone(), instance.clone());
         Ok(Self(Arc::new(Shared {
             catalog: Catalog::start(ledger.clone(), backends),
@@ -86,27 +100,40 @@ impl AppState {
             settling: Arc::default(),
             buys: BuysInFlight::default(),
             limits: *limits,
+            gate,
             instance,
             _beat: Some(beat),
         })))
     }
 
     /// The same API on the embedded backends.
-    pub fn embedded(backends: &EmbeddedBackends, limits: &HttpLimits) -> Self {
+    pub fn embedded(
+        backends: &EmbeddedBackends,
+        limits: &HttpLimits,
+        access: &Access,
+    ) -> anyhow::Result<Self> {
         let ledger: Arc<dyn Ledger> = backends.ledger.clone();
-        Self(Arc::new(Shared {
+        let namespace = Namespace::new("embedded");
+        let gate = Gate::new(
+            &access.auth,
+            access.rates.clone(),
+            Arc::new(MemoryRateLimiter::default()),
+            namespace.clone(),
+        )?;
+        Ok(Self(Arc::new(Shared {
             // In memory a reload costs next to nothing: keep the cache close.
             catalog: Catalog::start_on(ledger.clone(), std::time::Duration::from_millis(5)),
             accept_log: backends.accept_log.clone(),
             queue: Arc::new(backends.queue.clone()),
             ledger,
-            namespace: Namespace::new("embedded"),
+            namespace,
             metrics: metrics::install(),
             settling: Arc::default(),
             buys: BuysInFlight::default(),
             limits: *limits,
+            gate,
             instance: "embedded".into(),
             _beat: None,
-        }))
+        })))
     }
 }

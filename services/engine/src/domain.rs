@@ -144,7 +144,28 @@ pub struct OrderRequest {
 }
 
 impl OrderRequest {
-    /// Parses a `POST /buy` body; the error names the first bad field.
+    /// Parses a `POST /buy` body that names its buyer; the error names the
+    /// first bad field.
+    pub fn parse(body: &[u8]) -> Result<Self, InvalidField> {
+        let body = OrderBody::parse(body)?;
+        let user_id = body
+            .user_id
+            .clone()
+            .ok_or_else(|| InvalidField::new("userId", "userId is missing"))?;
+        Ok(body.for_buyer(user_id))
+    }
+}
+
+/// A `POST /buy` body whose `userId` may be left out (a token names the
+/// buyer instead).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OrderBody {
+    pub user_id: Option<UserId>,
+    pub product_id: ProductId,
+    pub quantity: Quantity,
+}
+
+impl OrderBody {
     pub fn parse(body: &[u8]) -> Result<Self, InvalidField> {
         let value: Value = serde_json::from_slice(body)
             .map_err(|e| InvalidField::new("body", format!("body is not valid JSON: {e}")))?;
@@ -152,9 +173,9 @@ impl OrderRequest {
             return Err(InvalidField::new("body", "body must be a JSON object"));
         };
         let user_id = match map.get("userId") {
-            Some(Value::String(s)) => UserId::parse(s)?,
+            Some(Value::String(s)) => Some(UserId::parse(s)?),
             Some(_) => return Err(InvalidField::new("userId", "userId must be a string")),
-            None => return Err(InvalidField::new("userId", "userId is missing")),
+            None => None,
         };
         let product_id = ProductId::new(integer_field(&map, "productId")?)?;
         let quantity = Quantity::new(integer_field(&map, "quantity")?)?;
@@ -163,6 +184,15 @@ impl OrderRequest {
             product_id,
             quantity,
         })
+    }
+
+    /// The order of `buyer` (the caller checked that the body agrees).
+    pub fn for_buyer(self, buyer: UserId) -> OrderRequest {
+        OrderRequest {
+            user_id: buyer,
+            product_id: self.product_id,
+            quantity: self.quantity,
+        }
     }
 }
 

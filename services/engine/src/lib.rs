@@ -13,11 +13,13 @@ pub mod config;
 pub mod domain;
 pub mod embedded;
 pub mod heartbeat;
+pub mod identity;
 pub mod ledger;
 pub mod locks;
 pub mod metrics;
 pub mod postgres;
 pub mod queue;
+pub mod rate_limit;
 pub mod redis_conn;
 pub mod scratch;
 pub mod seams;
@@ -27,6 +29,6 @@ pub mod telemetry;
 
 pub use config::{BackendUrls, Namespace};
 pub use domain::{
-    IdempotencyKey, OrderMessage, OrderRequest, OrderStatus, OrderView, ProductId, Quantity,
-    RejectReason, UserId,
+    IdempotencyKey, OrderBody, OrderMessage, OrderRequest, OrderStatus, OrderView, ProductId,
+    Quantity, RejectReason, UserId,
 };

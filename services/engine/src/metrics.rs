@@ -16,6 +16,8 @@ pub const QUEUE_DEPTH: &str = "flashsale_queue_depth";
 pub const QUEUE_CONSUMERS: &str = "flashsale_queue_consumers";
 pub const INFLIGHT_ORDERS: &str = "flashsale_inflight_orders";
 pub const ADMISSION_TOKENS: &str = "flashsale_admission_tokens";
+/// Rate limit checks that failed (Redis down) and let the request through.
+pub const RATE_LIMITER_FAILURES: &str = "flashsale_rate_limiter_failures_total";
 
 const SECONDS: &[f64] = &[
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,

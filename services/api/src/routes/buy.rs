@@ -5,7 +5,8 @@ use crate::catalog::Lookup;
 use crate::error::ApiError;
 use crate::state::AppState;
 use axum::body::Body;
-use axum::extract::State;
+use axum::extract::{ConnectInfo, Request, State};
+use axum::http::request::Parts;
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
@@ -17,8 +18,11 @@ use flashsale_engine::domain::InvalidField;
 use flashsale_engine::metrics::ORDER_REQUESTS;
 use flashsale_engine::queue::rabbitmq::CONFIRM_TIMEOUT;
 use flashsale_engine::seams::BackendFailed;
-use flashsale_engine::{IdempotencyKey, OrderMessage, OrderRequest, OrderView, ProductId};
+use flashsale_engine::{
+    IdempotencyKey, OrderBody, OrderMessage, OrderRequest, OrderView, ProductId,
+};
 use serde_json::json;
+use std::net::SocketAddr;
 use std::time::Duration;
 
 /// Largest body `POST /buy` reads.
@@ -60,12 +64,13 @@ impl Answer {
     }
 }
 
-async fn buy(State(state): State<AppState>, headers: HeaderMap, body: Body) -> Response {
+async fn buy(State(state): State<AppState>, request: Request) -> Response {
     let Some(_pass) = state.buys.enter(state.limits.max_inflight) else {
         metrics::counter!(ORDER_REQUESTS, "status" => "unavailable").increment(1);
         return ApiError::Unavailable("the API is at capacity; retry later".into()).into_response();
     };
-    let answer = accept(&state, &headers, body).await;
+    let (parts, body) = request.into_parts();
+    let answer = accept(&state, &parts, body).await;
     let counted = answer.as_ref().is_ok_and(Answer::counted);
     let label = match &answer {
         Ok(a) => a.label(),
@@ -138,10 +143,33 @@ fn idempotency_key(headers: &HeaderMap) -> Result<(IdempotencyKey, bool), ApiErr
     }
 }
 
-async fn accept(state: &AppState, headers: &HeaderMap, body: Body) -> Result<Answer, ApiError> {
+async fn accept(state: &AppState, parts: &Parts, body: Body) -> Result<Answer, ApiError> {
+    let headers = &parts.headers;
+    let peer = parts.extensions.get::<ConnectInfo<SocketAddr>>();
+    // With tokens the buyer is known before the body is read: a flood is
+    // turned away before it costs a body read.
+    let token_buyer = state.gate.token_buyer(headers)?;
+    if let Some(buyer) = &token_buyer {
+        state.gate.within_limits(headers, peer, buyer).await?;
+    }
     let bytes = read_body(headers, body, state.limits.body_timeout).await?;
     let (key, supplied) = idempotency_key(headers)?;
-    let request = OrderRequest::parse(&bytes)?;
+    let body = OrderBody::parse(&bytes)?;
+    let request = match (token_buyer, body.user_id.clone()) {
+        (Some(buyer), Some(named)) if named != buyer => return Err(ApiError::Forbidden),
+        (Some(buyer), _) => body.for_buyer(buyer),
+        (None, Some(named)) => {
+            state.gate.within_limits(headers, peer, &named).await?;
+            body.for_buyer(named)
+        }
+        (None, None) => {
+            return Err(InvalidField {
+                field: "userId",
+                message: "userId is missing".into(),
+            }
+            .into());
+        }
+    };
     let product = match state.catalog.lookup(request.product_id) {
         Lookup::Found(p) => p,
         Lookup::Unknown => return Err(ApiError::UnknownProduct(request.product_id.get())),

@@ -6,6 +6,7 @@
 
 mod admission;
 mod faults;
+mod identity;
 mod orders;
 mod partitions;
 mod process;
@@ -15,6 +16,14 @@ use std::time::Duration;
 /// The `flashsale-api` binary on a free port against `env`'s backends,
 /// ready: its process (stopped when dropped) and its base URL.
 async fn api_process(env: &flashsale_testkit::TestEnv) -> (flashsale_testkit::Stopped, String) {
+    api_process_with(env, &[]).await
+}
+
+/// [`api_process`] with more settings in its environment.
+async fn api_process_with(
+    env: &flashsale_testkit::TestEnv,
+    settings: &[(&str, &str)],
+) -> (flashsale_testkit::Stopped, String) {
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -28,6 +37,7 @@ async fn api_process(env: &flashsale_testkit::TestEnv) -> (flashsale_testkit::St
             .env("AMQP_URL", &b.amqp_url)
             .env("FLASHSALE_NAMESPACE", &b.namespace)
             .env("API_ADDR", format!("127.0.0.1:{port}"))
+            .envs(settings.iter().copied())
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
             .spawn()

@@ -16,6 +16,9 @@ use flashsale_engine::locks::ProductLocks;
 use flashsale_engine::locks::{FencingToken, ProductLock};
 use flashsale_engine::queue::MemoryQueue;
 use flashsale_engine::queue::{Delivered, MAX_BATCH, OrderQueue, QueueConsumer, RabbitQueue};
+use flashsale_engine::rate_limit::{
+    Bucket, MemoryRateLimiter, Rate, RateLimiter, RedisRateLimiter, Verdict,
+};
 use flashsale_engine::scratch::Scratch;
 use flashsale_engine::{
     BackendUrls, IdempotencyKey, ProductId, Quantity, RejectReason, UserId, domain::QueuedOrder,
@@ -732,5 +735,67 @@ async fn a_claim_of_an_api_whose_heartbeat_expired_is_not_in_flight() {
     );
     drop(beating);
     pool.close().await;
+    scratch.remove().await.unwrap();
+}
+
+/// Rate limits: a burst of `2N`, then `N/s`; a request over any of its
+/// buckets charges none of them; buckets are separate.
+async fn rate_limiter_conforms(limiter: &dyn RateLimiter, ns: &str) {
+    let rate: Rate = "5/s".parse().unwrap();
+    let bucket = |who: &str| Bucket {
+        key: format!("{ns}:rate:user:{who}"),
+        rate,
+    };
+    for i in 0..10 {
+        assert_eq!(
+            limiter.check(&[bucket("alice")]).await.unwrap(),
+            Verdict::Allowed,
+            "request {i} of the burst of 10"
+        );
+    }
+    let Verdict::Limited { retry_after } = limiter.check(&[bucket("alice")]).await.unwrap() else {
+        panic!("the 11th request at once passed a 5/s limit");
+    };
+    assert!(
+        retry_after > Duration::ZERO && retry_after <= Duration::from_millis(200),
+        "retry after {retry_after:?}, not within one interval (200 ms)"
+    );
+    // Bob's bucket is his own; a request charged to both waits for alice's
+    // and takes nothing from bob's.
+    assert!(matches!(
+        limiter
+            .check(&[bucket("bob"), bucket("alice")])
+            .await
+            .unwrap(),
+        Verdict::Limited { .. }
+    ));
+    for i in 0..10 {
+        assert_eq!(
+            limiter.check(&[bucket("bob")]).await.unwrap(),
+            Verdict::Allowed,
+            "bob's request {i}: a refused request charged his bucket"
+        );
+    }
+    tokio::time::sleep(retry_after + Duration::from_millis(20)).await;
+    assert_eq!(
+        limiter.check(&[bucket("alice")]).await.unwrap(),
+        Verdict::Allowed,
+        "alice may send again after Retry-After"
+    );
+    assert_eq!(limiter.check(&[]).await.unwrap(), Verdict::Allowed);
+}
+
+#[tokio::test]
+async fn embedded_rate_limiter_conforms() {
+    rate_limiter_conforms(&MemoryRateLimiter::default(), "embedded").await;
+}
+
+#[tokio::test]
+async fn redis_rate_limiter_conforms() {
+    let scratch = Scratch::new(&servers());
+    let redis = redis_conn::connect(&scratch.backends.redis_url)
+        .await
+        .expect("Redis is not answering (scripts/test starts it)");
+    rate_limiter_conforms(&RedisRateLimiter::new(redis), &scratch.backends.namespace).await;
     scratch.remove().await.unwrap();
 }
