@@ -1,7 +1,8 @@
 //! The order book: turns a batch of deliveries into committed rows. Poison
-//! messages go to the dead-letter queue; the rest are grouped by product and
-//! each group is applied in one fenced transaction under the product's lock;
-//! then every delivery of the batch is acked.
+//! messages go to the dead-letter queue; the rest are grouped by product,
+//! the groups whose locks are free are applied together in one transaction
+//! (each fenced by its own lock's token), any others one by one as their
+//! locks come free; then every delivery of the batch is acked.
 //!
 //! Faults are told apart: an order PostgreSQL refuses as data (a permanent
 //! fault) is taken out of its group and dead-lettered with the reason, and
@@ -14,8 +15,10 @@ use flashsale_engine::accept_log::AcceptStore;
 use flashsale_engine::domain::{QueuedOrder, RejectReason};
 use flashsale_engine::heartbeat::WorkerStats;
 use flashsale_engine::ledger::Ledger;
-use flashsale_engine::ledger::{GroupReceipt, LedgerError, OrderOutcome, Refusal};
-use flashsale_engine::locks::ProductLocks;
+use flashsale_engine::ledger::{
+    FencedGroup, GroupReceipt, JointOutcome, LedgerError, OrderOutcome, Refusal,
+};
+use flashsale_engine::locks::{HeldLock, ProductLocks};
 use flashsale_engine::metrics::{
     ADMISSION_TOKENS, BATCH_SIZE, LOCK_WAIT, ORDER_LATENCY, ORDERS_PROCESSED, STOCK_LEVEL,
 };
@@ -264,18 +267,25 @@ impl OrderBook {
         Ok(())
     }
 
-    /// Applies every group, each under its product's lock, up to
-    /// [`GROUP_CONCURRENCY`] at once (each in its own transaction, so their
-    /// commits overlap). A product locked by another worker waits briefly
-    /// while the other products go ahead; a failing backend is retried with
-    /// backoff, keeping the deliveries. Returns the orders the ledger refused
-    /// as data (left out of their groups), for the dead-letter queue.
+    /// Applies every group, each under its product's lock: first the groups
+    /// whose locks are free, together in one transaction; then whatever is
+    /// left (a lock held elsewhere, a group fenced out, or every group when
+    /// the joint apply failed) one by one, up to [`GROUP_CONCURRENCY`] at
+    /// once. A product locked by another worker waits briefly while the
+    /// other products go ahead; a failing backend is retried with backoff,
+    /// keeping the deliveries. Returns the orders the ledger refused as data
+    /// (left out of their groups), for the dead-letter queue.
     pub async fn book_groups(
         &self,
         groups: Vec<ProductGroup>,
         shutdown: &CancellationToken,
     ) -> Result<Vec<RefusedOrder>, BookError> {
         let started = Instant::now();
+        let groups = if groups.len() > 1 {
+            self.book_jointly(groups, started).await
+        } else {
+            groups
+        };
         let results: Vec<Result<Vec<RefusedOrder>, BookError>> = futures_util::stream::iter(groups)
             .map(|group| self.book_group(group, started, shutdown))
             .buffer_unordered(GROUP_CONCURRENCY)
@@ -286,6 +296,112 @@ impl OrderBook {
             refused.extend(r?);
         }
         Ok(refused)
+    }
+
+    /// The groups whose locks are free (taken in one round trip: the
+    /// connection pipelines them) in one transaction. Returns the groups it
+    /// did not book, for the one-by-one path.
+    async fn book_jointly(&self, groups: Vec<ProductGroup>, started: Instant) -> Vec<ProductGroup> {
+        let locks =
+            futures_util::future::join_all(groups.iter().map(|g| self.lock.try_acquire(g.product)))
+                .await;
+        let mut held: Vec<(ProductGroup, HeldLock)> = Vec::with_capacity(groups.len());
+        let mut rest = Vec::new();
+        for (group, lock) in groups.into_iter().zip(locks) {
+            match lock {
+                Ok(Some(lock)) => held.push((group, lock)),
+                // Held elsewhere, or Redis failed: the one-by-one path waits or retries.
+                _ => rest.push(group),
+            }
+        }
+        if held.len() < 2 {
+            // Nothing to share a commit with: release, and book alone.
+            self.release_all(held.iter().map(|(_, l)| l)).await;
+            rest.extend(held.into_iter().map(|(g, _)| g));
+            return rest;
+        }
+        metrics::histogram!(LOCK_WAIT).record(started.elapsed().as_secs_f64());
+        self.stats.applying(Some(held[0].0.product.get()));
+        let joint: Vec<FencedGroup<'_>> = held
+            .iter()
+            .map(|(g, l)| FencedGroup {
+                product: g.product,
+                token: l.token,
+                orders: &g.orders,
+            })
+            .collect();
+        let applied = self.ledger.apply_groups(&joint).await;
+        self.stats.applying(None);
+        drop(joint);
+        let outcomes = match applied {
+            Ok(outcomes) => outcomes,
+            Err(e) => {
+                // Nothing was written: the one-by-one path retries each
+                // group, finding any order the ledger refuses as data.
+                tracing::debug!(error = %e, "joint apply failed; applying the groups one by one");
+                self.release_all(held.iter().map(|(_, l)| l)).await;
+                rest.extend(held.into_iter().map(|(g, _)| g));
+                return rest;
+            }
+        };
+        let mut fenced_out = Vec::new();
+        let finished = held.iter().zip(&outcomes).map(|((group, lock), outcome)| async move {
+            match outcome {
+                JointOutcome::Committed(receipt) => {
+                    self.after_commit(group, lock, receipt).await;
+                    None
+                }
+                JointOutcome::FencedOut { fence } => {
+                    self.release_all([lock]).await;
+                    tracing::info!(product = %group.product, fence, "fenced out; raising the fence counter");
+                    if let Err(e) = self.lock.raise_fence(group.product, *fence).await {
+                        tracing::debug!(error = %e, "fence not raised; the group's retry will");
+                    }
+                    Some(group.product)
+                }
+            }
+        });
+        fenced_out.extend(
+            futures_util::future::join_all(finished)
+                .await
+                .into_iter()
+                .flatten(),
+        );
+        rest.extend(
+            held.into_iter()
+                .map(|(g, _)| g)
+                .filter(|g| fenced_out.contains(&g.product)),
+        );
+        rest
+    }
+
+    async fn release_all(&self, locks: impl IntoIterator<Item = &HeldLock>) {
+        let released =
+            futures_util::future::join_all(locks.into_iter().map(|l| self.lock.release(l))).await;
+        for r in released {
+            if let Err(e) = r {
+                tracing::debug!(error = %e, "lock not released; its lease ends it");
+            }
+        }
+    }
+
+    /// After a group committed: its metrics, then the lock's release, the
+    /// admission settle and a sell-out's announcement together (one round
+    /// trip's wait, not three). Only a sell-out is announced: the APIs'
+    /// catalogs need it at once for their fast path, and poll every other
+    /// change within 250 ms.
+    async fn after_commit(&self, group: &ProductGroup, held: &HeldLock, receipt: &GroupReceipt) {
+        self.record(group, receipt);
+        let announce = async {
+            if let (Some(feed), Some(0)) = (&self.feed, receipt.stock_after) {
+                feed.announce(group.product.get(), 0).await;
+            }
+        };
+        let ((), (), ()) = tokio::join!(
+            self.release_all([held]),
+            self.settle(group, &receipt.outcomes),
+            announce
+        );
     }
 
     /// One group: lock, fenced transaction, release; until it commits.
@@ -314,30 +430,10 @@ impl OrderBook {
                         .await;
                     self.stats.applying(None);
                     if let Ok(receipt) = &applied {
-                        // The release, the admission settle and a sell-out's
-                        // announcement go out together (one round trip's
-                        // wait, not three). Only a sell-out is announced:
-                        // the APIs' catalogs need it at once for their fast
-                        // path, and poll every other change within 250 ms.
-                        self.record(&group, receipt);
-                        let announce = async {
-                            if let (Some(feed), Some(0)) = (&self.feed, receipt.stock_after) {
-                                feed.announce(group.product.get(), 0).await;
-                            }
-                        };
-                        let (released, (), ()) = tokio::join!(
-                            self.lock.release(&held),
-                            self.settle(&group, &receipt.outcomes),
-                            announce
-                        );
-                        if let Err(e) = released {
-                            tracing::debug!(error = %e, "lock not released; its lease ends it");
-                        }
+                        self.after_commit(&group, &held, receipt).await;
                         return Ok(refused);
                     }
-                    if let Err(e) = self.lock.release(&held).await {
-                        tracing::debug!(error = %e, "lock not released; its lease ends it");
-                    }
+                    self.release_all([&held]).await;
                     match applied {
                         Ok(_) => return Ok(refused),
                         Err(LedgerError::FencedOut { product, fence }) => {

@@ -536,7 +536,11 @@ fn message_as(key: &str, user: &str, product: i64) -> Vec<u8> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn an_order_postgres_refuses_is_dead_lettered_and_the_rest_of_its_batch_commits() {
     let mut env = common::env().await;
-    env.seed(1, 100, None).await;
+    // Three products: the batch is applied jointly first; the refusal sends
+    // it down the one-by-one path, which finds the order at fault.
+    for p in 1..=3 {
+        env.seed(p, 100, None).await;
+    }
     // PostgreSQL refuses one buyer's rows as data (SQLSTATE 23514), as it
     // would any row it cannot store: a permanent fault for that order alone.
     sqlx::query(
@@ -551,20 +555,23 @@ async fn an_order_postgres_refuses_is_dead_lettered_and_the_rest_of_its_batch_co
         if i == 25 {
             batch.push((
                 "refused-1".to_owned(),
-                message_as("refused-1", "refused-buyer", 1),
+                message_as("refused-1", "refused-buyer", 2),
             ));
             // Decodable JSON, but a NUL in userId: refused when decoded.
             batch.push(("nul-1".to_owned(), message_as("nul-1", "a\u{0}b", 1)));
         }
         let key = format!("good-{i}");
-        batch.push((key.clone(), message_as(&key, &format!("u{i}"), 1)));
+        batch.push((key.clone(), message_as(&key, &format!("u{i}"), i % 3 + 1)));
         good.push(key);
     }
     env.publish_raw_all(&batch).await;
     // Started after: the whole lot arrives as one batch.
     env.start_worker().await;
     env.wait_for_rows(&good).await;
-    assert_eq!(env.stock(1).await, 50);
+    assert_eq!(
+        (env.stock(1).await, env.stock(2).await, env.stock(3).await),
+        (83, 83, 84)
+    );
 
     let mut dead = env.dead_letters(2).await;
     dead.sort();
@@ -594,6 +601,50 @@ async fn an_order_postgres_refuses_is_dead_lettered_and_the_rest_of_its_batch_co
     );
     // A second look at the DLQ finds the same two (a look neither loses nor hides).
     assert_eq!(env.dead_letters(2).await.len(), 2);
+    env.assert_invariants().await;
+    env.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_product_fenced_out_of_a_joint_commit_is_booked_alone_and_the_others_commit() {
+    let mut env = common::env().await;
+    for p in 1..=3 {
+        env.seed(p, 100, None).await;
+    }
+    // PostgreSQL saw a token Redis has forgotten (Redis lost its data) for
+    // product 2 only: its group is fenced out of the joint commit.
+    sqlx::query("UPDATE products SET lock_fence = 1000 WHERE id = 2")
+        .execute(&env.pool)
+        .await
+        .unwrap();
+    let batch: Vec<(String, Vec<u8>)> = (0..60)
+        .map(|i| {
+            let key = format!("joint-{i}");
+            let message = message_as(&key, &format!("u{i}"), i % 3 + 1);
+            (key, message)
+        })
+        .collect();
+    env.publish_raw_all(&batch).await;
+    env.start_worker().await;
+    let keys: Vec<String> = batch.iter().map(|(k, _)| k.clone()).collect();
+    env.wait_for_rows(&keys).await;
+    assert_eq!(
+        (env.stock(1).await, env.stock(2).await, env.stock(3).await),
+        (80, 80, 80)
+    );
+    let fence: i64 = sqlx::query_scalar("SELECT lock_fence FROM products WHERE id = 2")
+        .fetch_one(&env.pool)
+        .await
+        .unwrap();
+    assert!(
+        fence > 1000,
+        "the fence was not raised past what PostgreSQL saw: {fence}"
+    );
+    assert_eq!(
+        env.count("SELECT count(*) FROM orders WHERE status = 'confirmed'")
+            .await,
+        60
+    );
     env.assert_invariants().await;
     env.finish().await;
 }

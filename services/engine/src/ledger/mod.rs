@@ -32,6 +32,24 @@ pub struct GroupReceipt {
     pub stock_after: Option<i32>,
 }
 
+/// One group of a joint apply: a product, its lock's token, its orders.
+#[derive(Debug, Clone, Copy)]
+pub struct FencedGroup<'a> {
+    pub product: ProductId,
+    pub token: FencingToken,
+    pub orders: &'a [QueuedOrder],
+}
+
+/// What one group of a joint apply came to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum JointOutcome {
+    /// Committed with the others.
+    Committed(GroupReceipt),
+    /// A newer token already wrote the product: nothing of this group was
+    /// written; raise the fence counter and apply it alone.
+    FencedOut { fence: i64 },
+}
+
 /// A backend's own error, kept as the cause.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -104,6 +122,26 @@ pub trait Ledger: Send + Sync {
         token: FencingToken,
         orders: &[QueuedOrder],
     ) -> Result<GroupReceipt, LedgerError>;
+    /// Applies several groups of distinct products in one commit (contract
+    /// v3, "Several products in one commit"): every group's fence is checked
+    /// first; the groups whose fence passes commit together; a group fenced
+    /// out writes nothing and says so. An error means nothing was written.
+    /// This default applies them one by one, each all or nothing, for a
+    /// ledger whose `apply_group` can fail only by being fenced out.
+    async fn apply_groups(
+        &self,
+        groups: &[FencedGroup<'_>],
+    ) -> Result<Vec<JointOutcome>, LedgerError> {
+        let mut outcomes = Vec::with_capacity(groups.len());
+        for g in groups {
+            outcomes.push(match self.apply_group(g.product, g.token, g.orders).await {
+                Ok(receipt) => JointOutcome::Committed(receipt),
+                Err(LedgerError::FencedOut { fence, .. }) => JointOutcome::FencedOut { fence },
+                Err(e) => return Err(e),
+            });
+        }
+        Ok(outcomes)
+    }
     async fn product(&self, id: ProductId) -> Result<Option<ProductRecord>, LedgerError>;
     async fn products(&self) -> Result<Vec<ProductRecord>, LedgerError>;
     /// Whether the ledger answers (for `/health/ready`).

@@ -5,10 +5,14 @@
 //! row), the lookup of keys already booked, the per-user sums, the decisions
 //! in arrival order, the idempotent insert (`ON CONFLICT DO NOTHING
 //! RETURNING`), one relative stock update (the `CHECK` is the last line), commit.
+//!
+//! Several groups can share one transaction (`apply_groups`): the same
+//! steps, each one statement for every group at once, so twenty products
+//! cost about what one does.
 
 use super::{
-    Decisions, GroupReceipt, Ledger, LedgerError, NewProduct, OrderOutcome, ProductRecord, Refusal,
-    decide,
+    Decisions, FencedGroup, GroupReceipt, JointOutcome, Ledger, LedgerError, NewProduct,
+    OrderOutcome, ProductRecord, Refusal, decide,
 };
 use crate::domain::{OrderStatus, OrderView, ProductId, QueuedOrder};
 use crate::locks::FencingToken;
@@ -266,6 +270,27 @@ impl Ledger for StockLedger {
         .await;
         close_if_late(&mut conn, attempts)
     }
+    async fn apply_groups(
+        &self,
+        groups: &[FencedGroup<'_>],
+    ) -> Result<Vec<JointOutcome>, LedgerError> {
+        let mut conn = self.pool.acquire().await.map_err(passing)?;
+        let attempts = tokio::time::timeout(TRANSACTION_DEADLINE, async {
+            for _ in 0..CONFLICT_RETRIES {
+                let mut tx = conn.begin().await?;
+                match apply_jointly(&mut tx, groups).await? {
+                    Some(outcomes) => {
+                        tx.commit().await?;
+                        return Ok(outcomes);
+                    }
+                    None => tx.rollback().await?,
+                }
+            }
+            Err(LedgerError::Contended(groups[0].product))
+        })
+        .await;
+        close_if_late(&mut conn, attempts)
+    }
     /// The orders of a group that PostgreSQL refuses as data, with its
     /// reason: each row is tried alone, under a savepoint, in a transaction
     /// that is rolled back (nothing is written). Called only after a group
@@ -512,6 +537,159 @@ async fn apply_in(
         outcomes,
         stock_after,
     }))
+}
+
+/// Several groups' transaction, each step one statement for all of them:
+/// the fence updates first (locking the rows), then the booked keys, the
+/// per-user sums, the decisions group by group, the inserts, the stock
+/// updates. A group fenced out is left out of every later step. `None`
+/// when a key was booked concurrently (roll back and try again).
+async fn apply_jointly(
+    tx: &mut Transaction<'_, Postgres>,
+    groups: &[FencedGroup<'_>],
+) -> Result<Option<Vec<JointOutcome>>, LedgerError> {
+    let ids: Vec<i64> = groups.iter().map(|g| g.product.get()).collect();
+    let tokens: Vec<i64> = groups.iter().map(|g| g.token.0).collect();
+    let fenced: Vec<(i64, i32, Option<i32>)> = sqlx::query_as(
+        "UPDATE products p SET lock_fence = g.token
+         FROM unnest($1::bigint[], $2::bigint[]) AS g(id, token)
+         WHERE p.id = g.id AND p.lock_fence < g.token
+         RETURNING p.id, p.stock, p.per_user_limit",
+    )
+    .bind(&ids)
+    .bind(&tokens)
+    .fetch_all(&mut **tx)
+    .await?;
+    let passed: HashMap<i64, (i32, Option<i32>)> =
+        fenced.into_iter().map(|(id, s, l)| (id, (s, l))).collect();
+    let others: Vec<i64> = ids
+        .iter()
+        .copied()
+        .filter(|id| !passed.contains_key(id))
+        .collect();
+    // Not fenced in: fenced out (the row's fence) or an unknown product.
+    let fences: HashMap<i64, i64> = if others.is_empty() {
+        HashMap::new()
+    } else {
+        sqlx::query_as("SELECT id, lock_fence FROM products WHERE id = ANY($1)")
+            .bind(&others)
+            .fetch_all(&mut **tx)
+            .await?
+            .into_iter()
+            .collect()
+    };
+    let written: Vec<&FencedGroup<'_>> = groups
+        .iter()
+        .filter(|g| !fences.contains_key(&g.product.get()))
+        .collect();
+
+    let keys: Vec<&str> = written
+        .iter()
+        .flat_map(|g| g.orders.iter().map(|o| o.order_id.as_str()))
+        .collect();
+    let booked: HashSet<String> = sqlx::query_scalar(BOOKED_KEYS)
+        .bind(&keys)
+        .fetch_all(&mut **tx)
+        .await?
+        .into_iter()
+        .collect();
+    let limited: Vec<(i64, &str)> = written
+        .iter()
+        .filter(|g| {
+            passed
+                .get(&g.product.get())
+                .is_some_and(|(_, l)| l.is_some())
+        })
+        .flat_map(|g| {
+            g.orders
+                .iter()
+                .map(|o| (o.product_id.get(), o.user_id.as_str()))
+        })
+        .collect();
+    let mut held: HashMap<i64, HashMap<String, i64>> = HashMap::new();
+    if !limited.is_empty() {
+        let (products, users): (Vec<i64>, Vec<&str>) = limited.into_iter().unzip();
+        let rows: Vec<(i64, String, i64)> = sqlx::query_as(
+            "SELECT o.product_id, o.user_id, SUM(o.quantity)::bigint FROM orders o
+             WHERE o.status = 'confirmed'
+               AND (o.product_id, o.user_id) IN
+                   (SELECT DISTINCT * FROM unnest($1::bigint[], $2::text[]))
+             GROUP BY o.product_id, o.user_id",
+        )
+        .bind(&products)
+        .bind(&users)
+        .fetch_all(&mut **tx)
+        .await?;
+        for (product, user, units) in rows {
+            held.entry(product).or_default().insert(user, units);
+        }
+    }
+
+    let mut decided: HashMap<i64, Decisions> = HashMap::with_capacity(written.len());
+    let mut new: Vec<(&QueuedOrder, OrderOutcome)> = Vec::new();
+    for g in &written {
+        let (stock, limit) = passed
+            .get(&g.product.get())
+            .map_or((None, None), |(s, l)| (Some(*s), *l));
+        let mut held = held.remove(&g.product.get()).unwrap_or_default();
+        let d = decide(g.orders, &booked, &mut held, stock, limit);
+        new.extend(
+            g.orders
+                .iter()
+                .zip(&d.outcomes)
+                .filter(|(_, o)| **o != OrderOutcome::Duplicate)
+                .map(|(q, o)| (q, *o)),
+        );
+        decided.insert(g.product.get(), d);
+    }
+    let mut inserted = 0;
+    for chunk in new.chunks(ROWS_PER_STATEMENT) {
+        inserted += insert_orders(tx, chunk).await?;
+    }
+    if inserted != new.len() {
+        return Ok(None);
+    }
+
+    let (sold, taken): (Vec<i64>, Vec<i32>) = decided
+        .iter()
+        .filter(|(_, d)| d.stock_left.is_some() && d.taken > 0)
+        .map(|(id, d)| (*id, d.taken))
+        .unzip();
+    let stock_after: HashMap<i64, i32> = if sold.is_empty() {
+        HashMap::new()
+    } else {
+        sqlx::query_as(
+            "UPDATE products p SET stock = p.stock - g.taken
+             FROM unnest($1::bigint[], $2::int[]) AS g(id, taken)
+             WHERE p.id = g.id RETURNING p.id, p.stock",
+        )
+        .bind(&sold)
+        .bind(&taken)
+        .fetch_all(&mut **tx)
+        .await?
+        .into_iter()
+        .collect()
+    };
+    Ok(Some(
+        groups
+            .iter()
+            .map(|g| {
+                let id = g.product.get();
+                if let Some(&fence) = fences.get(&id) {
+                    return JointOutcome::FencedOut { fence };
+                }
+                let d = decided.remove(&id).unwrap_or_else(|| Decisions {
+                    outcomes: Vec::new(),
+                    taken: 0,
+                    stock_left: None,
+                });
+                JointOutcome::Committed(GroupReceipt {
+                    stock_after: stock_after.get(&id).copied().or(d.stock_left),
+                    outcomes: d.outcomes,
+                })
+            })
+            .collect(),
+    ))
 }
 
 /// Inserts the rows in one statement; returns how many were actually new.

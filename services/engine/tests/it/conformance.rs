@@ -10,7 +10,10 @@ use flashsale_engine::admission::{self, Derived};
 use flashsale_engine::config::{DEFAULT_AMQP_URL, DEFAULT_DATABASE_URL, DEFAULT_REDIS_URL};
 use flashsale_engine::ledger::Ledger;
 use flashsale_engine::ledger::MemoryLedger;
-use flashsale_engine::ledger::{BOOKED_KEYS, LedgerError, NewProduct, OrderOutcome, StockLedger};
+use flashsale_engine::ledger::{
+    BOOKED_KEYS, FencedGroup, GroupReceipt, JointOutcome, LedgerError, NewProduct, OrderOutcome,
+    StockLedger,
+};
 use flashsale_engine::locks::MemoryLocks;
 use flashsale_engine::locks::ProductLocks;
 use flashsale_engine::locks::{FencingToken, ProductLock};
@@ -199,6 +202,113 @@ async fn ledger_conforms(l: &dyn Ledger) {
     assert_eq!(stock, 0);
     assert_eq!(booked, ["a1".to_owned(), "a2".to_owned()].into());
     assert!(l.stock_and_booked(pid(404), &[]).await.unwrap().is_none());
+
+    joint_apply_conforms(l).await;
+}
+
+/// Several groups in one commit: the same rules as one by one; a group
+/// fenced out writes nothing and is reported; the others commit.
+async fn joint_apply_conforms(l: &dyn Ledger) {
+    l.create_missing(&[
+        product(11, 4, Some(2)),
+        product(12, 3, None),
+        product(13, 5, None),
+    ])
+    .await
+    .unwrap();
+    l.apply_group(pid(13), FencingToken(9), &[order("x0", "u1", 13, 1)])
+        .await
+        .unwrap();
+    let g11 = [
+        order("x1", "u1", 11, 2),
+        order("x2", "u1", 11, 1),
+        order("x3", "u2", 11, 2),
+        order("x4", "u3", 11, 1),
+    ];
+    let g12 = [
+        order("x5", "u1", 12, 2),
+        order("x5", "u1", 12, 2),
+        order("a1", "u9", 12, 1),
+    ];
+    let g13 = [order("x6", "u1", 13, 1)];
+    let g404 = [order("x7", "u1", 404, 1)];
+    let groups = [
+        FencedGroup {
+            product: pid(11),
+            token: FencingToken(1),
+            orders: &g11,
+        },
+        FencedGroup {
+            product: pid(12),
+            token: FencingToken(1),
+            orders: &g12,
+        },
+        FencedGroup {
+            product: pid(13),
+            token: FencingToken(3),
+            orders: &g13,
+        },
+        FencedGroup {
+            product: pid(404),
+            token: FencingToken(1),
+            orders: &g404,
+        },
+    ];
+    let outcomes = l.apply_groups(&groups).await.unwrap();
+    assert_eq!(
+        outcomes,
+        vec![
+            JointOutcome::Committed(GroupReceipt {
+                outcomes: vec![
+                    Confirmed,
+                    Rejected(RejectReason::PerUserLimit),
+                    Confirmed,
+                    Rejected(RejectReason::SoldOut)
+                ],
+                stock_after: Some(0),
+            }),
+            JointOutcome::Committed(GroupReceipt {
+                outcomes: vec![Confirmed, Duplicate, Duplicate],
+                stock_after: Some(1),
+            }),
+            JointOutcome::FencedOut { fence: 9 },
+            JointOutcome::Committed(GroupReceipt {
+                outcomes: vec![Rejected(RejectReason::UnknownProduct)],
+                stock_after: None,
+            }),
+        ]
+    );
+    assert!(
+        l.order("x6").await.unwrap().is_none(),
+        "a fenced-out group wrote"
+    );
+    assert_eq!(l.product(pid(13)).await.unwrap().unwrap().stock, 4);
+    assert_eq!(l.product(pid(11)).await.unwrap().unwrap().lock_fence, 1);
+    assert_eq!(l.held_by(pid(11), "u1").await.unwrap(), 2);
+    // Redelivered together: every order a duplicate, nothing changes.
+    let again = l
+        .apply_groups(
+            &groups[..2]
+                .iter()
+                .map(|g| FencedGroup {
+                    token: FencingToken(2),
+                    ..*g
+                })
+                .collect::<Vec<_>>(),
+        )
+        .await
+        .unwrap();
+    for outcome in again {
+        let JointOutcome::Committed(r) = outcome else {
+            panic!("fenced out with a newer token")
+        };
+        assert!(
+            r.outcomes.iter().all(|o| *o == Duplicate),
+            "{:?}",
+            r.outcomes
+        );
+    }
+    assert_eq!(l.product(pid(12)).await.unwrap().unwrap().stock, 1);
 }
 
 /// The lock's exclusivity, lease and fencing, on any implementation;
