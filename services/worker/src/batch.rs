@@ -92,6 +92,17 @@ pub struct RefusedOrder {
     pub reason: String,
 }
 
+/// What one round of joint booking left.
+#[derive(Default)]
+struct JointRound {
+    /// Groups whose lock another worker holds: the next round tries again.
+    waiting: Vec<ProductGroup>,
+    /// Groups for the one-by-one path (fenced out, or a backend failed).
+    alone: Vec<ProductGroup>,
+    /// Groups committed in this round.
+    booked: usize,
+}
+
 /// Deliveries whose transactions committed, waiting for their ack.
 pub struct Committed {
     /// The newest delivery's tag; acking through it settles the batch.
@@ -281,11 +292,7 @@ impl OrderBook {
         shutdown: &CancellationToken,
     ) -> Result<Vec<RefusedOrder>, BookError> {
         let started = Instant::now();
-        let groups = if groups.len() > 1 {
-            self.book_jointly(groups, started).await
-        } else {
-            groups
-        };
+        let groups = self.book_together(groups, started).await;
         let results: Vec<Result<Vec<RefusedOrder>, BookError>> = futures_util::stream::iter(groups)
             .map(|group| self.book_group(group, started, shutdown))
             .buffer_unordered(GROUP_CONCURRENCY)
@@ -298,27 +305,49 @@ impl OrderBook {
         Ok(refused)
     }
 
-    /// The groups whose locks are free (taken in one round trip: the
-    /// connection pipelines them) in one transaction. Returns the groups it
-    /// did not book, for the one-by-one path.
-    async fn book_jointly(&self, groups: Vec<ProductGroup>, started: Instant) -> Vec<ProductGroup> {
+    /// Books the groups together, round after round: each round applies
+    /// the groups whose locks are free in one transaction, then waits
+    /// briefly for the locks other workers hold. Returns the groups left
+    /// for the one-by-one path: a last one, a group fenced out, or all of
+    /// them when a joint apply failed.
+    async fn book_together(
+        &self,
+        mut groups: Vec<ProductGroup>,
+        started: Instant,
+    ) -> Vec<ProductGroup> {
+        let mut alone = Vec::new();
+        let mut wait = Duration::from_millis(1);
+        while groups.len() > 1 {
+            let round = self.book_jointly(groups, started).await;
+            alone.extend(round.alone);
+            if round.booked == 0 {
+                tokio::time::sleep(wait).await;
+                wait = (wait * 2).min(Duration::from_millis(20));
+            }
+            groups = round.waiting;
+        }
+        alone.extend(groups);
+        alone
+    }
+
+    /// One round: the groups whose locks are free (taken in one round trip:
+    /// the connection pipelines them) in one transaction.
+    async fn book_jointly(&self, groups: Vec<ProductGroup>, started: Instant) -> JointRound {
         let locks =
             futures_util::future::join_all(groups.iter().map(|g| self.lock.try_acquire(g.product)))
                 .await;
         let mut held: Vec<(ProductGroup, HeldLock)> = Vec::with_capacity(groups.len());
-        let mut rest = Vec::new();
+        let mut round = JointRound::default();
         for (group, lock) in groups.into_iter().zip(locks) {
             match lock {
                 Ok(Some(lock)) => held.push((group, lock)),
-                // Held elsewhere, or Redis failed: the one-by-one path waits or retries.
-                _ => rest.push(group),
+                Ok(None) => round.waiting.push(group),
+                // Redis failed: the one-by-one path retries with backoff.
+                Err(_) => round.alone.push(group),
             }
         }
-        if held.len() < 2 {
-            // Nothing to share a commit with: release, and book alone.
-            self.release_all(held.iter().map(|(_, l)| l)).await;
-            rest.extend(held.into_iter().map(|(g, _)| g));
-            return rest;
+        if held.is_empty() {
+            return round;
         }
         metrics::histogram!(LOCK_WAIT).record(started.elapsed().as_secs_f64());
         self.stats.applying(Some(held[0].0.product.get()));
@@ -340,8 +369,9 @@ impl OrderBook {
                 // group, finding any order the ledger refuses as data.
                 tracing::debug!(error = %e, "joint apply failed; applying the groups one by one");
                 self.release_all(held.iter().map(|(_, l)| l)).await;
-                rest.extend(held.into_iter().map(|(g, _)| g));
-                return rest;
+                round.alone.extend(held.into_iter().map(|(g, _)| g));
+                round.alone.append(&mut round.waiting);
+                return round;
             }
         };
         let mut fenced_out = Vec::new();
@@ -367,12 +397,13 @@ impl OrderBook {
                 .into_iter()
                 .flatten(),
         );
-        rest.extend(
+        round.booked = held.len() - fenced_out.len();
+        round.alone.extend(
             held.into_iter()
                 .map(|(g, _)| g)
                 .filter(|g| fenced_out.contains(&g.product)),
         );
-        rest
+        round
     }
 
     async fn release_all(&self, locks: impl IntoIterator<Item = &HeldLock>) {
