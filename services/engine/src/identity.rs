@@ -105,17 +105,31 @@ pub enum Unauthorized {
     BadSubject,
 }
 
-/// The claims the API reads (`exp` is checked by the library).
+/// The claims the API reads (`exp` is checked by the library first).
 #[derive(Deserialize)]
 struct Subject {
     sub: String,
+    exp: u64,
 }
 
 /// Verifies bearer tokens with one key and one algorithm: a token naming
 /// any other algorithm (`none`, HS256 signed with an RSA public key) fails.
+/// A buyer sends the same token with every request: a token verified once
+/// is remembered (the exact string, with its buyer and `exp`) until it
+/// expires, so the signature is checked once per token, not per request.
 pub struct Verifier {
     key: DecodingKey,
     validation: Validation,
+    verified: std::sync::Mutex<std::collections::HashMap<String, (UserId, u64)>>,
+}
+
+/// Verified tokens remembered before the memory starts afresh.
+const REMEMBERED_TOKENS: usize = 100_000;
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
 }
 
 impl std::fmt::Debug for Verifier {
@@ -155,7 +169,11 @@ impl Verifier {
             required.push("iss");
         }
         validation.set_required_spec_claims(&required);
-        Ok(Some(Self { key, validation }))
+        Ok(Some(Self {
+            key,
+            validation,
+            verified: Default::default(),
+        }))
     }
 
     /// The buyer an `Authorization` header value names.
@@ -165,13 +183,33 @@ impl Verifier {
             .ok()
             .and_then(bearer_token)
             .ok_or(Unauthorized::Malformed)?;
+        let now = unix_now();
+        if let Ok(verified) = self.verified.lock()
+            && let Some((buyer, exp)) = verified.get(token)
+        {
+            return if now > exp + LEEWAY_SECONDS {
+                Err(Unauthorized::Expired)
+            } else {
+                Ok(buyer.clone())
+            };
+        }
         let data = jsonwebtoken::decode::<Subject>(token, &self.key, &self.validation).map_err(
             |e| match e.kind() {
                 jsonwebtoken::errors::ErrorKind::ExpiredSignature => Unauthorized::Expired,
                 _ => Unauthorized::Invalid,
             },
         )?;
-        UserId::parse(&data.claims.sub).map_err(|_| Unauthorized::BadSubject)
+        let buyer = UserId::parse(&data.claims.sub).map_err(|_| Unauthorized::BadSubject)?;
+        if let Ok(mut verified) = self.verified.lock() {
+            if verified.len() >= REMEMBERED_TOKENS {
+                verified.retain(|_, (_, exp)| now <= *exp + LEEWAY_SECONDS);
+                if verified.len() >= REMEMBERED_TOKENS {
+                    verified.clear();
+                }
+            }
+            verified.insert(token.to_owned(), (buyer.clone(), data.claims.exp));
+        }
+        Ok(buyer)
     }
 }
 
@@ -295,6 +333,29 @@ mod tests {
         Verifier::from_config(config)
             .expect("config")
             .expect("jwt mode")
+    }
+
+    #[test]
+    fn a_remembered_token_still_expires() {
+        let v = verifier(&AuthConfig::hs256("s3cret"));
+        let mut signer = Signer::hs256(&Secret::new("s3cret"));
+        signer.ttl = Duration::from_secs(60);
+        let token = signer.sign("alice").expect("sign");
+        assert!(v.buyer(Some(&bearer(&token))).is_ok());
+        // The same token, remembered with an exp already past.
+        let remembered = v.verified.lock().expect("lock").get(&token).cloned();
+        let (buyer, _) = remembered.expect("remembered after its first check");
+        v.verified
+            .lock()
+            .expect("lock")
+            .insert(token.clone(), (buyer, unix_now() - LEEWAY_SECONDS - 1));
+        assert_eq!(v.buyer(Some(&bearer(&token))), Err(Unauthorized::Expired));
+        // A forged token is never remembered as valid.
+        let forged = Signer::hs256(&Secret::new("other"))
+            .sign("alice")
+            .expect("sign");
+        assert_eq!(v.buyer(Some(&bearer(&forged))), Err(Unauthorized::Invalid));
+        assert_eq!(v.buyer(Some(&bearer(&forged))), Err(Unauthorized::Invalid));
     }
 
     fn bearer(token: &str) -> Vec<u8> {
