@@ -224,39 +224,48 @@ fn read_pem(path: &Path) -> anyhow::Result<Vec<u8>> {
     std::fs::read(path).map_err(|e| anyhow::anyhow!("cannot read key file {}: {e}", path.display()))
 }
 
-/// A PEM public key and the one algorithm it verifies.
-fn public_key(path: &Path) -> anyhow::Result<(DecodingKey, Algorithm)> {
+/// A PEM key of RSA, P-256 or Ed25519, read with the constructor of its
+/// type, and the one algorithm that type means: RS256, ES256, EdDSA.
+fn pem_key<K, E>(
+    path: &Path,
+    what: &str,
+    rsa: impl Fn(&[u8]) -> Result<K, E>,
+    ec: impl Fn(&[u8]) -> Result<K, E>,
+    ed: impl Fn(&[u8]) -> Result<K, E>,
+) -> anyhow::Result<(K, Algorithm)> {
     let pem = read_pem(path)?;
-    if let Ok(key) = DecodingKey::from_rsa_pem(&pem) {
+    if let Ok(key) = rsa(&pem) {
         return Ok((key, Algorithm::RS256));
     }
-    if let Ok(key) = DecodingKey::from_ec_pem(&pem) {
+    if let Ok(key) = ec(&pem) {
         return Ok((key, Algorithm::ES256));
     }
-    if let Ok(key) = DecodingKey::from_ed_pem(&pem) {
+    if let Ok(key) = ed(&pem) {
         return Ok((key, Algorithm::EdDSA));
     }
     anyhow::bail!(
-        "{} is not a PEM public key of RSA, P-256 or Ed25519",
+        "{} is not a {what} of RSA, P-256 or Ed25519",
         path.display()
     )
 }
 
-/// A PEM private key and the one algorithm it signs with.
+fn public_key(path: &Path) -> anyhow::Result<(DecodingKey, Algorithm)> {
+    pem_key(
+        path,
+        "PEM public key",
+        DecodingKey::from_rsa_pem,
+        DecodingKey::from_ec_pem,
+        DecodingKey::from_ed_pem,
+    )
+}
+
 fn private_key(path: &Path) -> anyhow::Result<(EncodingKey, Algorithm)> {
-    let pem = read_pem(path)?;
-    if let Ok(key) = EncodingKey::from_rsa_pem(&pem) {
-        return Ok((key, Algorithm::RS256));
-    }
-    if let Ok(key) = EncodingKey::from_ec_pem(&pem) {
-        return Ok((key, Algorithm::ES256));
-    }
-    if let Ok(key) = EncodingKey::from_ed_pem(&pem) {
-        return Ok((key, Algorithm::EdDSA));
-    }
-    anyhow::bail!(
-        "{} is not a PEM private key (PKCS#8 or RSA) of RSA, P-256 or Ed25519",
-        path.display()
+    pem_key(
+        path,
+        "PEM private key (PKCS#8 or RSA)",
+        EncodingKey::from_rsa_pem,
+        EncodingKey::from_ec_pem,
+        EncodingKey::from_ed_pem,
     )
 }
 

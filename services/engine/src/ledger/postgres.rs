@@ -479,12 +479,7 @@ async fn apply_in(
     };
 
     let keys: Vec<&str> = orders.iter().map(|o| o.order_id.as_str()).collect();
-    let booked: HashSet<String> = sqlx::query_scalar(BOOKED_KEYS)
-        .bind(&keys)
-        .fetch_all(&mut **tx)
-        .await?
-        .into_iter()
-        .collect();
+    let booked = booked_keys(tx, &keys).await?;
 
     let mut held: HashMap<String, i64> = HashMap::new();
     if per_user_limit.is_some() {
@@ -587,12 +582,7 @@ async fn apply_jointly(
         .iter()
         .flat_map(|g| g.orders.iter().map(|o| o.order_id.as_str()))
         .collect();
-    let booked: HashSet<String> = sqlx::query_scalar(BOOKED_KEYS)
-        .bind(&keys)
-        .fetch_all(&mut **tx)
-        .await?
-        .into_iter()
-        .collect();
+    let booked = booked_keys(tx, &keys).await?;
     let limited: Vec<(i64, &str)> = written
         .iter()
         .filter(|g| {
@@ -690,6 +680,19 @@ async fn apply_jointly(
             })
             .collect(),
     ))
+}
+
+/// Which of `keys` already have an order row (of any product).
+async fn booked_keys(
+    tx: &mut Transaction<'_, Postgres>,
+    keys: &[&str],
+) -> Result<HashSet<String>, sqlx::Error> {
+    Ok(sqlx::query_scalar(BOOKED_KEYS)
+        .bind(keys)
+        .fetch_all(&mut **tx)
+        .await?
+        .into_iter()
+        .collect())
 }
 
 /// Inserts the rows in one statement; returns how many were actually new.
