@@ -68,7 +68,7 @@ pub async fn run(b: &BackendUrls, args: &InspectArgs) -> Outcome {
             let redis = backends::redis(b).await?;
             let q = queue::queues(&b.amqp_url, &ns).await?;
             let workers = heartbeat::workers(&redis, &ns).await?;
-            let inflight: u64 = workers.iter().filter(|w| w.alive).map(|w| w.inflight).sum();
+            let inflight = queue::held_by_workers(&workers);
             let drained = queue::is_drained(&q, &workers);
             if args.json {
                 output::json(&json!({"queue": {
@@ -346,7 +346,7 @@ async fn watch_queue(b: &BackendUrls, interval: std::time::Duration, as_json: bo
     loop {
         let q = queue::queues(&b.amqp_url, &ns).await?;
         let workers = heartbeat::workers(&redis, &ns).await?;
-        let inflight: u64 = workers.iter().filter(|w| w.alive).map(|w| w.inflight).sum();
+        let inflight = queue::held_by_workers(&workers);
         let processed: u64 = workers.iter().map(|w| w.processed).sum();
         let now = std::time::Instant::now();
         let (ready_rate, processed_rate) = match last {

@@ -196,11 +196,7 @@ async fn repartition(b: &BackendUrls, pool: &sqlx::PgPool) -> Result<u16, exit::
                 "not changing the partitions from {recorded} to {}: {} orders ready and {} held by workers; wait for the drain",
                 asked.partitions(),
                 queues.orders_ready,
-                workers
-                    .iter()
-                    .filter(|w| w.alive)
-                    .map(|w| w.inflight)
-                    .sum::<u64>()
+                flashsale_engine::queue::held_by_workers(&workers)
             ),
         });
     }

@@ -169,11 +169,7 @@ pub async fn run(b: &BackendUrls, args: &SeedArgs) -> Outcome {
                     return Err(Failure::usage(format!(
                         "refusing to reset while orders are in flight ({} ready, {} held by workers); wait or add --force",
                         queues.orders_ready,
-                        workers
-                            .iter()
-                            .filter(|w| w.alive)
-                            .map(|w| w.inflight)
-                            .sum::<u64>()
+                        queue::held_by_workers(&workers)
                     )));
                 }
             }

@@ -81,5 +81,10 @@ pub trait QueueConsumer: Send + Sync {
 
 /// Drained: no ready order messages and no live worker holding a delivery.
 pub fn is_drained(queues: &QueueView, workers: &[WorkerView]) -> bool {
-    queues.orders_ready == 0 && workers.iter().filter(|w| w.alive).all(|w| w.inflight == 0)
+    queues.orders_ready == 0 && held_by_workers(workers) == 0
+}
+
+/// Deliveries the live workers hold now.
+pub fn held_by_workers(workers: &[WorkerView]) -> u64 {
+    workers.iter().filter(|w| w.alive).map(|w| w.inflight).sum()
 }

@@ -707,9 +707,11 @@ async fn embedded_admission_conforms() {
     admission_conforms(&MemoryAcceptLog::new(), &ledger).await;
 }
 
-#[tokio::test]
-async fn redis_and_postgres_admission_conforms() {
-    let scratch = Scratch::new(&servers());
+/// The scratch deployment's Redis, and its PostgreSQL ledger holding
+/// product 1 with 5 units.
+async fn redis_and_a_ledger(
+    scratch: &Scratch,
+) -> (redis::aio::ConnectionManager, sqlx::PgPool, StockLedger) {
     let redis = redis_conn::connect(&scratch.backends.redis_url)
         .await
         .expect("Redis is not answering (scripts/test starts it)");
@@ -718,6 +720,13 @@ async fn redis_and_postgres_admission_conforms() {
         .expect("PostgreSQL is not answering (scripts/test starts it)");
     let ledger = StockLedger::new(pool.clone());
     ledger.create_missing(&[product(1, 5, None)]).await.unwrap();
+    (redis, pool, ledger)
+}
+
+#[tokio::test]
+async fn redis_and_postgres_admission_conforms() {
+    let scratch = Scratch::new(&servers());
+    let (redis, pool, ledger) = redis_and_a_ledger(&scratch).await;
     admission_conforms(
         &AcceptLog::new(redis, scratch.backends.namespace()),
         &ledger,
@@ -808,14 +817,7 @@ async fn a_database_migrated_before_the_schema_comment_was_reworded_still_starts
 #[tokio::test]
 async fn a_claim_of_an_api_whose_heartbeat_expired_is_not_in_flight() {
     let scratch = Scratch::new(&servers());
-    let redis = redis_conn::connect(&scratch.backends.redis_url)
-        .await
-        .expect("Redis is not answering (scripts/test starts it)");
-    let pool = postgres::connect_for_lookups(&scratch.backends.database_url, 2)
-        .await
-        .expect("PostgreSQL is not answering (scripts/test starts it)");
-    let ledger = StockLedger::new(pool.clone());
-    ledger.create_missing(&[product(1, 5, None)]).await.unwrap();
+    let (redis, pool, ledger) = redis_and_a_ledger(&scratch).await;
     let ns = scratch.backends.namespace();
     let store = AcceptLog::new(redis.clone(), ns.clone());
     store.reset(1, 5).await.unwrap();
