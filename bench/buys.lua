@@ -4,6 +4,10 @@
 -- only the path it names (409: the sold-out fast path; 202: durable accepts).
 local threads = {}
 local product = os.getenv("PRODUCT") or "6"
+-- PRODUCTS="2,3,4" spreads the buys over those products instead (one per
+-- request in turn), so that every queue partition gets its share.
+local products = {}
+for p in (os.getenv("PRODUCTS") or ""):gmatch("%d+") do table.insert(products, p) end
 local expect = tonumber(os.getenv("EXPECT") or "409")
 local run = tostring(os.time())
 -- KEYS=sequential keeps the old `wrk-<run>-<thread>-<n>` keys; the default is a
@@ -49,7 +53,8 @@ function request()
     user = t[1]
     headers["Authorization"] = t[2]
   end
-  local body = string.format('{"userId":"%s","productId":%s,"quantity":1}', user, product)
+  local pick = #products > 0 and products[(n % #products) + 1] or product
+  local body = string.format('{"userId":"%s","productId":%s,"quantity":1}', user, pick)
   return wrk.format("POST", nil, headers, body)
 end
 

@@ -3,8 +3,8 @@
 
 use crate::exit::Failure;
 use flashsale_engine::ledger::StockLedger;
+use flashsale_engine::redis_conn::Redis;
 use flashsale_engine::{BackendUrls, postgres, redis_conn};
-use redis::aio::ConnectionManager;
 
 pub async fn ledger(b: &BackendUrls) -> Result<StockLedger, Failure> {
     Ok(StockLedger::new(
@@ -12,6 +12,6 @@ pub async fn ledger(b: &BackendUrls) -> Result<StockLedger, Failure> {
     ))
 }
 
-pub async fn redis(b: &BackendUrls) -> Result<ConnectionManager, Failure> {
+pub async fn redis(b: &BackendUrls) -> Result<Redis, Failure> {
     Ok(redis_conn::connect(&b.redis_url).await?)
 }

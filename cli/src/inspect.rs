@@ -8,7 +8,7 @@ use clap::{Args, Subcommand};
 use comfy_table::Cell;
 use flashsale_engine::accept_log::{AcceptLog, AcceptState, AcceptStore};
 use flashsale_engine::ledger::Ledger;
-use flashsale_engine::redis_conn::timed;
+use flashsale_engine::redis_conn::{self, timed};
 use flashsale_engine::{BackendUrls, ProductId, heartbeat, locks, queue};
 use serde_json::json;
 
@@ -38,6 +38,9 @@ pub enum View {
     /// Held product locks (Redis `<ns>:lock:product:{<id>}`: holder, token, TTL
     /// left) beside each product's last fence in PostgreSQL.
     Locks,
+    /// Redis masters: address, hash slots, replicas and keys of each master
+    /// of a Redis Cluster (one row for a standalone server).
+    Redis,
     /// Workers from their Redis heartbeats: up since, processed, current
     /// product, last beat age; a beat older than 5 s is shown as gone.
     Workers,
@@ -166,6 +169,34 @@ pub async fn run(b: &BackendUrls, args: &InspectArgs) -> Outcome {
                     locks.len(),
                     fences.len()
                 );
+            }
+        }
+        View::Redis => {
+            let redis = backends::redis(b).await?;
+            let masters = redis_conn::masters(&redis).await?;
+            if args.json {
+                output::json(&json!({"cluster": redis.is_cluster(), "masters": masters}));
+            } else {
+                let mut t = output::table(&["master", "hash slots", "replicas", "keys"]);
+                for m in &masters {
+                    t.add_row(vec![
+                        Cell::new(&m.address),
+                        Cell::new(m.slots),
+                        Cell::new(m.replicas),
+                        m.keys
+                            .map_or_else(|| output::verdict(false, "", "no answer"), Cell::new),
+                    ]);
+                }
+                println!("{t}");
+                let slots: u32 = masters.iter().map(|m| m.slots).sum();
+                if redis.is_cluster() {
+                    println!(
+                        "Redis Cluster: {} masters serving {slots} of 16384 slots",
+                        masters.len()
+                    );
+                } else {
+                    println!("standalone Redis");
+                }
             }
         }
         View::Workers => {

@@ -198,11 +198,9 @@ async fn measure(
         let value: String = sqlx::query_scalar(sql).fetch_one(ledger.pool()).await?;
         versions.insert(key, value);
     }
-    let mut conn = redis_conn::connect(&b.redis_url).await?;
-    let info: String = redis::cmd("INFO")
-        .arg("server")
-        .query_async(&mut conn)
-        .await?;
+    let conn = redis_conn::connect(&b.redis_url).await?;
+    let info: String =
+        redis_conn::on_any_node(&conn, redis::cmd("INFO").arg("server").clone()).await?;
     if let Some(v) = info.lines().find_map(|l| l.strip_prefix("redis_version:")) {
         versions.insert("redis", v.trim().to_owned());
     }

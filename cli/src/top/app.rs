@@ -8,6 +8,7 @@ use flashsale_engine::audit::{ProductBooks, Violation};
 use flashsale_engine::heartbeat::WorkerView;
 use flashsale_engine::locks::LockView;
 use flashsale_engine::queue::QueueView;
+use flashsale_engine::redis_conn::Master;
 use std::collections::{BTreeMap, VecDeque};
 use std::time::{Duration, Instant};
 
@@ -47,6 +48,8 @@ pub struct LedgerSample {
 pub struct RedisSample {
     pub workers: Vec<WorkerView>,
     pub locks: Vec<LockView>,
+    /// The Redis masters (one for a standalone server).
+    pub masters: Vec<Master>,
     /// Accept-to-commit times, summed over the workers' `/metrics`.
     pub commit_latency: Buckets,
 }
@@ -215,6 +218,7 @@ pub struct View {
     pub queue: Option<QueueView>,
     pub workers: Vec<WorkerRow>,
     pub locks: Vec<LockView>,
+    pub masters: Vec<Master>,
     pub products: Vec<ProductRow>,
     /// `None` until PostgreSQL has answered once.
     pub violations: Option<Vec<Violation>>,
@@ -441,6 +445,7 @@ impl App {
                 rows.sort_by(|a, b| (a.gone, &a.view.id).cmp(&(b.gone, &b.view.id)));
                 self.live.workers = rows;
                 self.live.locks = redis.locks;
+                self.live.masters = redis.masters;
                 self.live.commit_latency = self.commit_window.push(at, redis.commit_latency);
             }
             Sample::Broker(Ok(queue)) => {

@@ -142,6 +142,7 @@ pub fn start_embedded(
             Sample::Redis(Ok(RedisSample {
                 workers,
                 locks: s.backends.locks.held(),
+                masters: Vec::new(),
                 commit_latency: buckets(&text, ORDER_LATENCY, ""),
             }))
         }
@@ -278,7 +279,7 @@ async fn books(
 }
 
 async fn heartbeats(
-    redis: &redis::aio::ConnectionManager,
+    redis: &flashsale_engine::redis_conn::Redis,
     b: &BackendUrls,
     http: &reqwest::Client,
 ) -> Result<RedisSample, String> {
@@ -305,9 +306,11 @@ async fn heartbeats(
         };
         add(&mut commit_latency, &buckets(&text, ORDER_LATENCY, ""));
     }
+    let masters = redis_conn::masters(redis).await.unwrap_or_default();
     Ok(RedisSample {
         workers,
         locks,
+        masters,
         commit_latency,
     })
 }

@@ -494,7 +494,21 @@ fn draw_workers(frame: &mut Frame, app: &App, now: Instant, paint: &Paint, area:
 }
 
 fn draw_locks(frame: &mut Frame, app: &App, now: Instant, paint: &Paint, area: Rect) {
-    let (block, style) = panel("Locks", app, now, &[Source::Redis], paint);
+    // On a Redis Cluster, each master and the keys it holds.
+    let title = match app.shown.masters.as_slice() {
+        masters if masters.len() > 1 => {
+            let each: Vec<String> = masters
+                .iter()
+                .map(|m| match m.keys {
+                    Some(keys) => format!("{} {keys} keys", m.address),
+                    None => format!("{} ?", m.address),
+                })
+                .collect();
+            format!("Locks · Redis masters {}", each.join(", "))
+        }
+        _ => "Locks".to_owned(),
+    };
+    let (block, style) = panel(&title, app, now, &[Source::Redis], paint);
     let rows: Vec<Row> = app
         .shown
         .locks
@@ -736,6 +750,7 @@ mod tests {
                         token: 42,
                         ttl_ms: 9_400,
                     }],
+                    masters: Vec::new(),
                     commit_latency: latency.iter().map(|(le, n)| (*le * 4.0, *n)).collect(),
                 })),
             );
@@ -807,6 +822,37 @@ mod tests {
         let screen = sale.render(140, 40);
         assert!(
             screen.contains("partitions 0:10/2 1:0/2 2:20/2"),
+            "{screen}"
+        );
+    }
+
+    #[test]
+    fn redis_cluster_masters_show_in_the_locks_panel() {
+        use flashsale_engine::redis_conn::Master;
+        let mut sale = Sale::healthy();
+        let at = sale.at();
+        let master = |port: u16, keys| Master {
+            address: format!("127.0.0.1:{port}"),
+            slots: 5461,
+            replicas: 1,
+            keys,
+        };
+        sale.app.on_sample(
+            at,
+            Sample::Redis(Ok(RedisSample {
+                masters: vec![
+                    master(7001, Some(12)),
+                    master(7002, None),
+                    master(7006, Some(3)),
+                ],
+                ..RedisSample::default()
+            })),
+        );
+        let screen = sale.render(140, 40);
+        assert!(
+            screen.contains(
+                "Redis masters 127.0.0.1:7001 12 keys, 127.0.0.1:7002 ?, 127.0.0.1:7006 3 keys"
+            ),
             "{screen}"
         );
     }

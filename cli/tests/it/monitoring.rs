@@ -265,7 +265,7 @@ fn compose_file_is_safe_by_default() {
 }
 
 #[test]
-fn compose_cluster_profile_is_a_three_node_cluster_behind_a_balancer() {
+fn compose_cluster_profile_is_a_three_node_cluster_and_a_redis_cluster_behind_a_balancer() {
     let text = std::fs::read_to_string(repo().join("docker-compose.yml")).unwrap();
     let mut compose: serde_yaml::Value = serde_yaml::from_str(&text).unwrap();
     compose.apply_merge().unwrap();
@@ -313,7 +313,7 @@ fn compose_cluster_profile_is_a_three_node_cluster_behind_a_balancer() {
     let mut apis = 0;
     for (name, service) in services {
         let name = name.as_str().unwrap();
-        if !in_cluster(name) || name.starts_with("rabbit-") || name == "lb" {
+        if !(name.starts_with("api-") || name.starts_with("worker-c")) {
             continue;
         }
         apis += usize::from(name.starts_with("api-"));
@@ -325,6 +325,18 @@ fn compose_cluster_profile_is_a_three_node_cluster_behind_a_balancer() {
                 "{name}: {amqp}"
             );
         }
+        let redis = env["REDIS_URL"].as_str().unwrap();
+        for n in 1..=6 {
+            assert!(
+                redis.contains(&format!("redis://redis-c{n}:6379")),
+                "{name}: {redis}"
+            );
+        }
+        assert!(
+            service["depends_on"]["redis-cluster-init"]["condition"]
+                == "service_completed_successfully",
+            "{name} does not wait for the Redis Cluster to form"
+        );
         assert_eq!(env["FLASHSALE_PARTITIONS"], 3, "{name}");
         assert_eq!(env["FLASHSALE_NAMESPACE"], "flashsale-cluster", "{name}");
         for n in 1..=3 {
@@ -337,6 +349,32 @@ fn compose_cluster_profile_is_a_three_node_cluster_behind_a_balancer() {
         }
     }
     assert_eq!(apis, 2);
+    // Six Redis nodes with cluster mode and a volume each, formed into 3
+    // masters and 3 replicas once.
+    for n in 1..=6 {
+        let name = format!("redis-c{n}");
+        assert!(in_cluster(&name), "{name} is not in the cluster profile");
+        let command: Vec<&str> = services[name.as_str()]["command"]
+            .as_sequence()
+            .unwrap()
+            .iter()
+            .filter_map(|v| v.as_str())
+            .collect();
+        assert!(
+            command
+                .windows(2)
+                .any(|w| w == ["--cluster-enabled", "yes"]),
+            "{name}"
+        );
+        assert_eq!(
+            services[name.as_str()]["volumes"][0],
+            format!("{name}-data:/data").as_str()
+        );
+    }
+    let init = services["redis-cluster-init"]["command"][0]
+        .as_str()
+        .unwrap();
+    assert!(init.contains("--cluster-replicas 1"), "{init}");
     let lb = compose["configs"]["lb-conf"]["content"].as_str().unwrap();
     assert!(
         lb.contains("server api-a:3000") && lb.contains("server api-b:3000"),

@@ -34,11 +34,7 @@ pub const API_BEAT_TTL: Duration = Duration::from_secs(4);
 pub struct ApiHeartbeat(CancellationToken);
 
 impl ApiHeartbeat {
-    pub fn start(
-        redis: redis::aio::ConnectionManager,
-        ns: crate::Namespace,
-        instance: String,
-    ) -> Self {
+    pub fn start(redis: crate::redis_conn::Redis, ns: crate::Namespace, instance: String) -> Self {
         let stop = CancellationToken::new();
         tokio::spawn(api_heartbeat(redis, ns, instance, stop.clone()));
         Self(stop)
@@ -55,7 +51,7 @@ impl Drop for ApiHeartbeat {
 /// (then removes it), so that its pending claims count as in flight only
 /// while it lives.
 async fn api_heartbeat(
-    redis: redis::aio::ConnectionManager,
+    redis: crate::redis_conn::Redis,
     ns: crate::Namespace,
     instance: String,
     stop: CancellationToken,

@@ -5,9 +5,9 @@
 
 use crate::config::Namespace;
 use crate::metrics::INFLIGHT_ORDERS;
+use crate::redis_conn::Redis;
 use crate::redis_conn::timed;
 use chrono::{DateTime, Utc};
-use redis::aio::ConnectionManager;
 use serde::Serialize;
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -101,12 +101,7 @@ impl WorkerStats {
 }
 
 /// Writes the heartbeat every second until cancelled, then removes it.
-pub async fn beat(
-    redis: ConnectionManager,
-    ns: Namespace,
-    stats: Arc<WorkerStats>,
-    stop: CancellationToken,
-) {
+pub async fn beat(redis: Redis, ns: Namespace, stats: Arc<WorkerStats>, stop: CancellationToken) {
     let key = ns.worker_key(&stats.id);
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     loop {
@@ -148,10 +143,7 @@ pub struct WorkerView {
 }
 
 /// Every worker with a heartbeat, oldest id first.
-pub async fn workers(
-    redis: &ConnectionManager,
-    ns: &Namespace,
-) -> redis::RedisResult<Vec<WorkerView>> {
+pub async fn workers(redis: &Redis, ns: &Namespace) -> redis::RedisResult<Vec<WorkerView>> {
     let mut conn = redis.clone();
     let now_ms = Utc::now().timestamp_millis();
     let mut out = Vec::new();

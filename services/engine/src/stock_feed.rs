@@ -5,18 +5,18 @@
 //! guarantee, the feed only makes it sooner.
 
 use crate::config::Namespace;
+use crate::redis_conn::Redis;
 use crate::redis_conn::{self, timed};
 use futures_util::{Stream, StreamExt};
-use redis::aio::ConnectionManager;
 
 #[derive(Clone)]
 pub struct StockFeed {
-    redis: ConnectionManager,
+    redis: Redis,
     channel: String,
 }
 
 impl StockFeed {
-    pub fn new(redis: ConnectionManager, ns: &Namespace) -> Self {
+    pub fn new(redis: Redis, ns: &Namespace) -> Self {
         Self {
             redis,
             channel: ns.stock_channel(),
@@ -45,8 +45,28 @@ pub async fn subscribe(
     url: &str,
     ns: &Namespace,
 ) -> redis::RedisResult<impl Stream<Item = (i64, i32)> + use<>> {
-    let mut pubsub = redis_conn::client(url)?.get_async_pubsub().await?;
-    pubsub.subscribe(ns.stock_channel()).await?;
+    // On a cluster a PUBLISH reaches every node: any one seed will do.
+    let mut last = None;
+    let mut subscribed = None;
+    for seed in redis_conn::seeds(url) {
+        let attempt = async {
+            let mut pubsub = timed(redis_conn::client(seed)?.get_async_pubsub()).await?;
+            timed(pubsub.subscribe(ns.stock_channel())).await?;
+            redis::RedisResult::Ok(pubsub)
+        };
+        match attempt.await {
+            Ok(pubsub) => {
+                subscribed = Some(pubsub);
+                break;
+            }
+            Err(e) => last = Some(e),
+        }
+    }
+    let pubsub = match (subscribed, last) {
+        (Some(pubsub), _) => pubsub,
+        (None, Some(e)) => return Err(e),
+        (None, None) => return Err(redis_conn::timeout_error()),
+    };
     Ok(pubsub.into_on_message().filter_map(|msg| async move {
         let payload: String = msg.get_payload().ok()?;
         let (product, stock) = payload.split_once(':')?;

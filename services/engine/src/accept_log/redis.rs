@@ -4,13 +4,21 @@
 //! orders not yet settled (a hash, key to quantity) and a version bumped by
 //! every take and give-back, so a reconciliation never overwrites a change
 //! it did not see. Each change is one Lua script: one round trip, atomic.
+//!
+//! On a Redis Cluster the order's record and the product's keys live in
+//! different hash slots, which no script may span: there a take is two
+//! scripts, the claim of the key ([`CLAIM`]) and then the take of the
+//! units ([`TAKE`]), and a claim that finds too few units is dropped again
+//! ([`DROP_CLAIM`]). Both orders are safe when the process dies between the
+//! two: a claim without units expires with its pending TTL, and units
+//! without a live claim are given back by the reconciliation.
 
 use super::{AcceptRecord, AcceptState, AcceptStore, Admission, Admit, PENDING_TTL, QUEUED_TTL};
 use crate::config::Namespace;
 use crate::domain::IdempotencyKey;
+use crate::redis_conn::Redis;
 use crate::redis_conn::timed;
 use crate::seams::BackendFailed;
-use redis::aio::ConnectionManager;
 use std::collections::HashMap;
 use std::sync::LazyLock;
 
@@ -100,9 +108,61 @@ return redis.call('DEL', KEYS[1])",
     )
 });
 
+/// Cluster: KEYS: record. ARGV: record JSON, pending TTL (ms).
+/// `{0, ''}` claimed, `{1, record}` taken.
+static CLAIM: LazyLock<redis::Script> = LazyLock::new(|| {
+    redis::Script::new(
+        r"
+local prev = redis.call('GET', KEYS[1])
+if prev then return {1, prev} end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+return {0, ''}",
+    )
+});
+
+/// Cluster: KEYS: counter, admitted, version. ARGV: order id, quantity.
+/// `{0, left}` taken, `{2, ''}` no counter, `{3, available}` short.
+static TAKE: LazyLock<redis::Script> = LazyLock::new(|| {
+    redis::Script::new(
+        r"
+local left = redis.call('GET', KEYS[1])
+if not left then return {2, ''} end
+local q = tonumber(ARGV[2])
+if tonumber(left) < q then return {3, left} end
+redis.call('HSET', KEYS[2], ARGV[1], q)
+redis.call('INCR', KEYS[3])
+return {0, tostring(redis.call('DECRBY', KEYS[1], q))}",
+    )
+});
+
+/// Cluster: KEYS: record. ARGV: claim. 1 if this claim's record was deleted.
+static DROP_CLAIM: LazyLock<redis::Script> = LazyLock::new(|| {
+    redis::Script::new(
+        r"
+local v = redis.call('GET', KEYS[1])
+if not (v and cjson.decode(v)['claim'] == ARGV[1]) then return 0 end
+return redis.call('DEL', KEYS[1])",
+    )
+});
+
+/// Cluster: KEYS: counter, admitted, version. ARGV: order id. Gives the
+/// order's admitted units back.
+static GIVE_BACK: LazyLock<redis::Script> = LazyLock::new(|| {
+    redis::Script::new(
+        r"
+local q = redis.call('HGET', KEYS[2], ARGV[1])
+if q then
+  redis.call('HDEL', KEYS[2], ARGV[1])
+  redis.call('INCR', KEYS[3])
+  if redis.call('EXISTS', KEYS[1]) == 1 then redis.call('INCRBY', KEYS[1], q) end
+end
+return 1",
+    )
+});
+
 #[derive(Clone)]
 pub struct AcceptLog {
-    redis: ConnectionManager,
+    redis: Redis,
     ns: Namespace,
 }
 
@@ -116,7 +176,7 @@ fn decode(raw: Option<String>) -> Option<AcceptRecord> {
 }
 
 impl AcceptLog {
-    pub fn new(redis: ConnectionManager, ns: Namespace) -> Self {
+    pub fn new(redis: Redis, ns: Namespace) -> Self {
         Self { redis, ns }
     }
 
@@ -134,6 +194,102 @@ impl AcceptLog {
     }
 }
 
+/// What an admission script's `{code, value}` answer means.
+fn admitted(key: &IdempotencyKey, code: i64, value: String) -> Result<Admit, BackendFailed> {
+    Ok(match code {
+        0 => Admit::Claimed {
+            left: number(&value)?,
+        },
+        1 => match decode(Some(value)) {
+            Some(existing) => Admit::Taken(existing),
+            None => {
+                return Err(BackendFailed::Misuse(format!(
+                    "an unreadable accept record for {key}"
+                )));
+            }
+        },
+        2 => Admit::NoCounter,
+        _ => Admit::Short {
+            available: number(&value)?.max(0),
+        },
+    })
+}
+
+impl AcceptLog {
+    /// [`AcceptStore::admit`] on a cluster: claim the key, then take the
+    /// units; a claim that gets no units is dropped before answering.
+    async fn admit_in_two(
+        &self,
+        key: &IdempotencyKey,
+        record: &AcceptRecord,
+    ) -> Result<Admit, BackendFailed> {
+        let mut conn = self.redis.clone();
+        let (code, value): (i64, String) = timed(
+            CLAIM
+                .key(self.ns.accept_key(key.as_str()))
+                .arg(encode(record)?)
+                .arg(PENDING_TTL.as_millis() as u64)
+                .invoke_async(&mut conn),
+        )
+        .await
+        .map_err(BackendFailed::redis)?;
+        if code != 0 {
+            return admitted(key, code, value);
+        }
+        let mut take = self.on_product(&TAKE, record.product_id);
+        take.arg(key.as_str()).arg(record.quantity);
+        let taken = timed(take.invoke_async::<(i64, String)>(&mut conn))
+            .await
+            .map_err(BackendFailed::redis)
+            .and_then(|(code, value)| admitted(key, code, value));
+        if !matches!(taken, Ok(Admit::Claimed { .. })) {
+            // No units (or no answer): the claim goes, so a retry starts
+            // afresh. Units the take may have got without answering come
+            // back with the reconciliation, as the claim is gone.
+            self.drop_claim(key, record).await?;
+        }
+        taken
+    }
+
+    /// Deletes this request's record if it still holds its claim.
+    async fn drop_claim(
+        &self,
+        key: &IdempotencyKey,
+        record: &AcceptRecord,
+    ) -> Result<bool, BackendFailed> {
+        let mut conn = self.redis.clone();
+        timed(
+            DROP_CLAIM
+                .key(self.ns.accept_key(key.as_str()))
+                .arg(&record.claim)
+                .invoke_async::<i64>(&mut conn),
+        )
+        .await
+        .map(|deleted| deleted == 1)
+        .map_err(BackendFailed::redis)
+    }
+
+    /// [`AcceptStore::withdraw`] on a cluster: the claim first, then its
+    /// units (units without a claim are given back by the reconciliation
+    /// should the process die in between).
+    async fn withdraw_in_two(
+        &self,
+        key: &IdempotencyKey,
+        record: &AcceptRecord,
+    ) -> Result<(), BackendFailed> {
+        if !self.drop_claim(key, record).await? {
+            return Ok(());
+        }
+        let mut conn = self.redis.clone();
+        let mut give = self.on_product(&GIVE_BACK, record.product_id);
+        give.arg(key.as_str());
+        timed(give.invoke_async::<i64>(&mut conn))
+            .await
+            .map(drop)
+            .map_err(BackendFailed::redis)
+    }
+}
+
 fn number(raw: &str) -> Result<i64, BackendFailed> {
     raw.parse()
         .map_err(|_| BackendFailed::Misuse(format!("not a number in Redis: {raw:?}")))
@@ -146,6 +302,9 @@ impl AcceptStore for AcceptLog {
         key: &IdempotencyKey,
         record: &AcceptRecord,
     ) -> Result<Admit, BackendFailed> {
+        if self.redis.is_cluster() {
+            return self.admit_in_two(key, record).await;
+        }
         let mut conn = self.redis.clone();
         let p = record.product_id;
         let (code, value): (i64, String) = timed(
@@ -162,23 +321,7 @@ impl AcceptStore for AcceptLog {
         )
         .await
         .map_err(BackendFailed::redis)?;
-        Ok(match code {
-            0 => Admit::Claimed {
-                left: number(&value)?,
-            },
-            1 => match decode(Some(value)) {
-                Some(existing) => Admit::Taken(existing),
-                None => {
-                    return Err(BackendFailed::Misuse(format!(
-                        "an unreadable accept record for {key}"
-                    )));
-                }
-            },
-            2 => Admit::NoCounter,
-            _ => Admit::Short {
-                available: number(&value)?.max(0),
-            },
-        })
+        admitted(key, code, value)
     }
 
     async fn probe(&self) -> crate::seams::Probe {
@@ -248,6 +391,9 @@ impl AcceptStore for AcceptLog {
         key: &IdempotencyKey,
         record: &AcceptRecord,
     ) -> Result<(), BackendFailed> {
+        if self.redis.is_cluster() {
+            return self.withdraw_in_two(key, record).await;
+        }
         let mut conn = self.redis.clone();
         let p = record.product_id;
         timed(

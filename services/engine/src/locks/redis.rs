@@ -5,16 +5,16 @@
 use super::{FencingToken, HeldLock, LOCK_LEASE, ProductLocks};
 use crate::config::Namespace;
 use crate::domain::ProductId;
+use crate::redis_conn::Redis;
 use crate::redis_conn::timed;
 use crate::seams::BackendFailed;
-use redis::aio::ConnectionManager;
 use serde::Serialize;
 use std::time::Duration;
 
 /// Takes, releases and re-fences product locks for one worker.
 #[derive(Clone)]
 pub struct ProductLock {
-    redis: ConnectionManager,
+    redis: Redis,
     ns: Namespace,
     holder: String,
     lease: Duration,
@@ -43,7 +43,7 @@ if current < floor then redis.call('SET', KEYS[1], floor) return floor end
 return current";
 
 impl ProductLock {
-    pub fn new(redis: ConnectionManager, ns: Namespace, holder: impl Into<String>) -> Self {
+    pub fn new(redis: Redis, ns: Namespace, holder: impl Into<String>) -> Self {
         Self {
             redis,
             ns,
@@ -117,7 +117,7 @@ pub struct LockView {
 }
 
 /// Every product lock held now, by product.
-pub async fn held(redis: &ConnectionManager, ns: &Namespace) -> redis::RedisResult<Vec<LockView>> {
+pub async fn held(redis: &Redis, ns: &Namespace) -> redis::RedisResult<Vec<LockView>> {
     let mut conn = redis.clone();
     let prefix = ns.lock_prefix();
     let mut out = Vec::new();

@@ -2,10 +2,10 @@
 //! Redis's clock, so every API process shares the buckets and the time.
 
 use super::{Bucket, RateLimiter, Verdict};
+use crate::redis_conn::Redis;
 use crate::redis_conn::timed;
 use crate::seams::BackendFailed;
 use async_trait::async_trait;
-use redis::aio::ConnectionManager;
 use std::sync::LazyLock;
 use std::time::Duration;
 
@@ -36,11 +36,11 @@ return '0'",
 });
 
 pub struct RedisRateLimiter {
-    redis: ConnectionManager,
+    redis: Redis,
 }
 
 impl RedisRateLimiter {
-    pub fn new(redis: ConnectionManager) -> Self {
+    pub fn new(redis: Redis) -> Self {
         Self { redis }
     }
 }
@@ -48,6 +48,26 @@ impl RedisRateLimiter {
 #[async_trait]
 impl RateLimiter for RedisRateLimiter {
     async fn check(&self, buckets: &[Bucket]) -> Result<Verdict, BackendFailed> {
+        if self.redis.is_cluster() && buckets.len() > 1 {
+            // On a cluster the buckets live on different masters, which no
+            // script spans: they are charged one by one, in order, so a
+            // request refused by a later bucket stays charged to the
+            // earlier ones (stricter, never looser).
+            for bucket in buckets {
+                let verdict = self.check_together(std::slice::from_ref(bucket)).await?;
+                if verdict != Verdict::Allowed {
+                    return Ok(verdict);
+                }
+            }
+            return Ok(Verdict::Allowed);
+        }
+        self.check_together(buckets).await
+    }
+}
+
+impl RedisRateLimiter {
+    /// Charges every bucket or none, in one script.
+    async fn check_together(&self, buckets: &[Bucket]) -> Result<Verdict, BackendFailed> {
         if buckets.is_empty() {
             return Ok(Verdict::Allowed);
         }

@@ -711,7 +711,11 @@ async fn embedded_admission_conforms() {
 /// product 1 with 5 units.
 async fn redis_and_a_ledger(
     scratch: &Scratch,
-) -> (redis::aio::ConnectionManager, sqlx::PgPool, StockLedger) {
+) -> (
+    flashsale_engine::redis_conn::Redis,
+    sqlx::PgPool,
+    StockLedger,
+) {
     let redis = redis_conn::connect(&scratch.backends.redis_url)
         .await
         .expect("Redis is not answering (scripts/test starts it)");

@@ -1,0 +1,527 @@
+//! The engine on real clusters: a 3-node RabbitMQ cluster and a Redis
+//! Cluster of 3 masters and 3 replicas, started once for this test binary
+//! by `scripts/cluster up` (beside the single-node services, which it never
+//! touches) and torn down after. Two APIs and three workers run in this
+//! process on the clusters, with the order queue in three partitions; a
+//! storm goes over both APIs on six products while a node is killed with
+//! SIGKILL: first the RabbitMQ node leading a partition, then a Redis
+//! master. Every `202` must end as exactly one order row, the books must
+//! balance, and the sale must go on.
+#![allow(clippy::unwrap_used)]
+
+use flashsale_engine::BackendUrls;
+use flashsale_engine::redis_conn;
+use flashsale_testkit::{self as common, Answer, TestEnv};
+use futures_util::StreamExt;
+use reqwest::StatusCode;
+use serde_json::json;
+use std::path::PathBuf;
+use std::process::Command;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+const PRODUCTS: i64 = 6;
+const STOCK: i32 = 150;
+const PARTITIONS: u16 = 3;
+const FENCED: i64 = 7;
+
+/// The clusters of `scripts/cluster`, stopped and removed when dropped.
+struct Clusters {
+    dir: PathBuf,
+    amqp_url: String,
+    redis_url: String,
+}
+
+fn script() -> Command {
+    Command::new(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../scripts/cluster"
+    ))
+}
+
+impl Clusters {
+    fn up() -> Self {
+        // scripts/cluster's own default, so that a cluster already running
+        // (whose nodes' pid files are there) is the one used.
+        let dir = PathBuf::from("/tmp/flashsale-cluster");
+        let mut clusters = Self {
+            dir,
+            amqp_url: String::new(),
+            redis_url: String::new(),
+        };
+        clusters.start();
+        clusters
+    }
+
+    /// `scripts/cluster up`: starts what is not running (a killed node
+    /// rejoins) and waits until both clusters are healthy.
+    fn start(&mut self) {
+        let out = script().arg("up").arg(&self.dir).output().unwrap();
+        assert!(
+            out.status.success(),
+            "scripts/cluster up failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        for line in String::from_utf8_lossy(&out.stdout).lines() {
+            if let Some(url) = line.strip_prefix("export AMQP_URL=") {
+                self.amqp_url = url.to_owned();
+            } else if let Some(url) = line.strip_prefix("export REDIS_URL=") {
+                self.redis_url = url.to_owned();
+            }
+        }
+        assert!(!self.amqp_url.is_empty() && !self.redis_url.is_empty());
+    }
+
+    fn rabbitmqctl(&self, node: u8, args: &[&str]) -> String {
+        let out = Command::new("runuser")
+            .args(["-u", "rabbitmq", "--", "env", "HOME=/var/lib/rabbitmq"])
+            .arg("rabbitmqctl")
+            .args(["-q", "-n", &format!("fsc{node}@localhost")])
+            .args(args)
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// The node (1–3) leading `queue`, asked of a node that answers.
+    fn leader_of(&self, queue: &str) -> u8 {
+        for asked in 1..=3 {
+            let listing = self.rabbitmqctl(asked, &["list_queues", "name", "leader"]);
+            for line in listing.lines() {
+                let mut cols = line.split_whitespace();
+                if cols.next() == Some(queue)
+                    && let Some(leader) = cols.next()
+                    && let Some(n) = leader.strip_prefix("fsc")
+                {
+                    return n[..1].parse().unwrap();
+                }
+            }
+        }
+        panic!("no node names the leader of {queue}");
+    }
+
+    /// The RabbitMQ cluster's running nodes, sorted.
+    fn running_nodes(&self) -> Vec<String> {
+        let status = self.rabbitmqctl(1, &["cluster_status", "--formatter", "json"]);
+        let status: serde_json::Value = serde_json::from_str(&status).unwrap();
+        let mut nodes: Vec<String> = status["running_nodes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|n| n.as_str().unwrap().to_owned())
+            .collect();
+        nodes.sort();
+        nodes
+    }
+
+    fn kill(&self, pid_file: PathBuf) {
+        let pid = std::fs::read_to_string(&pid_file).unwrap();
+        let status = Command::new("kill")
+            .args(["-9", pid.trim()])
+            .status()
+            .unwrap();
+        assert!(status.success(), "kill -9 {} failed", pid.trim());
+    }
+
+    fn kill_rabbit(&self, node: u8) {
+        self.kill(self.dir.join(format!("rabbitmq/fsc{node}/pid")));
+    }
+
+    fn kill_redis(&self, port: u16) {
+        self.kill(self.dir.join(format!("redis/{port}/redis.pid")));
+    }
+
+    fn on(&self, b: &BackendUrls) -> BackendUrls {
+        BackendUrls {
+            amqp_url: self.amqp_url.clone(),
+            redis_url: self.redis_url.clone(),
+            partitions: Some(PARTITIONS),
+            ..b.clone()
+        }
+    }
+}
+
+impl Drop for Clusters {
+    fn drop(&mut self) {
+        let _ = script().arg("down").arg(&self.dir).output();
+    }
+}
+
+/// A sale of [`PRODUCTS`] products on the clusters: two APIs, three workers.
+struct Sale {
+    env: TestEnv,
+    apis: Vec<String>,
+    /// Every final answer of the sale.
+    answers: std::sync::Mutex<Vec<Answer>>,
+    /// The `503`s (each retried) and when the last one came.
+    unavailable: AtomicUsize,
+    last_unavailable: std::sync::Mutex<Option<Instant>>,
+}
+
+async fn sale(clusters: &Clusters) -> Sale {
+    let mut env = common::env().await;
+    for id in 1..=PRODUCTS {
+        env.seed(id, STOCK, None).await;
+    }
+    // Outside the storms, for the fence.
+    env.seed(FENCED, 10, None).await;
+    let on = clusters.on(&env.backends());
+    let mut apis = Vec::new();
+    for _ in 0..2 {
+        apis.push(env.start_api_with(on.clone(), true).await);
+    }
+    for _ in 0..3 {
+        env.start_worker_with(on.clone()).await;
+    }
+    Sale {
+        env,
+        apis,
+        answers: std::sync::Mutex::default(),
+        unavailable: AtomicUsize::new(0),
+        last_unavailable: std::sync::Mutex::default(),
+    }
+}
+
+impl Sale {
+    /// One buyer: retries a `503` with the same key (on the other API)
+    /// until it gets another answer.
+    async fn buy(&self, i: usize, key: &str) -> Answer {
+        self.buy_product(i, (i as i64) % PRODUCTS + 1, key).await
+    }
+
+    async fn buy_product(&self, i: usize, product: i64, key: &str) -> Answer {
+        let body = json!({"userId": format!("u{i}"), "productId": product, "quantity": 1});
+        for attempt in 0..120 {
+            let api = &self.apis[(i + attempt) % self.apis.len()];
+            let answer = self.env.buy(api, Some(key), body.clone()).await;
+            if answer.status != StatusCode::SERVICE_UNAVAILABLE {
+                self.answers.lock().unwrap().push(answer.clone());
+                return answer;
+            }
+            self.unavailable.fetch_add(1, Ordering::Relaxed);
+            *self.last_unavailable.lock().unwrap() = Some(Instant::now());
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+        panic!("{key}: 503 for 30 s");
+    }
+
+    /// `n` buyers at `concurrency`; `midway` runs once a third have answered.
+    async fn storm(&self, tag: &str, n: usize, midway: impl FnOnce()) -> Vec<Answer> {
+        let answered = AtomicUsize::new(0);
+        let midway = std::sync::Mutex::new(Some(midway));
+        futures_util::stream::iter(0..n)
+            .map(|i| {
+                let (answered, midway) = (&answered, &midway);
+                async move {
+                    let answer = self.buy(i, &format!("{tag}-{i}")).await;
+                    if answered.fetch_add(1, Ordering::Relaxed) == n / 3
+                        && let Some(run) = midway.lock().unwrap().take()
+                    {
+                        run();
+                    }
+                    answer
+                }
+            })
+            .buffer_unordered(64)
+            .collect()
+            .await
+    }
+
+    /// Every `202` of the sale is exactly one row, nothing else got one,
+    /// the books balance; returns how many were accepted.
+    async fn check(&self) -> usize {
+        let answers = self.answers.lock().unwrap().clone();
+        for a in &answers {
+            assert!(
+                [StatusCode::ACCEPTED, StatusCode::CONFLICT].contains(&a.status),
+                "{}: {} {}",
+                a.key,
+                a.status,
+                a.body
+            );
+        }
+        let accepted: Vec<String> = answers
+            .iter()
+            .filter(|a| a.status == StatusCode::ACCEPTED)
+            .map(|a| a.key.clone())
+            .collect();
+        self.env.wait_for_rows(&accepted).await;
+        let rows: i64 =
+            sqlx::query_scalar("SELECT count(*) FROM orders WHERE status = 'confirmed'")
+                .fetch_one(&self.env.pool)
+                .await
+                .unwrap();
+        assert_eq!(
+            rows,
+            accepted.len() as i64,
+            "a 202 without a row or a row without a 202"
+        );
+        self.env.assert_invariants().await;
+        accepted.len()
+    }
+
+    /// How many `503`s there were and how long after `killed_at` the last
+    /// one came: the sale goes on within seconds.
+    fn outage_since(&self, killed_at: Instant) -> String {
+        let n = self.unavailable.load(Ordering::Relaxed);
+        match *self.last_unavailable.lock().unwrap() {
+            Some(last) if last > killed_at => {
+                let after = last - killed_at;
+                assert!(
+                    after < Duration::from_secs(20),
+                    "503s for {after:?} after the kill"
+                );
+                format!("{n} answers 503 (retried), the last {after:.1?} after the kill")
+            }
+            _ => format!("{n} answers 503"),
+        }
+    }
+
+    /// Once `killed` is set, buys `product` with a fresh key every 50 ms
+    /// (no retry) until one is answered `202` or `409`: how long after the
+    /// kill new buys were answered again.
+    async fn answered_again_after(
+        &self,
+        product: i64,
+        killed: &std::sync::Mutex<Option<Instant>>,
+    ) -> Duration {
+        let killed_at = loop {
+            if let Some(at) = *killed.lock().unwrap() {
+                break at;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        };
+        for n in 0.. {
+            let api = &self.apis[n % self.apis.len()];
+            let body = json!({"userId": format!("probe-{n}"), "productId": product, "quantity": 1});
+            let answer = self
+                .env
+                .buy(api, Some(&format!("probe-{product}-{n}")), body)
+                .await;
+            if [StatusCode::ACCEPTED, StatusCode::CONFLICT].contains(&answer.status) {
+                let after = killed_at.elapsed();
+                self.answers.lock().unwrap().push(answer);
+                return after;
+            }
+            assert!(
+                killed_at.elapsed() < Duration::from_secs(30),
+                "new buys still answered {} 30 s after the kill",
+                answer.status
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        unreachable!()
+    }
+
+    /// The sale goes on: a buy answers `202` or `409` (not `503`) within
+    /// `limit`, on each API; returns how long it took.
+    async fn answers_again(&self, tag: &str, limit: Duration) -> Duration {
+        let start = Instant::now();
+        for (n, api) in self.apis.iter().enumerate() {
+            for attempt in 0.. {
+                let body = json!({"userId": format!("again-{n}"), "productId": 1 + n as i64, "quantity": 1});
+                let key = format!("{tag}-again-{n}-{attempt}");
+                let answer = self.env.buy(api, Some(&key), body).await;
+                if [StatusCode::ACCEPTED, StatusCode::CONFLICT].contains(&answer.status) {
+                    self.answers.lock().unwrap().push(answer);
+                    break;
+                }
+                assert!(
+                    start.elapsed() < limit,
+                    "{api}: still {} after {limit:?}",
+                    answer.status
+                );
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+        start.elapsed()
+    }
+
+    /// Buys until every unit is sold: units given back by failed requests
+    /// and dead claims come back to the sale.
+    async fn sell_out(&self, tag: &str) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        for round in 0.. {
+            let left: i64 = sqlx::query_scalar(
+                "SELECT COALESCE(SUM(stock), 0)::bigint FROM products WHERE id <= $1",
+            )
+            .bind(PRODUCTS)
+            .fetch_one(&self.env.pool)
+            .await
+            .unwrap();
+            if left == 0 {
+                return;
+            }
+            assert!(Instant::now() < deadline, "{left} units never sold again");
+            self.storm(&format!("{tag}-{round}"), 60, || {}).await;
+            self.check().await;
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_sale_survives_a_killed_rabbitmq_leader_and_a_killed_redis_master() {
+    let mut clusters = Clusters::up();
+    rabbitmq_leader_killed(&mut clusters).await;
+    redis_master_killed(&mut clusters).await;
+}
+
+async fn rabbitmq_leader_killed(clusters: &mut Clusters) {
+    let sale = sale(clusters).await;
+    let ns = clusters.on(&sale.env.backends()).namespace();
+    let queue = ns.order_queues()[0].clone();
+    let leader = clusters.leader_of(&queue);
+    let killed = std::sync::Mutex::new(None);
+    // Product 3's orders go to partition 0 (3 mod 3).
+    let (answers, again) = tokio::join!(
+        sale.storm("rabbit", 1500, || {
+            clusters.kill_rabbit(leader);
+            *killed.lock().unwrap() = Some(Instant::now());
+        }),
+        sale.answered_again_after(3, &killed)
+    );
+    let killed_at = killed.lock().unwrap().expect("the node was never killed");
+    assert_eq!(answers.len(), 1500);
+    let outage = sale.outage_since(killed_at);
+    let accepted = sale.check().await;
+    assert!(accepted > 0);
+    let back = sale.answers_again("rabbit", Duration::from_secs(30)).await;
+    eprintln!(
+        "RabbitMQ fsc{leader} (leader of {queue}) killed: {accepted} accepted, all booked once; new buys of its partition answered again {again:.1?} after the kill; {outage}; a buy after the storm answered in {back:?}"
+    );
+    // The killed node comes back and rejoins the cluster.
+    clusters.start();
+    assert_eq!(
+        clusters.running_nodes(),
+        ["fsc1@localhost", "fsc2@localhost", "fsc3@localhost"],
+        "fsc{leader} did not rejoin"
+    );
+    sale.sell_out("rabbit-rest").await;
+    sale.check().await;
+    sale.env.finish().await;
+}
+
+async fn redis_master_killed(clusters: &mut Clusters) {
+    let sale = sale(clusters).await;
+    let redis = redis_conn::connect(&clusters.redis_url).await.unwrap();
+    let before = redis_conn::masters(&redis).await.unwrap();
+    assert_eq!(before.len(), 3, "{before:?}");
+    // The master serving product 1's keys.
+    let ns = clusters.on(&sale.env.backends()).namespace();
+    let slot = redis::cmd("CLUSTER")
+        .arg("KEYSLOT")
+        .arg(ns.lock_key(1))
+        .query_async::<u16>(&mut redis.clone())
+        .await
+        .unwrap();
+    let victim = master_of_slot(&redis, slot).await;
+    let port: u16 = victim.rsplit(':').next().unwrap().parse().unwrap();
+    let killed = std::sync::Mutex::new(None);
+    let (_, again) = tokio::join!(
+        sale.storm("redis", 1500, || {
+            clusters.kill_redis(port);
+            *killed.lock().unwrap() = Some(Instant::now());
+        }),
+        sale.answered_again_after(1, &killed)
+    );
+    let killed_at = killed.lock().unwrap().expect("the master was never killed");
+    let outage = sale.outage_since(killed_at);
+    let accepted = sale.check().await;
+    let back = sale.answers_again("redis", Duration::from_secs(30)).await;
+    let after = redis_conn::masters(&redis).await.unwrap();
+    assert_eq!(after.len(), 3, "a replica took over: {after:?}");
+    assert!(
+        after.iter().all(|m| m.address != victim),
+        "{victim} still a master: {after:?}"
+    );
+    eprintln!(
+        "Redis master {victim} killed: {accepted} accepted, all booked once; new buys of product 1 (on that master) answered again {again:.1?} after the kill; {outage}; a buy after the storm answered in {back:?}; masters now {:?}",
+        after.iter().map(|m| &m.address).collect::<Vec<_>>()
+    );
+
+    // A promoted replica may have missed the last fence increments
+    // (replication is asynchronous). Play that on a product of its own:
+    // one order, then its counter taken back to 0. The next holder's stale
+    // token is refused by PostgreSQL's fence, the worker raises the counter
+    // past it, and the order books.
+    let fence = |pool: &sqlx::PgPool| {
+        let pool = pool.clone();
+        async move {
+            sqlx::query_scalar::<_, i64>("SELECT lock_fence FROM products WHERE id = $1")
+                .bind(FENCED)
+                .fetch_one(&pool)
+                .await
+                .unwrap()
+        }
+    };
+    let first = sale.buy_product(0, FENCED, "fence-1").await;
+    assert_eq!(first.status, StatusCode::ACCEPTED);
+    sale.check().await;
+    let fence_before = fence(&sale.env.pool).await;
+    assert!(fence_before > 0);
+    let mut conn = redis.clone();
+    redis::cmd("SET")
+        .arg(ns.fence_key(FENCED))
+        .arg(0)
+        .query_async::<()>(&mut conn)
+        .await
+        .unwrap();
+    let second = sale.buy_product(1, FENCED, "fence-2").await;
+    assert_eq!(second.status, StatusCode::ACCEPTED);
+    sale.check().await;
+    let fence_after = fence(&sale.env.pool).await;
+    let counter: i64 = redis::cmd("GET")
+        .arg(ns.fence_key(FENCED))
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert!(
+        fence_after > fence_before,
+        "no write after the fence went back"
+    );
+    assert!(
+        counter >= fence_after,
+        "the counter ({counter}) was not raised past PostgreSQL's fence ({fence_after})"
+    );
+
+    // Started again, the old master rejoins as its successor's replica.
+    clusters.start();
+    let healed = redis_conn::masters(&redis).await.unwrap();
+    assert_eq!(
+        healed.iter().map(|m| m.replicas).sum::<u32>(),
+        3,
+        "{victim} did not rejoin as a replica: {healed:?}"
+    );
+    sale.sell_out("redis-rest").await;
+    sale.check().await;
+    sale.env.finish().await;
+}
+
+/// The address of the master serving `slot`.
+async fn master_of_slot(redis: &redis_conn::Redis, slot: u16) -> String {
+    let slots: Vec<redis::Value> =
+        redis_conn::on_any_node(redis, redis::cmd("CLUSTER").arg("SLOTS").clone())
+            .await
+            .unwrap();
+    for range in slots {
+        let redis::Value::Array(parts) = range else {
+            continue;
+        };
+        let (Ok(from), Ok(to)) = (
+            redis::from_redis_value::<u16>(parts[0].clone()),
+            redis::from_redis_value::<u16>(parts[1].clone()),
+        ) else {
+            continue;
+        };
+        if (from..=to).contains(&slot) {
+            let redis::Value::Array(node) = &parts[2] else {
+                break;
+            };
+            let host: String = redis::from_redis_value(node[0].clone()).unwrap();
+            let port: u16 = redis::from_redis_value(node[1].clone()).unwrap();
+            return format!("{host}:{port}");
+        }
+    }
+    panic!("no master serves slot {slot}");
+}
