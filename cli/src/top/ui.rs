@@ -495,16 +495,26 @@ fn draw_workers(frame: &mut Frame, app: &App, now: Instant, paint: &Paint, area:
 
 fn draw_locks(frame: &mut Frame, app: &App, now: Instant, paint: &Paint, area: Rect) {
     // On a Redis Cluster, each master and the keys it holds.
+    // On a Redis Cluster, each master and its keys (`?`: no answer); the
+    // host is left out when they all share one.
     let title = match app.shown.masters.as_slice() {
         masters if masters.len() > 1 => {
+            let host = |a: &str| a.rsplit_once(':').map_or(a, |(h, _)| h).to_owned();
+            let one_host = masters
+                .iter()
+                .all(|m| host(&m.address) == host(&masters[0].address));
             let each: Vec<String> = masters
                 .iter()
-                .map(|m| match m.keys {
-                    Some(keys) => format!("{} {keys} keys", m.address),
-                    None => format!("{} ?", m.address),
+                .map(|m| {
+                    let at = match m.address.rsplit_once(':') {
+                        Some((_, port)) if one_host => format!(":{port}"),
+                        _ => m.address.clone(),
+                    };
+                    let keys = m.keys.map_or("?".to_owned(), |k| k.to_string());
+                    format!("{at}={keys}")
                 })
                 .collect();
-            format!("Locks · Redis masters {}", each.join(", "))
+            format!("Locks · Redis masters (keys) {}", each.join(" "))
         }
         _ => "Locks".to_owned(),
     };
@@ -850,9 +860,7 @@ mod tests {
         );
         let screen = sale.render(140, 40);
         assert!(
-            screen.contains(
-                "Redis masters 127.0.0.1:7001 12 keys, 127.0.0.1:7002 ?, 127.0.0.1:7006 3 keys"
-            ),
+            screen.contains("Redis masters (keys) :7001=12 :7002=? :7006=3"),
             "{screen}"
         );
     }

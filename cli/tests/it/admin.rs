@@ -329,6 +329,13 @@ async fn inspect_shows_workers_locks_and_dead_letters() {
     assert_eq!(q["dlq"], 1);
     let out = fsctl(&env, &["inspect", "product", "1", "--json"]);
     assert_eq!(json(&out)["product"]["stock"], 10);
+    // One standalone Redis: one master with every slot.
+    let out = fsctl(&env, &["inspect", "redis", "--json"]);
+    let view = json(&out);
+    assert_eq!(view["cluster"], false);
+    assert_eq!(view["masters"].as_array().unwrap().len(), 1, "{view}");
+    assert_eq!(view["masters"][0]["slots"], 16384);
+    assert!(view["masters"][0]["keys"].as_i64().unwrap() > 0, "{view}");
 
     // A killed worker's heartbeat outlives it by its TTL, then it is gone.
     env.kill_workers().await;
