@@ -136,6 +136,7 @@ fn plan(args: &DemoArgs) -> Result<(StormPlan, Vec<NewProduct>), Failure> {
             stock: args.stock,
             max_per_order: crate::scenario::DEFAULT_MAX_PER_ORDER,
             per_user_limit: None,
+            hold_seconds: None,
         })
         .collect();
     let plan = StormPlan {

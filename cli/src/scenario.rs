@@ -34,6 +34,8 @@ pub struct ProductSpec {
     pub stock: i32,
     pub max_per_order: Option<i32>,
     pub per_user_limit: Option<i32>,
+    /// Seconds a booked order is held for payment (none: final at once).
+    pub hold_seconds: Option<i32>,
 }
 
 /// The storm a scenario describes; every field is a default for the flag
@@ -101,6 +103,7 @@ impl Scenario {
                     stock: spec.stock,
                     max_per_order: spec.max_per_order.unwrap_or(DEFAULT_MAX_PER_ORDER),
                     per_user_limit: spec.per_user_limit,
+                    hold_seconds: spec.hold_seconds,
                 })?);
             }
         }
@@ -148,6 +151,12 @@ pub fn validated(p: NewProduct) -> Result<NewProduct, Failure> {
     if p.per_user_limit.is_some_and(|l| l < 1) {
         return Err(Failure::usage(format!(
             "product {}: per-user-limit must be at least 1",
+            p.id
+        )));
+    }
+    if p.hold_seconds.is_some_and(|s| s < 1) {
+        return Err(Failure::usage(format!(
+            "product {}: hold-seconds must be at least 1",
             p.id
         )));
     }

@@ -20,6 +20,7 @@ use std::path::PathBuf;
 #[derive(Debug, Args)]
 #[command(after_help = "Examples:
   fsctl seed --products 1 --stock 100 --per-user-limit 2
+  fsctl seed --products 1 --stock 1000 --hold-seconds 300   # won units held 5 min for payment
   fsctl seed --products 20 --stock 50 --restock       # add 50 units to each of 1..20
   fsctl seed --scenario scenarios/hot-item.toml --reset
 
@@ -37,6 +38,11 @@ pub struct SeedArgs {
     /// Most units one user may hold of a product (default: no limit).
     #[arg(long, value_parser = clap::value_parser!(i32).range(1..))]
     pub per_user_limit: Option<i32>,
+    /// Hold each booked order this many seconds for payment: it is `held`
+    /// until paid (`POST /orders/{id}/pay`), cancelled, or expired, when its
+    /// units go back on sale (default: booked orders are final at once).
+    #[arg(long, value_parser = clap::value_parser!(i32).range(1..))]
+    pub hold_seconds: Option<i32>,
     /// Product names are "<prefix> <id>".
     #[arg(long, default_value = "product")]
     pub name_prefix: String,
@@ -76,6 +82,7 @@ impl SeedArgs {
                     stock,
                     max_per_order: self.max_per_order,
                     per_user_limit: self.per_user_limit,
+                    hold_seconds: self.hold_seconds,
                 })
             })
             .collect()

@@ -17,6 +17,7 @@ pub(super) async fn engine(
             stock: 1_000_000_000,
             max_per_order: 10,
             per_user_limit: None,
+            hold_seconds: None,
         }])
         .await?;
     let app = Application::build(ApiConfig::new(b.clone(), "127.0.0.1:0"))

@@ -595,6 +595,7 @@ mod tests {
                     seeded_stock: *seeded,
                     stock: *stock,
                     confirmed_units: seeded - stock,
+                    held_units: 0,
                     rejected_orders: *rejected,
                     ok: true,
                 })

@@ -24,6 +24,11 @@ const CONTRACT_METRICS: &[&str] = &[
     "flashsale_inflight_orders",
     // Contract v3, admission by stock tokens.
     "flashsale_admission_tokens",
+    // Contract v3, holds; the overdue gauge is ours (invariant 7's alert
+    // needs to see holds past their expiry, which the contract's two cannot).
+    "flashsale_holds",
+    "flashsale_hold_outcomes_total",
+    "flashsale_holds_overdue",
 ];
 
 fn repo() -> PathBuf {
@@ -425,6 +430,23 @@ async fn fsctl_up_runs_the_stack_that_prometheus_scrapes() {
             .unwrap()
             .success()
     );
+    // Product 2 holds its orders 3 s for payment (its metrics: holds).
+    let mut seed = Command::new(&fsctl);
+    with_env(&mut seed);
+    assert!(
+        seed.args([
+            "seed",
+            "--products",
+            "2",
+            "--stock",
+            "10",
+            "--hold-seconds",
+            "3"
+        ])
+        .status()
+        .unwrap()
+        .success()
+    );
 
     let mut up = Command::new(&fsctl);
     with_env(&mut up);
@@ -483,6 +505,35 @@ async fn fsctl_up_runs_the_stack_that_prometheus_scrapes() {
             .unwrap();
         assert_eq!(r.status().as_u16(), 202);
     }
+    // Two held orders: one paid, one left to expire.
+    let mut held = Vec::new();
+    for user in ["payer", "walker"] {
+        let r = env
+            .http
+            .post(format!("{api}/buy"))
+            .json(&serde_json::json!({"userId": user, "productId": 2, "quantity": 1}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status().as_u16(), 202);
+        let body: serde_json::Value = r.json().await.unwrap();
+        held.push(body["orderId"].as_str().unwrap().to_owned());
+    }
+    let mut paid = false;
+    for _ in 0..50 {
+        let r = env
+            .http
+            .post(format!("{api}/orders/{}/pay", held[0]))
+            .send()
+            .await
+            .unwrap();
+        if r.status().as_u16() == 200 {
+            paid = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(paid, "the held order was never paid");
     // The worker's metrics appear once it has booked the orders.
     let mut exported = String::new();
     for _ in 0..75 {

@@ -96,6 +96,7 @@ async fn embedded_collectors_read_the_demo_through_the_seams() {
             stock: 10,
             max_per_order: 10,
             per_user_limit: None,
+            hold_seconds: None,
         }])
         .await
         .unwrap();

@@ -22,6 +22,9 @@ pub enum ApiError {
     UnknownProduct(i64),
     #[error("order {0} was never accepted")]
     UnknownOrder(String),
+    /// Pay or cancel of an order that is not held: its status now.
+    #[error("the order is {}, not held", .0.as_str())]
+    NotHeld(flashsale_engine::OrderStatus),
     #[error("Idempotency-Key was already used with a different body")]
     KeyReused,
     #[error("{0}")]
@@ -48,6 +51,7 @@ impl ApiError {
             Self::BodyTimeout(_) => (StatusCode::REQUEST_TIMEOUT, "request_timeout"),
             Self::UnknownProduct(_) => (StatusCode::NOT_FOUND, "unknown_product"),
             Self::UnknownOrder(_) => (StatusCode::NOT_FOUND, "unknown_order"),
+            Self::NotHeld(_) => (StatusCode::CONFLICT, "not_held"),
             Self::KeyReused => (StatusCode::UNPROCESSABLE_ENTITY, "idempotency_key_reused"),
             Self::Unauthorized(_) => (StatusCode::UNAUTHORIZED, "unauthorized"),
             Self::Forbidden => (StatusCode::FORBIDDEN, "forbidden"),
@@ -63,6 +67,7 @@ impl ApiError {
             Self::Invalid(_) | Self::BodyTimeout(_) => "invalid",
             Self::TooLarge { .. } => "too_large",
             Self::UnknownProduct(_) | Self::UnknownOrder(_) => "unknown_product",
+            Self::NotHeld(_) => "not_held",
             Self::KeyReused => "idempotency_conflict",
             Self::Unauthorized(_) => "unauthorized",
             Self::Forbidden => "forbidden",
@@ -83,7 +88,10 @@ fn retry_after_seconds(wait: Duration) -> u64 {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let (status, code) = self.status_and_code();
-        let body = json!({"error": {"code": code, "message": self.to_string()}});
+        let mut body = json!({"error": {"code": code, "message": self.to_string()}});
+        if let Self::NotHeld(now) = &self {
+            body["status"] = json!(now);
+        }
         let mut response = (status, Json(body)).into_response();
         let headers = response.headers_mut();
         match self {

@@ -13,7 +13,10 @@ pub struct ProductBooks {
     pub id: i64,
     pub seeded_stock: i64,
     pub stock: i64,
+    /// Units sold for good: orders `confirmed` or `paid`.
     pub confirmed_units: i64,
+    /// Units held for a buyer who has not paid yet.
+    pub held_units: i64,
     pub rejected_orders: i64,
     pub ok: bool,
 }
@@ -59,9 +62,25 @@ pub struct ProductTotals {
     pub id: i64,
     pub seeded_stock: i64,
     pub stock: i64,
+    /// Units of orders `confirmed` or `paid`.
     pub confirmed_units: i64,
+    /// Units of orders `held`.
+    pub held_units: i64,
     pub rejected_orders: i64,
 }
+
+/// A hold left past its expiry by more than [`HOLD_GRACE`].
+#[derive(Debug, Clone)]
+pub struct OverdueHold {
+    pub order_id: String,
+    pub product_id: i64,
+    /// How long past its `heldUntil`.
+    pub overdue: std::time::Duration,
+}
+
+/// The workers return an expired hold's units within this long of its
+/// `heldUntil` (invariant 7).
+pub const HOLD_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// A user holding more of a product than its per-user limit.
 #[derive(Debug, Clone)]
@@ -78,6 +97,8 @@ pub struct LedgerFacts<'a> {
     /// Order ids with more than one row, and how many.
     pub doubled: Vec<(String, i64)>,
     pub over_limit: Vec<OverLimit>,
+    /// Holds more than [`HOLD_GRACE`] past their expiry.
+    pub overdue_holds: Vec<OverdueHold>,
     /// Whether an accepted order id has its row.
     pub booked: &'a dyn Fn(&str) -> bool,
 }
@@ -86,7 +107,7 @@ pub struct LedgerFacts<'a> {
 const LOST_LISTED: usize = 20;
 
 /// The contract's invariants over what a ledger holds (PostgreSQL's, or
-/// the embedded one): 1 and 2 per product, 3, 5, and 4 for `accepted`.
+/// the embedded one): 1 and 2 per product, 3, 5, 7, and 4 for `accepted`.
 pub fn judge(
     ledger: LedgerFacts<'_>,
     accepted: Option<&[String]>,
@@ -95,16 +116,27 @@ pub fn judge(
     let mut violations = Vec::new();
     let mut products = Vec::with_capacity(ledger.totals.len());
     for t in ledger.totals {
-        let (id, seeded, stock, confirmed) = (t.id, t.seeded_stock, t.stock, t.confirmed_units);
+        let (id, seeded, stock, confirmed, held) = (
+            t.id,
+            t.seeded_stock,
+            t.stock,
+            t.confirmed_units,
+            t.held_units,
+        );
         let mut ok = true;
-        if seeded != stock + confirmed {
+        if seeded != stock + confirmed + held {
             ok = false;
+            let held_part = if held > 0 {
+                format!(" + held {held}")
+            } else {
+                String::new()
+            };
             violations.push(Violation {
                 invariant: 1,
                 product_id: Some(id),
                 detail: format!(
-                    "seeded {seeded} != stock {stock} + confirmed {confirmed} (off by {})",
-                    seeded - stock - confirmed
+                    "seeded {seeded} != stock {stock} + confirmed {confirmed}{held_part} (off by {})",
+                    seeded - stock - confirmed - held
                 ),
             });
         }
@@ -121,6 +153,7 @@ pub fn judge(
             seeded_stock: seeded,
             stock,
             confirmed_units: confirmed,
+            held_units: held,
             rejected_orders: t.rejected_orders,
             ok,
         });
@@ -140,6 +173,18 @@ pub fn judge(
             detail: format!(
                 "user {} holds {} units, limit {}",
                 o.user_id, o.units, o.limit
+            ),
+        });
+    }
+    for h in ledger.overdue_holds {
+        mark_product(&mut products, h.product_id);
+        violations.push(Violation {
+            invariant: 7,
+            product_id: Some(h.product_id),
+            detail: format!(
+                "order {} is still held {:.1} s past its expiry (are the workers running?)",
+                h.order_id,
+                h.overdue.as_secs_f64()
             ),
         });
     }
@@ -179,15 +224,16 @@ pub fn judge(
     }
 }
 
-/// Checks invariants 1, 2, 3 and 5 in PostgreSQL, and 4 for `accepted`.
+/// Checks invariants 1, 2, 3, 5 and 7 in PostgreSQL, and 4 for `accepted`.
 pub async fn audit(
     pool: &PgPool,
     accepted: Option<&[String]>,
     facts: &QueueFacts,
 ) -> Result<AuditReport, sqlx::Error> {
-    let rows: Vec<(i64, i32, i32, i64, i64)> = sqlx::query_as(
+    let rows: Vec<(i64, i32, i32, i64, i64, i64)> = sqlx::query_as(
         "SELECT p.id, p.seeded_stock, p.stock,
-                COALESCE(SUM(o.quantity) FILTER (WHERE o.status = 'confirmed'), 0)::bigint,
+                COALESCE(SUM(o.quantity) FILTER (WHERE o.status IN ('confirmed', 'paid')), 0)::bigint,
+                COALESCE(SUM(o.quantity) FILTER (WHERE o.status = 'held'), 0)::bigint,
                 COUNT(o.idempotency_key) FILTER (WHERE o.status = 'rejected')
          FROM products p LEFT JOIN orders o ON o.product_id = p.id
          GROUP BY p.id ORDER BY p.id",
@@ -196,13 +242,16 @@ pub async fn audit(
     .await?;
     let totals = rows
         .into_iter()
-        .map(|(id, seeded, stock, confirmed, rejected)| ProductTotals {
-            id,
-            seeded_stock: i64::from(seeded),
-            stock: i64::from(stock),
-            confirmed_units: confirmed,
-            rejected_orders: rejected,
-        })
+        .map(
+            |(id, seeded, stock, confirmed, held, rejected)| ProductTotals {
+                id,
+                seeded_stock: i64::from(seeded),
+                stock: i64::from(stock),
+                confirmed_units: confirmed,
+                held_units: held,
+                rejected_orders: rejected,
+            },
+        )
         .collect();
     let doubled: Vec<(String, i64)> = sqlx::query_as(
         "SELECT idempotency_key, COUNT(*) FROM orders GROUP BY idempotency_key HAVING COUNT(*) > 1",
@@ -212,7 +261,7 @@ pub async fn audit(
     let over: Vec<(i64, String, i64, i32)> = sqlx::query_as(
         "SELECT o.product_id, o.user_id, SUM(o.quantity)::bigint, p.per_user_limit
          FROM orders o JOIN products p ON p.id = o.product_id
-         WHERE o.status = 'confirmed' AND p.per_user_limit IS NOT NULL
+         WHERE o.status IN ('confirmed', 'held', 'paid') AND p.per_user_limit IS NOT NULL
          GROUP BY o.product_id, o.user_id, p.per_user_limit
          HAVING SUM(o.quantity) > p.per_user_limit",
     )
@@ -225,6 +274,23 @@ pub async fn audit(
             user_id,
             units,
             limit: i64::from(limit),
+        })
+        .collect();
+    let overdue: Vec<(String, i64, f64)> = sqlx::query_as(
+        "SELECT idempotency_key, product_id,
+                EXTRACT(EPOCH FROM now() - held_until)::float8
+         FROM orders WHERE status = 'held' AND held_until < now() - make_interval(secs => $1)
+         ORDER BY held_until LIMIT 20",
+    )
+    .bind(HOLD_GRACE.as_secs_f64())
+    .fetch_all(pool)
+    .await?;
+    let overdue_holds = overdue
+        .into_iter()
+        .map(|(order_id, product_id, seconds)| OverdueHold {
+            order_id,
+            product_id,
+            overdue: std::time::Duration::from_secs_f64(seconds.max(0.0)),
         })
         .collect();
     let mut found: HashSet<String> = HashSet::new();
@@ -243,6 +309,7 @@ pub async fn audit(
             totals,
             doubled,
             over_limit,
+            overdue_holds,
             booked: &booked,
         },
         accepted,

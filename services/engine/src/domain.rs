@@ -266,6 +266,49 @@ pub enum OrderStatus {
     Queued,
     Confirmed,
     Rejected,
+    /// Booked for a product with a hold: the units are the buyer's until
+    /// `heldUntil`, unless paid.
+    Held,
+    Paid,
+    Cancelled,
+    Expired,
+}
+
+impl OrderStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Queued => "queued",
+            Self::Confirmed => "confirmed",
+            Self::Rejected => "rejected",
+            Self::Held => "held",
+            Self::Paid => "paid",
+            Self::Cancelled => "cancelled",
+            Self::Expired => "expired",
+        }
+    }
+
+    /// The status a ledger row holds, by its name there.
+    pub fn from_row(status: &str) -> Option<Self> {
+        Some(match status {
+            "confirmed" => Self::Confirmed,
+            "rejected" => Self::Rejected,
+            "held" => Self::Held,
+            "paid" => Self::Paid,
+            "cancelled" => Self::Cancelled,
+            "expired" => Self::Expired,
+            _ => return None,
+        })
+    }
+
+    /// Whether the order's units are off the stock: confirmed, held or paid.
+    pub fn is_booked(self) -> bool {
+        matches!(self, Self::Confirmed | Self::Held | Self::Paid)
+    }
+
+    /// Whether nothing will change it any more.
+    pub fn is_final(self) -> bool {
+        !matches!(self, Self::Queued | Self::Held)
+    }
 }
 
 /// Why the worker rejected an order.
@@ -301,6 +344,12 @@ pub struct OrderView {
     pub accepted_at: DateTime<Utc>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub processed_at: Option<DateTime<Utc>>,
+    /// A held order's expiry (kept once paid, cancelled or expired).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub held_until: Option<DateTime<Utc>>,
+    /// When it was paid, cancelled or expired.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub settled_at: Option<DateTime<Utc>>,
 }
 
 #[cfg(test)]

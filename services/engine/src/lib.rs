@@ -13,6 +13,7 @@ pub mod config;
 pub mod domain;
 pub mod embedded;
 pub mod heartbeat;
+pub mod holds;
 pub mod identity;
 pub mod ledger;
 pub mod locks;

@@ -16,6 +16,13 @@ pub const QUEUE_DEPTH: &str = "flashsale_queue_depth";
 pub const QUEUE_CONSUMERS: &str = "flashsale_queue_consumers";
 pub const INFLIGHT_ORDERS: &str = "flashsale_inflight_orders";
 pub const ADMISSION_TOKENS: &str = "flashsale_admission_tokens";
+/// Units held for buyers who have not paid yet, per product (the workers').
+pub const HOLDS: &str = "flashsale_holds";
+/// Holds more than 2 s past their expiry, per product (invariant 7; the
+/// workers').
+pub const HOLDS_OVERDUE: &str = "flashsale_holds_overdue";
+/// How holds ended: `outcome` paid, cancelled or expired.
+pub const HOLD_OUTCOMES: &str = "flashsale_hold_outcomes_total";
 /// Rate limit checks that failed (Redis down) and let the request through.
 pub const RATE_LIMITER_FAILURES: &str = "flashsale_rate_limiter_failures_total";
 

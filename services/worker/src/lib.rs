@@ -75,6 +75,8 @@ pub struct Worker {
     pub book: OrderBook,
     /// The admission counters and the ledger they are reconciled with.
     reconciler: (Arc<dyn AcceptStore>, Arc<dyn Ledger>),
+    /// Where the holds sweep announces returned units; none when embedded.
+    feed: Option<StockFeed>,
     queue: Arc<dyn OrderQueue>,
     prefetch: u16,
     stats: Arc<WorkerStats>,
@@ -138,10 +140,11 @@ impl Worker {
                 ledger.clone(),
                 Arc::new(lock),
                 admission.clone(),
-                Some(feed),
+                Some(feed.clone()),
                 stats.clone(),
             ),
             reconciler: (admission, ledger),
+            feed: Some(feed),
             queue: queue.clone(),
             prefetch: config.prefetch,
             stats,
@@ -179,6 +182,7 @@ impl Worker {
                 stats.clone(),
             ),
             reconciler: (admission, ledger),
+            feed: None,
             queue,
             prefetch,
             stats,
@@ -208,11 +212,18 @@ impl Worker {
     pub async fn run(mut self, shutdown: CancellationToken) -> anyhow::Result<()> {
         let background = CancellationToken::new();
         let (admission, ledger) = self.reconciler.clone();
-        let mut tasks = vec![OwnedTask(tokio::spawn(admission::reconcile_forever(
-            admission,
-            ledger,
-            background.clone(),
-        )))];
+        let mut tasks = vec![
+            OwnedTask(tokio::spawn(admission::reconcile_forever(
+                admission,
+                ledger.clone(),
+                background.clone(),
+            ))),
+            OwnedTask(tokio::spawn(flashsale_engine::holds::sweep_forever(
+                ledger,
+                self.feed.clone(),
+                background.clone(),
+            ))),
+        ];
         if let Some(n) = &mut self.networked {
             let redis = redis_conn::connect_lazy(&n.redis_url)?;
             tasks.push(OwnedTask(tokio::spawn(heartbeat::beat(

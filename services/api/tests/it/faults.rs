@@ -694,6 +694,7 @@ async fn a_reset_forced_while_workers_commit_keeps_the_books() {
         stock: 1_000_000,
         max_per_order: 10,
         per_user_limit: None,
+        hold_seconds: None,
     };
     let buying = async {
         for round in 0..8 {

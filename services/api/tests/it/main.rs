@@ -6,6 +6,7 @@
 
 mod admission;
 mod faults;
+mod holds;
 mod identity;
 mod orders;
 mod partitions;

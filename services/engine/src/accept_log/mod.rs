@@ -88,6 +88,8 @@ impl AcceptRecord {
             reason: None,
             accepted_at: self.accepted_at,
             processed_at: None,
+            held_until: None,
+            settled_at: None,
         }
     }
 }

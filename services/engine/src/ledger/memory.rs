@@ -3,7 +3,8 @@
 //! transaction would.
 
 use super::{
-    Decisions, GroupReceipt, Ledger, LedgerError, NewProduct, OrderOutcome, ProductRecord, decide,
+    Decisions, ExpiredHolds, GroupReceipt, HeldUnits, HoldAction, HoldSettlement, Ledger,
+    LedgerError, NewProduct, OrderOutcome, ProductRecord, decide,
 };
 use crate::domain::{OrderStatus, OrderView, ProductId, QueuedOrder};
 use crate::locks::FencingToken;
@@ -41,15 +42,16 @@ impl MemoryLedger {
         )
     }
 
-    /// Orders with a row: (confirmed, rejected).
+    /// Orders with a row: (booked: confirmed, or held and then paid,
+    /// cancelled or expired; rejected), as `StockLedger::totals` counts them.
     pub fn totals(&self) -> (u64, u64) {
         let books = self.books();
-        let confirmed = books
+        let rejected = books
             .orders
             .values()
-            .filter(|o| o.status == OrderStatus::Confirmed)
+            .filter(|o| o.status == OrderStatus::Rejected)
             .count() as u64;
-        (confirmed, books.orders.len() as u64 - confirmed)
+        (books.orders.len() as u64 - rejected, rejected)
     }
 
     /// The contract's invariants over what the ledger holds (3, one row
@@ -71,20 +73,38 @@ impl MemoryLedger {
         dead_letters: &HashSet<String>,
         drained: bool,
     ) -> crate::audit::AuditReport {
-        use crate::audit::{LedgerFacts, OverLimit, ProductTotals, QueueFacts, judge};
+        use crate::audit::{
+            HOLD_GRACE, LedgerFacts, OverLimit, OverdueHold, ProductTotals, QueueFacts, judge,
+        };
         let books = self.books();
         let mut totals = Vec::with_capacity(books.products.len());
         let mut over_limit = Vec::new();
+        let now = Utc::now();
+        let overdue_holds = books
+            .orders
+            .values()
+            .filter(|o| o.status == OrderStatus::Held)
+            .filter_map(|o| {
+                let overdue = (now - o.held_until?).to_std().ok()?;
+                (overdue > HOLD_GRACE).then(|| OverdueHold {
+                    order_id: o.order_id.clone(),
+                    product_id: o.product_id,
+                    overdue,
+                })
+            })
+            .collect();
         for p in books.products.values() {
-            let (mut confirmed, mut rejected) = (0, 0);
+            let (mut confirmed, mut held_units, mut rejected) = (0, 0, 0);
             let mut held: BTreeMap<&str, i64> = BTreeMap::new();
             for o in books.orders.values().filter(|o| o.product_id == p.id) {
                 match o.status {
-                    OrderStatus::Confirmed => {
-                        confirmed += o.quantity;
-                        *held.entry(o.user_id.as_str()).or_insert(0) += o.quantity;
-                    }
-                    _ => rejected += 1,
+                    OrderStatus::Confirmed | OrderStatus::Paid => confirmed += o.quantity,
+                    OrderStatus::Held => held_units += o.quantity,
+                    OrderStatus::Rejected => rejected += 1,
+                    _ => {}
+                }
+                if o.status.is_booked() {
+                    *held.entry(o.user_id.as_str()).or_insert(0) += o.quantity;
                 }
             }
             totals.push(ProductTotals {
@@ -92,6 +112,7 @@ impl MemoryLedger {
                 seeded_stock: i64::from(p.seeded_stock),
                 stock: i64::from(p.stock),
                 confirmed_units: confirmed,
+                held_units,
                 rejected_orders: rejected,
             });
             if let Some(limit) = p.per_user_limit {
@@ -111,6 +132,7 @@ impl MemoryLedger {
                 totals,
                 doubled: Vec::new(),
                 over_limit,
+                overdue_holds,
                 booked: &booked,
             },
             Some(accepted),
@@ -141,6 +163,7 @@ impl Ledger for MemoryLedger {
                     seeded_stock: p.stock,
                     max_per_order: p.max_per_order,
                     per_user_limit: p.per_user_limit,
+                    hold_seconds: p.hold_seconds,
                     lock_fence: 0,
                 },
             );
@@ -156,7 +179,7 @@ impl Ledger for MemoryLedger {
         orders: &[QueuedOrder],
     ) -> Result<GroupReceipt, LedgerError> {
         let mut books = self.books();
-        let (stock, per_user_limit) = match books.products.get_mut(&product.get()) {
+        let (stock, per_user_limit, hold) = match books.products.get_mut(&product.get()) {
             Some(p) if p.lock_fence >= token.0 => {
                 return Err(LedgerError::FencedOut {
                     product,
@@ -165,9 +188,9 @@ impl Ledger for MemoryLedger {
             }
             Some(p) => {
                 p.lock_fence = token.0;
-                (Some(p.stock), p.per_user_limit)
+                (Some(p.stock), p.per_user_limit, p.hold_seconds)
             }
-            None => (None, None),
+            None => (None, None, None),
         };
         let booked: HashSet<String> = orders
             .iter()
@@ -179,7 +202,7 @@ impl Ledger for MemoryLedger {
         for o in books
             .orders
             .values()
-            .filter(|o| o.product_id == product.get() && o.status == OrderStatus::Confirmed)
+            .filter(|o| o.product_id == product.get() && o.status.is_booked())
         {
             *held.entry(o.user_id.clone()).or_insert(0) += o.quantity;
         }
@@ -189,11 +212,17 @@ impl Ledger for MemoryLedger {
             ..
         } = decide(orders, &booked, &mut held, stock, per_user_limit);
         let now = Utc::now();
+        let held_until = hold.map(|s| now + chrono::Duration::seconds(i64::from(s)));
         for (order, outcome) in orders.iter().zip(&outcomes) {
-            let (status, reason) = match outcome {
+            let (status, reason, held_until) = match outcome {
                 OrderOutcome::Duplicate => continue,
-                OrderOutcome::Confirmed => (OrderStatus::Confirmed, None),
-                OrderOutcome::Rejected(r) => (OrderStatus::Rejected, Some(r.as_str().to_owned())),
+                OrderOutcome::Confirmed if held_until.is_some() => {
+                    (OrderStatus::Held, None, held_until)
+                }
+                OrderOutcome::Confirmed => (OrderStatus::Confirmed, None, None),
+                OrderOutcome::Rejected(r) => {
+                    (OrderStatus::Rejected, Some(r.as_str().to_owned()), None)
+                }
             };
             books.orders.insert(
                 order.order_id.as_str().to_owned(),
@@ -206,6 +235,8 @@ impl Ledger for MemoryLedger {
                     reason,
                     accepted_at: order.accepted_at,
                     processed_at: Some(now),
+                    held_until,
+                    settled_at: None,
                 },
             );
         }
@@ -256,16 +287,123 @@ impl Ledger for MemoryLedger {
     ) -> Result<Vec<crate::ledger::Refusal>, LedgerError> {
         Ok(Vec::new())
     }
+    async fn settle_hold(
+        &self,
+        order_id: &str,
+        action: HoldAction,
+    ) -> Result<HoldSettlement, LedgerError> {
+        let mut books = self.books();
+        let now = Utc::now();
+        let Some(order) = books.orders.get_mut(order_id) else {
+            return Ok(HoldSettlement::Unknown);
+        };
+        if order.status != OrderStatus::Held {
+            return Ok(if order.status == action.status() {
+                HoldSettlement::Settled {
+                    order: order.clone(),
+                    changed: false,
+                    stock_after: None,
+                }
+            } else {
+                HoldSettlement::NotHeld(order.clone())
+            });
+        }
+        let due = order.held_until.is_some_and(|until| until <= now);
+        let (status, units_back) = match action {
+            HoldAction::Pay if due => (OrderStatus::Expired, true),
+            HoldAction::Pay => (OrderStatus::Paid, false),
+            HoldAction::Cancel => (OrderStatus::Cancelled, true),
+        };
+        order.status = status;
+        order.settled_at = Some(now);
+        let order = order.clone();
+        let mut stock_after = None;
+        if units_back && let Some(p) = books.products.get_mut(&order.product_id) {
+            p.stock += order.quantity as i32;
+            stock_after = Some(p.stock);
+        }
+        Ok(if status == OrderStatus::Expired {
+            HoldSettlement::Expired { order, stock_after }
+        } else {
+            HoldSettlement::Settled {
+                order,
+                changed: true,
+                stock_after,
+            }
+        })
+    }
+
+    async fn expire_holds(&self, limit: usize) -> Result<Vec<ExpiredHolds>, LedgerError> {
+        let mut books = self.books();
+        let now = Utc::now();
+        let mut due: Vec<(chrono::DateTime<Utc>, String)> = books
+            .orders
+            .values()
+            .filter(|o| o.status == OrderStatus::Held)
+            .filter_map(|o| {
+                o.held_until
+                    .filter(|u| *u <= now)
+                    .map(|u| (u, o.order_id.clone()))
+            })
+            .collect();
+        due.sort();
+        due.truncate(limit);
+        let mut by_product: BTreeMap<i64, ExpiredHolds> = BTreeMap::new();
+        for (_, key) in due {
+            let Some(order) = books.orders.get_mut(&key) else {
+                continue;
+            };
+            order.status = OrderStatus::Expired;
+            order.settled_at = Some(now);
+            let (product, units) = (order.product_id, order.quantity);
+            let entry = by_product.entry(product).or_insert_with(|| ExpiredHolds {
+                product_id: product,
+                orders: Vec::new(),
+                units: 0,
+                stock_after: 0,
+            });
+            entry.orders.push(key);
+            entry.units += units;
+        }
+        for e in by_product.values_mut() {
+            if let Some(p) = books.products.get_mut(&e.product_id) {
+                p.stock += e.units as i32;
+                e.stock_after = p.stock;
+            }
+        }
+        Ok(by_product.into_values().collect())
+    }
+
+    async fn held_units(&self) -> Result<Vec<HeldUnits>, LedgerError> {
+        let now = Utc::now();
+        let mut held: BTreeMap<i64, HeldUnits> = BTreeMap::new();
+        for o in self
+            .books()
+            .orders
+            .values()
+            .filter(|o| o.status == OrderStatus::Held)
+        {
+            let h = held.entry(o.product_id).or_insert(HeldUnits {
+                product_id: o.product_id,
+                units: 0,
+                overdue: 0,
+            });
+            h.units += o.quantity;
+            let late = o
+                .held_until
+                .and_then(|u| (now - u).to_std().ok())
+                .is_some_and(|late| late > crate::audit::HOLD_GRACE);
+            h.overdue += i64::from(late);
+        }
+        Ok(held.into_values().collect())
+    }
+
     async fn held_by(&self, product: ProductId, user: &str) -> Result<i64, LedgerError> {
         Ok(self
             .books()
             .orders
             .values()
-            .filter(|o| {
-                o.product_id == product.get()
-                    && o.user_id == user
-                    && o.status == OrderStatus::Confirmed
-            })
+            .filter(|o| o.product_id == product.get() && o.user_id == user && o.status.is_booked())
             .map(|o| o.quantity)
             .sum())
     }

@@ -10,7 +10,7 @@ mod postgres;
 pub use memory::MemoryLedger;
 pub use postgres::{BOOKED_KEYS, StockLedger, TRANSACTION_DEADLINE};
 
-use crate::domain::{OrderView, ProductId, QueuedOrder, RejectReason};
+use crate::domain::{OrderStatus, OrderView, ProductId, QueuedOrder, RejectReason};
 use crate::locks::FencingToken;
 use std::collections::{HashMap, HashSet};
 use std::time::Duration;
@@ -96,6 +96,8 @@ pub struct ProductRecord {
     pub seeded_stock: i32,
     pub max_per_order: i32,
     pub per_user_limit: Option<i32>,
+    /// Booked orders are held this long for payment (`None`: final at once).
+    pub hold_seconds: Option<i32>,
     pub lock_fence: i64,
 }
 
@@ -107,6 +109,69 @@ pub struct NewProduct {
     pub stock: i32,
     pub max_per_order: i32,
     pub per_user_limit: Option<i32>,
+    pub hold_seconds: Option<i32>,
+}
+
+/// What to do with a held order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HoldAction {
+    /// `paid`: final; only before `heldUntil`.
+    Pay,
+    /// `cancelled`: the units go back to the stock at once.
+    Cancel,
+}
+
+impl HoldAction {
+    /// The status the action leaves the order in.
+    pub fn status(self) -> OrderStatus {
+        match self {
+            Self::Pay => OrderStatus::Paid,
+            Self::Cancel => OrderStatus::Cancelled,
+        }
+    }
+}
+
+/// What a pay or cancel came to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HoldSettlement {
+    /// The order is now in the action's status: `changed` when this call
+    /// did it, not when a repeat found it so.
+    Settled {
+        order: OrderView,
+        changed: bool,
+        /// The product's stock after a cancel gave its units back.
+        stock_after: Option<i32>,
+    },
+    /// The order is not held (nor already in the action's status): its
+    /// current state.
+    NotHeld(OrderView),
+    /// A pay came after `heldUntil` and found the hold not swept yet: this
+    /// call expired it (its units are back), as the sweep would have.
+    Expired {
+        order: OrderView,
+        stock_after: Option<i32>,
+    },
+    /// No order row with that key.
+    Unknown,
+}
+
+/// A product's holds now.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HeldUnits {
+    pub product_id: i64,
+    pub units: i64,
+    /// Holds more than [`crate::audit::HOLD_GRACE`] past their `heldUntil`.
+    pub overdue: i64,
+}
+
+/// Holds one sweep expired, for one product.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExpiredHolds {
+    pub product_id: i64,
+    pub orders: Vec<String>,
+    /// Units given back.
+    pub units: i64,
+    pub stock_after: i32,
 }
 
 /// The stock ledger: products, orders, and the fenced group apply.
@@ -154,11 +219,25 @@ pub trait Ledger: Send + Sync {
         product: ProductId,
         keys: &[String],
     ) -> Result<Option<(i32, HashSet<String>)>, LedgerError>;
-    /// Units of `product` confirmed to `user`.
+    /// Units of `product` booked to `user` (confirmed, held or paid).
     async fn held_by(&self, product: ProductId, user: &str) -> Result<i64, LedgerError>;
     /// After `apply_group` failed with [`LedgerError::Refused`]: the orders
     /// of the group the ledger refuses as data, each with its reason.
     async fn refused(&self, orders: &[QueuedOrder]) -> Result<Vec<Refusal>, LedgerError>;
+    /// Pays or cancels a held order, exactly once: a pay racing the expiry
+    /// ends as one of the two. Idempotent: a repeat finds it settled.
+    async fn settle_hold(
+        &self,
+        order_id: &str,
+        action: HoldAction,
+    ) -> Result<HoldSettlement, LedgerError>;
+    /// Expires up to `limit` holds past their `heldUntil` and gives their
+    /// units back, per product. Several sweepers at once never expire an
+    /// order twice.
+    async fn expire_holds(&self, limit: usize) -> Result<Vec<ExpiredHolds>, LedgerError>;
+    /// Units held now, per product with any, and how many of those holds
+    /// are more than [`crate::audit::HOLD_GRACE`] past their expiry.
+    async fn held_units(&self) -> Result<Vec<HeldUnits>, LedgerError>;
 }
 
 /// What a group's orders come to, decided in arrival order.

@@ -11,8 +11,8 @@
 //! cost about what one does.
 
 use super::{
-    Decisions, FencedGroup, GroupReceipt, JointOutcome, Ledger, LedgerError, NewProduct,
-    OrderOutcome, ProductRecord, Refusal, decide,
+    Decisions, ExpiredHolds, FencedGroup, GroupReceipt, HeldUnits, HoldAction, HoldSettlement,
+    JointOutcome, Ledger, LedgerError, NewProduct, OrderOutcome, ProductRecord, Refusal, decide,
 };
 use crate::domain::{OrderStatus, OrderView, ProductId, QueuedOrder};
 use crate::locks::FencingToken;
@@ -21,6 +21,14 @@ use sqlx::pool::PoolConnection;
 use sqlx::{Connection, PgPool, Postgres, Row, Transaction};
 use std::collections::{HashMap, HashSet};
 use std::time::Duration;
+
+/// The columns [`order_from_row`] reads.
+macro_rules! order_columns {
+    () => {
+        "idempotency_key, user_id, product_id, quantity, status, reason, accepted_at, \
+         processed_at, held_until, settled_at"
+    };
+}
 
 impl From<sqlx::Error> for LedgerError {
     fn from(e: sqlx::Error) -> Self {
@@ -181,21 +189,21 @@ impl StockLedger {
         Ok(deleted)
     }
 
-    /// Orders with a row: (confirmed, rejected).
+    /// Orders with a row: (booked: confirmed, or held and then paid,
+    /// cancelled or expired; rejected).
     pub async fn totals(&self) -> Result<(u64, u64), sqlx::Error> {
-        let rows: Vec<(String, i64)> =
-            sqlx::query_as("SELECT status, COUNT(*) FROM orders GROUP BY status")
-                .fetch_all(&self.pool)
-                .await?;
-        let count = |status: &str| {
-            rows.iter()
-                .find(|(s, _)| s == status)
-                .map_or(0, |(_, n)| *n as u64)
-        };
-        Ok((count("confirmed"), count("rejected")))
+        let (booked, rejected): (i64, i64) = sqlx::query_as(
+            "SELECT COUNT(*) FILTER (WHERE status <> 'rejected'),
+                    COUNT(*) FILTER (WHERE status = 'rejected')
+             FROM orders",
+        )
+        .fetch_one(&self.pool)
+        .await?;
+        Ok((booked as u64, rejected as u64))
     }
 
-    /// How many of these orders have a row: (confirmed, rejected).
+    /// How many of these orders have a row: (booked, as in [`Self::totals`];
+    /// rejected).
     pub async fn outcomes(&self, order_ids: &[String]) -> Result<(usize, usize), sqlx::Error> {
         let (mut confirmed, mut rejected) = (0, 0);
         for chunk in order_ids.chunks(10_000) {
@@ -207,8 +215,8 @@ impl StockLedger {
             .await?;
             for (status, n) in rows {
                 match status.as_str() {
-                    "confirmed" => confirmed += n as usize,
-                    _ => rejected += n as usize,
+                    "rejected" => rejected += n as usize,
+                    _ => confirmed += n as usize,
                 }
             }
         }
@@ -227,11 +235,13 @@ impl Ledger for StockLedger {
             let stock: Vec<i32> = chunk.iter().map(|p| p.stock).collect();
             let max: Vec<i32> = chunk.iter().map(|p| p.max_per_order).collect();
             let limit: Vec<Option<i32>> = chunk.iter().map(|p| p.per_user_limit).collect();
+            let hold: Vec<Option<i32>> = chunk.iter().map(|p| p.hold_seconds).collect();
             let rows: Vec<i64> = sqlx::query_scalar(
-                "INSERT INTO products (id, name, stock, seeded_stock, max_per_order, per_user_limit)
-                 SELECT i, n, s, s, m, l
-                 FROM unnest($1::bigint[], $2::text[], $3::int[], $4::int[], $5::int[])
-                      AS t(i, n, s, m, l)
+                "INSERT INTO products (id, name, stock, seeded_stock, max_per_order, per_user_limit,
+                                       hold_seconds)
+                 SELECT i, n, s, s, m, l, h
+                 FROM unnest($1::bigint[], $2::text[], $3::int[], $4::int[], $5::int[], $6::int[])
+                      AS t(i, n, s, m, l, h)
                  ON CONFLICT (id) DO NOTHING RETURNING id",
             )
             .bind(&ids)
@@ -239,6 +249,7 @@ impl Ledger for StockLedger {
             .bind(&stock)
             .bind(&max)
             .bind(&limit)
+            .bind(&hold)
             .fetch_all(&self.pool)
             .await?;
             created.extend(rows);
@@ -330,7 +341,7 @@ impl Ledger for StockLedger {
         let rows = self
             .read(
                 sqlx::query(
-                    "SELECT id, name, stock, seeded_stock, max_per_order, per_user_limit, lock_fence
+                    "SELECT id, name, stock, seeded_stock, max_per_order, per_user_limit, hold_seconds, lock_fence
                      FROM products WHERE id = $1",
                 )
                 .bind(id.get()),
@@ -367,7 +378,7 @@ impl Ledger for StockLedger {
     /// Every product, for the API's catalog cache.
     async fn products(&self) -> Result<Vec<ProductRecord>, LedgerError> {
         self.read(sqlx::query(
-            "SELECT id, name, stock, seeded_stock, max_per_order, per_user_limit, lock_fence
+            "SELECT id, name, stock, seeded_stock, max_per_order, per_user_limit, hold_seconds, lock_fence
              FROM products ORDER BY id",
         ))
         .await?
@@ -379,33 +390,18 @@ impl Ledger for StockLedger {
     async fn order(&self, order_id: &str) -> Result<Option<OrderView>, LedgerError> {
         let rows = self
             .read(
-                sqlx::query(
-                    "SELECT idempotency_key, user_id, product_id, quantity, status, reason,
-                            accepted_at, processed_at
-                     FROM orders WHERE idempotency_key = $1",
-                )
+                sqlx::query(concat!(
+                    "SELECT ",
+                    order_columns!(),
+                    " FROM orders WHERE idempotency_key = $1"
+                ))
                 .bind(order_id),
             )
             .await?;
         rows.first()
-            .map(|r| {
-                let status: String = r.try_get("status")?;
-                Ok(OrderView {
-                    order_id: r.try_get("idempotency_key")?,
-                    user_id: r.try_get("user_id")?,
-                    product_id: r.try_get("product_id")?,
-                    quantity: i64::from(r.try_get::<i32, _>("quantity")?),
-                    status: if status == "confirmed" {
-                        OrderStatus::Confirmed
-                    } else {
-                        OrderStatus::Rejected
-                    },
-                    reason: r.try_get("reason")?,
-                    accepted_at: r.try_get("accepted_at")?,
-                    processed_at: Some(r.try_get("processed_at")?),
-                })
-            })
+            .map(order_from_row)
             .transpose()
+            .map_err(LedgerError::from)
     }
 
     async fn probe(&self) -> crate::seams::Probe {
@@ -423,16 +419,180 @@ impl Ledger for StockLedger {
             },
         }
     }
+    async fn settle_hold(
+        &self,
+        order_id: &str,
+        action: HoldAction,
+    ) -> Result<HoldSettlement, LedgerError> {
+        let mut conn = self.pool.acquire().await.map_err(passing)?;
+        let settled = tokio::time::timeout(READ_DEADLINE * 4, async {
+            let mut tx = conn.begin().await?;
+            // The row lock decides a race with the sweep (which skips locked
+            // rows) and with another pay or cancel: one of them changes the
+            // `held` row, the others find it changed.
+            let row = sqlx::query(concat!(
+                "SELECT ",
+                order_columns!(),
+                ", held_until <= now() AS due FROM orders WHERE idempotency_key = $1 FOR UPDATE"
+            ))
+            .bind(order_id)
+            .fetch_optional(&mut *tx)
+            .await?;
+            let Some(row) = row else {
+                return Ok(HoldSettlement::Unknown);
+            };
+            let order = order_from_row(&row)?;
+            let due: Option<bool> = row.try_get("due")?;
+            if order.status != OrderStatus::Held {
+                return Ok(if order.status == action.status() {
+                    HoldSettlement::Settled {
+                        order,
+                        changed: false,
+                        stock_after: None,
+                    }
+                } else {
+                    HoldSettlement::NotHeld(order)
+                });
+            }
+            // A pay after `heldUntil` finds the hold expired: it expires it
+            // here, as the sweep would have.
+            let (status, units_back) = match action {
+                HoldAction::Pay if due == Some(true) => (OrderStatus::Expired, true),
+                HoldAction::Pay => (OrderStatus::Paid, false),
+                HoldAction::Cancel => (OrderStatus::Cancelled, true),
+            };
+            let row = sqlx::query(concat!(
+                "UPDATE orders SET status = $2, settled_at = now() WHERE idempotency_key = $1
+                 RETURNING ",
+                order_columns!()
+            ))
+            .bind(order_id)
+            .bind(status.as_str())
+            .fetch_one(&mut *tx)
+            .await?;
+            let order = order_from_row(&row)?;
+            let stock_after = if units_back {
+                Some(
+                    sqlx::query_scalar::<_, i32>(
+                        "UPDATE products SET stock = stock + $2 WHERE id = $1 RETURNING stock",
+                    )
+                    .bind(order.product_id)
+                    .bind(order.quantity as i32)
+                    .fetch_one(&mut *tx)
+                    .await?,
+                )
+            } else {
+                None
+            };
+            tx.commit().await?;
+            Ok::<_, LedgerError>(if status == OrderStatus::Expired {
+                HoldSettlement::Expired { order, stock_after }
+            } else {
+                HoldSettlement::Settled {
+                    order,
+                    changed: true,
+                    stock_after,
+                }
+            })
+        })
+        .await;
+        close_if_later_than(READ_DEADLINE * 4, &mut conn, settled)
+    }
+
+    async fn expire_holds(&self, limit: usize) -> Result<Vec<ExpiredHolds>, LedgerError> {
+        let mut conn = self.pool.acquire().await.map_err(passing)?;
+        let swept = tokio::time::timeout(
+            TRANSACTION_DEADLINE,
+            // One statement: the due holds (skipping rows a pay or another
+            // sweep has locked), their expiry, and their units back on each
+            // product's stock, relatively.
+            sqlx::query_as::<_, (i64, Vec<String>, i64, i32)>(
+                "WITH due AS (
+                     SELECT idempotency_key FROM orders
+                     WHERE status = 'held' AND held_until <= now()
+                     ORDER BY held_until LIMIT $1
+                     FOR UPDATE SKIP LOCKED),
+                 expired AS (
+                     UPDATE orders o SET status = 'expired', settled_at = now()
+                     FROM due WHERE o.idempotency_key = due.idempotency_key
+                     RETURNING o.product_id, o.idempotency_key, o.quantity),
+                 back AS (
+                     SELECT product_id, array_agg(idempotency_key) AS keys,
+                            SUM(quantity)::bigint AS units
+                     FROM expired GROUP BY product_id)
+                 UPDATE products p SET stock = p.stock + back.units
+                 FROM back WHERE p.id = back.product_id
+                 RETURNING p.id, back.keys, back.units, p.stock",
+            )
+            .bind(limit as i64)
+            .fetch_all(&mut *conn),
+        )
+        .await
+        .map(|r| r.map_err(LedgerError::from));
+        let rows = close_if_late(&mut conn, swept)?;
+        Ok(rows
+            .into_iter()
+            .map(|(product_id, orders, units, stock_after)| ExpiredHolds {
+                product_id,
+                orders,
+                units,
+                stock_after,
+            })
+            .collect())
+    }
+
+    async fn held_units(&self) -> Result<Vec<HeldUnits>, LedgerError> {
+        self.read(
+            sqlx::query(
+                "SELECT product_id, SUM(quantity)::bigint AS units,
+                        COUNT(*) FILTER (WHERE held_until < now() - make_interval(secs => $1))
+                            AS overdue
+                 FROM orders WHERE status = 'held' GROUP BY product_id ORDER BY product_id",
+            )
+            .bind(crate::audit::HOLD_GRACE.as_secs_f64()),
+        )
+        .await?
+        .iter()
+        .map(|r| {
+            Ok(HeldUnits {
+                product_id: r.try_get("product_id")?,
+                units: r.try_get("units")?,
+                overdue: r.try_get("overdue")?,
+            })
+        })
+        .collect::<Result<_, sqlx::Error>>()
+        .map_err(LedgerError::from)
+    }
+
     async fn held_by(&self, product: ProductId, user: &str) -> Result<i64, LedgerError> {
         Ok(sqlx::query_scalar(
             "SELECT COALESCE(SUM(quantity), 0)::bigint FROM orders
-             WHERE product_id = $1 AND user_id = $2 AND status = 'confirmed'",
+             WHERE product_id = $1 AND user_id = $2 AND status IN ('confirmed', 'held', 'paid')",
         )
         .bind(product.get())
         .bind(user)
         .fetch_one(self.pool())
         .await?)
     }
+}
+
+fn order_from_row(r: &sqlx::postgres::PgRow) -> Result<OrderView, sqlx::Error> {
+    let status: String = r.try_get("status")?;
+    Ok(OrderView {
+        order_id: r.try_get("idempotency_key")?,
+        user_id: r.try_get("user_id")?,
+        product_id: r.try_get("product_id")?,
+        quantity: i64::from(r.try_get::<i32, _>("quantity")?),
+        status: OrderStatus::from_row(&status).ok_or_else(|| sqlx::Error::ColumnDecode {
+            index: "status".into(),
+            source: format!("unknown order status {status:?}").into(),
+        })?,
+        reason: r.try_get("reason")?,
+        accepted_at: r.try_get("accepted_at")?,
+        processed_at: Some(r.try_get("processed_at")?),
+        held_until: r.try_get("held_until")?,
+        settled_at: r.try_get("settled_at")?,
+    })
 }
 
 fn product_from_row(r: &sqlx::postgres::PgRow) -> Result<ProductRecord, sqlx::Error> {
@@ -443,6 +603,7 @@ fn product_from_row(r: &sqlx::postgres::PgRow) -> Result<ProductRecord, sqlx::Er
         seeded_stock: r.try_get("seeded_stock")?,
         max_per_order: r.try_get("max_per_order")?,
         per_user_limit: r.try_get("per_user_limit")?,
+        hold_seconds: r.try_get("hold_seconds")?,
         lock_fence: r.try_get("lock_fence")?,
     })
 }
@@ -486,7 +647,7 @@ async fn apply_in(
         let users: Vec<&str> = orders.iter().map(|o| o.user_id.as_str()).collect();
         let rows: Vec<(String, i64)> = sqlx::query_as(
             "SELECT user_id, SUM(quantity)::bigint FROM orders
-             WHERE product_id = $1 AND status = 'confirmed' AND user_id = ANY($2)
+             WHERE product_id = $1 AND status IN ('confirmed', 'held', 'paid') AND user_id = ANY($2)
              GROUP BY user_id",
         )
         .bind(product.get())
@@ -601,7 +762,7 @@ async fn apply_jointly(
         let (products, users): (Vec<i64>, Vec<&str>) = limited.into_iter().unzip();
         let rows: Vec<(i64, String, i64)> = sqlx::query_as(
             "SELECT o.product_id, o.user_id, SUM(o.quantity)::bigint FROM orders o
-             WHERE o.status = 'confirmed'
+             WHERE o.status IN ('confirmed', 'held', 'paid')
                AND (o.product_id, o.user_id) IN
                    (SELECT DISTINCT * FROM unnest($1::bigint[], $2::text[]))
              GROUP BY o.product_id, o.user_id",
@@ -721,11 +882,18 @@ async fn insert_orders(
         accepted.push(order.accepted_at);
     }
     let inserted: Vec<String> = sqlx::query_scalar(
+        // A booked order of a product with a hold is `held` until now +
+        // hold_seconds (the product row is locked: the fence update).
         "INSERT INTO orders (idempotency_key, user_id, product_id, quantity, status, reason,
-                             accepted_at, processed_at)
-         SELECT k, u, p, q, s, r, a, now()
+                             accepted_at, processed_at, held_until)
+         SELECT k, u, t.p, q,
+                CASE WHEN s = 'confirmed' AND pr.hold_seconds IS NOT NULL THEN 'held' ELSE s END,
+                r, a, now(),
+                CASE WHEN s = 'confirmed' AND pr.hold_seconds IS NOT NULL
+                     THEN now() + make_interval(secs => pr.hold_seconds) END
          FROM unnest($1::text[], $2::text[], $3::bigint[], $4::int[], $5::text[], $6::text[],
                      $7::timestamptz[]) AS t(k, u, p, q, s, r, a)
+              LEFT JOIN products pr ON pr.id = t.p
          ON CONFLICT (idempotency_key) DO NOTHING
          RETURNING idempotency_key",
     )

@@ -61,6 +61,7 @@ fn product(id: i64, stock: i32, per_user_limit: Option<i32>) -> NewProduct {
         stock,
         max_per_order: 10,
         per_user_limit,
+        hold_seconds: None,
     }
 }
 
@@ -343,6 +344,89 @@ async fn locks_conform(a: &dyn ProductLocks, b: &dyn ProductLocks, short_a: &dyn
 #[tokio::test]
 async fn embedded_ledger_conforms() {
     ledger_conforms(&MemoryLedger::new()).await;
+    holds_conform(&MemoryLedger::new()).await;
+}
+
+/// Holds (contract v3): a product with `hold_seconds` books `held`; pay
+/// and cancel settle once, repeats answer the same, a cancel gives the
+/// units back at once, a pay after `heldUntil` finds the hold expired, and
+/// the sweep expires what is due, once.
+async fn holds_conform(l: &dyn Ledger) {
+    use flashsale_engine::OrderStatus;
+    use flashsale_engine::ledger::{HoldAction, HoldSettlement};
+    let mut held = product(1, 10, None);
+    held.hold_seconds = Some(1);
+    l.create_missing(&[held]).await.unwrap();
+    let orders = [
+        order("h-pay", "u1", 1, 1),
+        order("h-cancel", "u2", 1, 2),
+        order("h-late", "u3", 1, 3),
+        order("h-swept", "u4", 1, 4),
+    ];
+    let receipt = l
+        .apply_group(pid(1), FencingToken(1), &orders)
+        .await
+        .unwrap();
+    assert_eq!(receipt.stock_after, Some(0));
+    for o in &orders {
+        let view = l.order(o.order_id.as_str()).await.unwrap().unwrap();
+        assert_eq!(view.status, OrderStatus::Held);
+        assert!(view.held_until.is_some());
+    }
+    let held = l.held_units().await.unwrap();
+    assert_eq!(held.len(), 1);
+    assert_eq!(
+        (held[0].product_id, held[0].units, held[0].overdue),
+        (1, 10, 0)
+    );
+    assert_eq!(
+        l.held_by(pid(1), "u1").await.unwrap(),
+        1,
+        "held counts as the buyer's"
+    );
+
+    let settled = |s: HoldSettlement| match s {
+        HoldSettlement::Settled {
+            order,
+            changed,
+            stock_after,
+        } => (order.status, changed, stock_after),
+        other => panic!("not settled: {other:?}"),
+    };
+    let pay = l.settle_hold("h-pay", HoldAction::Pay).await.unwrap();
+    assert_eq!(settled(pay), (OrderStatus::Paid, true, None));
+    let again = l.settle_hold("h-pay", HoldAction::Pay).await.unwrap();
+    assert_eq!(settled(again), (OrderStatus::Paid, false, None));
+    match l.settle_hold("h-pay", HoldAction::Cancel).await.unwrap() {
+        HoldSettlement::NotHeld(o) => assert_eq!(o.status, OrderStatus::Paid),
+        other => panic!("{other:?}"),
+    }
+    let cancel = l.settle_hold("h-cancel", HoldAction::Cancel).await.unwrap();
+    assert_eq!(settled(cancel), (OrderStatus::Cancelled, true, Some(2)));
+    assert_eq!(
+        l.settle_hold("nobody", HoldAction::Pay).await.unwrap(),
+        HoldSettlement::Unknown
+    );
+
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    match l.settle_hold("h-late", HoldAction::Pay).await.unwrap() {
+        HoldSettlement::Expired { order, stock_after } => {
+            assert_eq!(order.status, OrderStatus::Expired);
+            assert_eq!(stock_after, Some(5));
+        }
+        other => panic!("a late pay: {other:?}"),
+    }
+    let swept = l.expire_holds(100).await.unwrap();
+    assert_eq!(swept.len(), 1);
+    assert_eq!(swept[0].orders, vec!["h-swept".to_owned()]);
+    assert_eq!((swept[0].units, swept[0].stock_after), (4, 9));
+    assert!(
+        l.expire_holds(100).await.unwrap().is_empty(),
+        "expired twice"
+    );
+    assert!(l.held_units().await.unwrap().is_empty());
+    let p = l.product(pid(1)).await.unwrap().unwrap();
+    assert_eq!((p.stock, p.hold_seconds), (9, Some(1)));
 }
 
 #[tokio::test]
@@ -353,6 +437,11 @@ async fn postgres_ledger_conforms() {
         .await
         .expect("PostgreSQL is not answering (scripts/test starts it)");
     ledger_conforms(&StockLedger::new(pool.clone())).await;
+    sqlx::query("TRUNCATE orders, products")
+        .execute(&pool)
+        .await
+        .unwrap();
+    holds_conform(&StockLedger::new(pool.clone())).await;
     pool.close().await;
     scratch.remove().await.unwrap();
 }

@@ -68,7 +68,7 @@ proptest! {
         rt.block_on(async {
             let ledger = MemoryLedger::new();
             let catalog: Vec<NewProduct> = stocks.iter().enumerate().map(|(i, (stock, limit))| NewProduct {
-                id: i as i64 + 1, name: format!("p{i}"), stock: *stock, max_per_order: 10, per_user_limit: *limit,
+                id: i as i64 + 1, name: format!("p{i}"), stock: *stock, max_per_order: 10, per_user_limit: *limit, hold_seconds: None,
             }).collect();
             ledger.create_missing(&catalog).await.unwrap();
             let mut tokens: BTreeMap<i64, i64> = BTreeMap::new();

@@ -1,0 +1,335 @@
+//! Holds on the real services (contract v3, "Holds"): a product with
+//! `hold_seconds` books its orders `held`; then exactly one of paid,
+//! cancelled (units back at once) or expired (units back within 2 s of
+//! `heldUntil`, by the workers' sweep).
+
+use flashsale_engine::audit::{self, QueueFacts};
+use flashsale_testkit::{self as common, TestEnv};
+use futures_util::StreamExt;
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+use std::time::{Duration, Instant};
+
+async fn seed_held(env: &TestEnv, id: i64, stock: i32, hold_seconds: i32) {
+    sqlx::query(
+        "INSERT INTO products (id, name, stock, seeded_stock, max_per_order, hold_seconds)
+         VALUES ($1, $2, $3, $3, 10, $4)",
+    )
+    .bind(id)
+    .bind(format!("held {id}"))
+    .bind(stock)
+    .bind(hold_seconds)
+    .execute(&env.pool)
+    .await
+    .unwrap();
+}
+
+/// `POST /orders/{key}/{action}`: status and body.
+async fn settle(env: &TestEnv, api: &str, key: &str, action: &str) -> (StatusCode, Value) {
+    let r = env
+        .http
+        .post(format!("{api}/orders/{key}/{action}"))
+        .send()
+        .await
+        .unwrap();
+    (r.status(), r.json().await.unwrap_or(Value::Null))
+}
+
+async fn status_of(env: &TestEnv, key: &str) -> String {
+    sqlx::query_scalar("SELECT status FROM orders WHERE idempotency_key = $1")
+        .bind(key)
+        .fetch_one(&env.pool)
+        .await
+        .unwrap()
+}
+
+/// Buys one unit of `product` as `user`; the order's key once it is held.
+async fn buy_held(env: &TestEnv, api: &str, product: i64, user: &str) -> String {
+    let a = env
+        .buy(
+            api,
+            None,
+            json!({"userId": user, "productId": product, "quantity": 1}),
+        )
+        .await;
+    assert_eq!(a.status, StatusCode::ACCEPTED, "{}", a.body);
+    env.wait_for_rows(std::slice::from_ref(&a.key)).await;
+    assert_eq!(status_of(env, &a.key).await, "held");
+    a.key
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_held_order_is_paid_once_or_cancelled_with_its_units_back() {
+    let mut env = common::env().await;
+    seed_held(&env, 1, 10, 300).await;
+    env.seed(2, 10, None).await;
+    let api = env.start_api().await;
+    env.start_worker().await;
+
+    let paid = buy_held(&env, &api, 1, "alice").await;
+    let view = env.get_json(&format!("{api}/orders/{paid}")).await;
+    assert_eq!(view["status"], "held");
+    assert!(view["heldUntil"].is_string(), "{view}");
+    assert_eq!(env.stock(1).await, 9, "a held unit is off the stock");
+    for _ in 0..2 {
+        let (status, body) = settle(&env, &api, &paid, "pay").await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        assert_eq!(body["status"], "paid");
+        assert!(body["settledAt"].is_string(), "{body}");
+    }
+    let (status, body) = settle(&env, &api, &paid, "cancel").await;
+    assert_eq!(status, StatusCode::CONFLICT);
+    assert_eq!(body["error"]["code"], "not_held");
+    assert_eq!(body["status"], "paid");
+    assert_eq!(env.stock(1).await, 9, "a paid unit stays sold");
+
+    let cancelled = buy_held(&env, &api, 1, "bob").await;
+    assert_eq!(env.stock(1).await, 8);
+    for _ in 0..2 {
+        let (status, body) = settle(&env, &api, &cancelled, "cancel").await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        assert_eq!(body["status"], "cancelled");
+        assert_eq!(env.stock(1).await, 9, "the units came back once, at once");
+    }
+    let (status, body) = settle(&env, &api, &cancelled, "pay").await;
+    assert_eq!(
+        (status, &body["status"]),
+        (StatusCode::CONFLICT, &json!("cancelled"))
+    );
+
+    // Not held: a final order, an order still queued, no order at all.
+    let a = env
+        .buy(
+            &api,
+            None,
+            json!({"userId": "carol", "productId": 2, "quantity": 1}),
+        )
+        .await;
+    env.wait_for_rows(std::slice::from_ref(&a.key)).await;
+    let (status, body) = settle(&env, &api, &a.key, "pay").await;
+    assert_eq!(
+        (status, &body["status"]),
+        (StatusCode::CONFLICT, &json!("confirmed"))
+    );
+    env.stop_workers().await;
+    let queued = env
+        .buy(
+            &api,
+            None,
+            json!({"userId": "dave", "productId": 1, "quantity": 1}),
+        )
+        .await;
+    let (status, body) = settle(&env, &api, &queued.key, "cancel").await;
+    assert_eq!(
+        (status, &body["status"]),
+        (StatusCode::CONFLICT, &json!("queued"))
+    );
+    let (status, body) = settle(&env, &api, "no-such-order", "pay").await;
+    assert_eq!(status, StatusCode::NOT_FOUND, "{body}");
+    env.start_worker().await;
+    env.wait_for_rows(&[queued.key]).await;
+    env.assert_invariants().await;
+    env.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_unpaid_hold_expires_within_two_seconds_and_its_units_sell_again() {
+    let mut env = common::env().await;
+    seed_held(&env, 1, 5, 1).await;
+    let api = env.start_api().await;
+    env.start_worker().await;
+
+    let mut held = Vec::new();
+    for i in 0..5 {
+        held.push(buy_held(&env, &api, 1, &format!("u{i}")).await);
+    }
+    let sold_out = env
+        .buy(
+            &api,
+            None,
+            json!({"userId": "late", "productId": 1, "quantity": 1}),
+        )
+        .await;
+    assert_eq!(sold_out.status, StatusCode::CONFLICT, "{}", sold_out.body);
+
+    // Each is expired within 2 s of its heldUntil, and its unit is back.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let expired: i64 = env
+            .count("SELECT count(*) FROM orders WHERE status = 'expired'")
+            .await;
+        if expired == 5 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "only {expired} of 5 expired");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let late: f64 = sqlx::query_scalar(
+        "SELECT max(EXTRACT(EPOCH FROM settled_at - held_until))::float8 FROM orders",
+    )
+    .fetch_one(&env.pool)
+    .await
+    .unwrap();
+    assert!(
+        (0.0..2.0).contains(&late),
+        "expired {late} s after heldUntil"
+    );
+    assert_eq!(env.stock(1).await, 5);
+    let (status, body) = settle(&env, &api, &held[0], "pay").await;
+    assert_eq!(
+        (status, &body["status"]),
+        (StatusCode::CONFLICT, &json!("expired"))
+    );
+
+    // The units sell again to later buyers (once the API's catalog and the
+    // admission counter have them back: within a few seconds).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut again = 0;
+    let mut n = 0;
+    while again < 5 {
+        assert!(Instant::now() < deadline, "{again} of 5 units sold again");
+        n += 1;
+        let a = env
+            .buy(
+                &api,
+                None,
+                json!({"userId": format!("again{n}"), "productId": 1, "quantity": 1}),
+            )
+            .await;
+        if a.status == StatusCode::ACCEPTED {
+            again += 1;
+        } else {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    let keys: Vec<String> = sqlx::query_scalar("SELECT idempotency_key FROM orders")
+        .fetch_all(&env.pool)
+        .await
+        .unwrap();
+    env.wait_for_rows(&keys).await;
+    env.assert_invariants().await;
+    env.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn pays_racing_the_expiry_end_as_their_answers_said() {
+    let mut env = common::env().await;
+    seed_held(&env, 1, 200, 2).await;
+    let api = env.start_api().await;
+    env.start_worker().await;
+    env.start_worker().await;
+    let answers: Vec<_> = futures_util::stream::iter(0..200)
+        .map(|i| {
+            let (env, api) = (&env, &api);
+            async move {
+                env.buy(
+                    api,
+                    None,
+                    json!({"userId": format!("u{i}"), "productId": 1, "quantity": 1}),
+                )
+                .await
+            }
+        })
+        .buffer_unordered(50)
+        .collect()
+        .await;
+    let keys: Vec<String> = answers.iter().map(|a| a.key.clone()).collect();
+    assert!(answers.iter().all(|a| a.status == StatusCode::ACCEPTED));
+    env.wait_for_rows(&keys).await;
+    // Each pay is sent around its order's own expiry: from 300 ms before to
+    // 300 ms after, spread over the orders.
+    let until: Vec<(String, chrono::DateTime<chrono::Utc>)> =
+        sqlx::query_as("SELECT idempotency_key, held_until FROM orders WHERE status = 'held'")
+            .fetch_all(&env.pool)
+            .await
+            .unwrap();
+    assert_eq!(until.len(), 200);
+    let pays: Vec<(String, StatusCode, Value)> =
+        futures_util::stream::iter(until.into_iter().enumerate())
+            .map(|(i, (key, held_until))| {
+                let (env, api) = (&env, &api);
+                async move {
+                    let offset = chrono::Duration::milliseconds(i as i64 * 3 - 300);
+                    let wait = (held_until + offset - chrono::Utc::now())
+                        .to_std()
+                        .unwrap_or_default();
+                    tokio::time::sleep(wait).await;
+                    let (status, body) = settle(env, api, &key, "pay").await;
+                    (key, status, body)
+                }
+            })
+            .buffer_unordered(200)
+            .collect()
+            .await;
+    // Every order leaves the hold, and ends as its pay's answer said.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while env
+        .count("SELECT count(*) FROM orders WHERE status = 'held'")
+        .await
+        > 0
+    {
+        assert!(Instant::now() < deadline, "holds left");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (mut paid, mut expired) = (0, 0);
+    for (key, status, body) in &pays {
+        let now = status_of(&env, key).await;
+        match *status {
+            StatusCode::OK => {
+                assert_eq!(now, "paid", "{key}: answered {body}");
+                paid += 1;
+            }
+            StatusCode::CONFLICT => {
+                assert_eq!(now, "expired", "{key}: answered {body}");
+                assert_eq!(body["status"], "expired", "{key}");
+                expired += 1;
+            }
+            other => panic!("{key}: pay answered {other} {body}"),
+        }
+    }
+    assert_eq!(paid + expired, 200);
+    assert!(
+        paid > 0 && expired > 0,
+        "the race was not run: {paid} paid, {expired} expired"
+    );
+    assert_eq!(
+        env.stock(1).await,
+        200 - paid,
+        "expired units back, paid ones sold"
+    );
+    env.assert_invariants().await;
+    env.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_audit_catches_a_hold_left_past_its_expiry() {
+    let env = common::env().await;
+    seed_held(&env, 1, 5, 60).await;
+    // An order held with nobody sweeping: 10 s past its expiry.
+    sqlx::query(
+        "INSERT INTO orders (idempotency_key, user_id, product_id, quantity, status,
+                             accepted_at, processed_at, held_until)
+         VALUES ('stale', 'u', 1, 1, 'held', now(), now(), now() - interval '10 seconds')",
+    )
+    .execute(&env.pool)
+    .await
+    .unwrap();
+    sqlx::query("UPDATE products SET stock = 4 WHERE id = 1")
+        .execute(&env.pool)
+        .await
+        .unwrap();
+    let report = audit::audit(&env.pool, None, &QueueFacts::default())
+        .await
+        .unwrap();
+    assert!(!report.ok);
+    let v: Vec<_> = report
+        .violations
+        .iter()
+        .map(|v| (v.invariant, v.detail.clone()))
+        .collect();
+    assert_eq!(v.len(), 1, "{v:?}");
+    assert_eq!(v[0].0, 7);
+    assert!(v[0].1.contains("stale"), "{v:?}");
+    assert_eq!(report.products[0].held_units, 1);
+    env.finish().await;
+}
