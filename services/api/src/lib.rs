@@ -9,6 +9,7 @@ pub mod routes;
 pub mod serve;
 pub mod settling;
 pub mod state;
+pub mod watchers;
 
 use axum::Router;
 use flashsale_engine::BackendUrls;
@@ -61,6 +62,10 @@ pub struct HttpLimits {
     /// Buys in progress beyond this are answered 503 at once (load shedding).
     #[arg(long, env = "API_MAX_INFLIGHT", default_value_t = 4096)]
     pub max_inflight: usize,
+    /// Order event streams (`GET /orders/{id}/events`) open at once; beyond
+    /// it they are answered 503.
+    #[arg(long, env = "API_MAX_STREAMS", default_value_t = 10_000)]
+    pub max_streams: usize,
 }
 
 impl Default for HttpLimits {
@@ -70,6 +75,7 @@ impl Default for HttpLimits {
             body_timeout: Duration::from_secs(10),
             max_connections: 20_000,
             max_inflight: 4096,
+            max_streams: 10_000,
         }
     }
 }

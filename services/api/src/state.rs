@@ -5,6 +5,7 @@
 use crate::catalog::Catalog;
 use crate::gate::Gate;
 use crate::settling::Settling;
+use crate::watchers::Watchers;
 use crate::{Access, HttpLimits};
 use flashsale_engine::accept_log::AcceptLog;
 use flashsale_engine::accept_log::AcceptStore;
@@ -12,6 +13,7 @@ use flashsale_engine::admission::ApiHeartbeat;
 use flashsale_engine::embedded::EmbeddedBackends;
 use flashsale_engine::ledger::Ledger;
 use flashsale_engine::ledger::StockLedger;
+use flashsale_engine::order_events::OrderEvents;
 use flashsale_engine::queue::{OrderQueue, RabbitQueue};
 use flashsale_engine::rate_limit::{MemoryRateLimiter, RedisRateLimiter};
 use flashsale_engine::{BackendUrls, Namespace, metrics, postgres, redis_conn};
@@ -38,8 +40,23 @@ pub struct Shared {
     pub gate: Gate,
     /// This process's id in its claims and its heartbeat.
     pub instance: String,
+    /// Where pays and cancels are announced to the event streams.
+    pub events: OrderEvents,
+    /// The event streams open in this process.
+    pub watchers: Arc<Watchers>,
+    /// Follows the announcements for `watchers`; aborted with the state.
+    _follower: AbortOnDrop,
     /// The heartbeat (none when embedded): it stops with the state.
     _beat: Option<ApiHeartbeat>,
+}
+
+/// A background task that ends with its owner.
+pub struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 /// Counts the buys in progress; entering fails above the limit.
@@ -90,6 +107,13 @@ impl AppState {
             namespace.clone(),
         )?;
         let beat = ApiHeartbeat::start(redis.clone(), namespace.clone(), instance.clone());
+        let watchers = Arc::new(Watchers::default());
+        let follower = AbortOnDrop(tokio::spawn(crate::watchers::follow_redis(
+            backends.clone(),
+            namespace.clone(),
+            watchers.clone(),
+        )));
+        let events = OrderEvents::redis(redis.clone(), &namespace);
         Ok(Self(Arc::new(Shared {
             catalog: Catalog::start(ledger.clone(), backends),
             accept_log: Arc::new(AcceptLog::new(redis.clone(), namespace.clone())),
@@ -102,6 +126,9 @@ impl AppState {
             limits: *limits,
             gate,
             instance,
+            events,
+            watchers,
+            _follower: follower,
             _beat: Some(beat),
         })))
     }
@@ -120,6 +147,11 @@ impl AppState {
             Arc::new(MemoryRateLimiter::default()),
             namespace.clone(),
         )?;
+        let watchers = Arc::new(Watchers::default());
+        let follower = AbortOnDrop(tokio::spawn(crate::watchers::follow_memory(
+            backends.events.clone(),
+            watchers.clone(),
+        )));
         Ok(Self(Arc::new(Shared {
             // In memory a reload costs next to nothing: keep the cache close.
             catalog: Catalog::start_on(ledger.clone(), std::time::Duration::from_millis(5)),
@@ -133,6 +165,9 @@ impl AppState {
             limits: *limits,
             gate,
             instance: "embedded".into(),
+            events: backends.events.clone(),
+            watchers,
+            _follower: follower,
             _beat: None,
         })))
     }

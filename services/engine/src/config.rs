@@ -140,6 +140,10 @@ impl Namespace {
     pub fn stock_channel(&self) -> String {
         format!("{}:stock", self.0)
     }
+    /// The pub/sub channel of order changes (`GET /orders/{id}/events`).
+    pub fn order_events_channel(&self) -> String {
+        format!("{}:order-events", self.0)
+    }
     /// Glob matching every Redis key of this namespace.
     pub fn key_pattern(&self) -> String {
         format!("{}:*", self.0)

@@ -6,6 +6,7 @@
 use crate::accept_log::MemoryAcceptLog;
 use crate::ledger::MemoryLedger;
 use crate::locks::MemoryLocks;
+use crate::order_events::OrderEvents;
 use crate::queue::MemoryQueue;
 use std::sync::Arc;
 
@@ -16,6 +17,8 @@ pub struct EmbeddedBackends {
     pub locks: MemoryLocks,
     pub queue: MemoryQueue,
     pub accept_log: Arc<MemoryAcceptLog>,
+    /// Order changes, for the API's event streams.
+    pub events: OrderEvents,
 }
 
 impl Default for EmbeddedBackends {
@@ -25,6 +28,7 @@ impl Default for EmbeddedBackends {
             locks: MemoryLocks::new("embedded"),
             queue: MemoryQueue::new(),
             accept_log: Arc::default(),
+            events: OrderEvents::memory(),
         }
     }
 }

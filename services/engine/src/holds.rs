@@ -3,11 +3,13 @@
 //! LOCKED`, their expiry, their units back on the stock), so several
 //! workers sweep side by side without expiring an order twice, and a pay
 //! racing the sweep is decided by the row lock: exactly one of them changes
-//! the `held` row. Returned units are announced to the APIs' catalogs; the
-//! admission counters take them back at their next reconciliation.
+//! the `held` row. Returned units are announced to the APIs' catalogs (the
+//! admission counters take them back at their next reconciliation), and
+//! the expired orders to their event streams.
 
 use crate::ledger::{Ledger, LedgerError};
 use crate::metrics::{HOLD_OUTCOMES, HOLDS, HOLDS_OVERDUE};
+use crate::order_events::OrderEvents;
 use crate::stock_feed::StockFeed;
 use std::collections::HashSet;
 use std::time::Duration;
@@ -22,7 +24,11 @@ pub const SWEEP_BATCH: usize = 1000;
 const GAUGE_EVERY: Duration = Duration::from_secs(1);
 
 /// Expires every hold past its expiry; returns how many.
-pub async fn sweep(ledger: &dyn Ledger, feed: Option<&StockFeed>) -> Result<usize, LedgerError> {
+pub async fn sweep(
+    ledger: &dyn Ledger,
+    feed: Option<&StockFeed>,
+    events: &OrderEvents,
+) -> Result<usize, LedgerError> {
     let mut total = 0;
     loop {
         let expired = ledger.expire_holds(SWEEP_BATCH).await?;
@@ -38,6 +44,7 @@ pub async fn sweep(ledger: &dyn Ledger, feed: Option<&StockFeed>) -> Result<usiz
             if let Some(feed) = feed {
                 feed.announce(e.product_id, e.stock_after).await;
             }
+            events.announce(e.orders.iter().map(String::as_str)).await;
         }
         total += n;
         if n < SWEEP_BATCH {
@@ -50,6 +57,7 @@ pub async fn sweep(ledger: &dyn Ledger, feed: Option<&StockFeed>) -> Result<usiz
 pub async fn sweep_forever(
     ledger: std::sync::Arc<dyn Ledger>,
     feed: Option<StockFeed>,
+    events: OrderEvents,
     stop: CancellationToken,
 ) {
     let mut tick = tokio::time::interval(SWEEP_EVERY);
@@ -61,7 +69,7 @@ pub async fn sweep_forever(
             () = stop.cancelled() => return,
             _ = tick.tick() => {}
         }
-        if let Err(e) = sweep(ledger.as_ref(), feed.as_ref()).await {
+        if let Err(e) = sweep(ledger.as_ref(), feed.as_ref(), &events).await {
             tracing::debug!(error = %e, "holds not swept this round");
         }
         if gauged.elapsed() >= GAUGE_EVERY {

@@ -157,6 +157,24 @@ pub fn connect_lazy(url: &str) -> Result<Redis, RedisUnreachable> {
         .map_err(fail)
 }
 
+/// A pub/sub connection subscribed to `channel`, on the first seed that
+/// answers (on a cluster a `PUBLISH` reaches every node: any one will do).
+pub async fn subscribe(url: &str, channel: &str) -> redis::RedisResult<redis::aio::PubSub> {
+    let mut last = None;
+    for seed in seeds(url) {
+        let attempt = async {
+            let mut pubsub = timed(client(seed)?.get_async_pubsub()).await?;
+            timed(pubsub.subscribe(channel)).await?;
+            redis::RedisResult::Ok(pubsub)
+        };
+        match attempt.await {
+            Ok(pubsub) => return Ok(pubsub),
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(last.unwrap_or_else(timeout_error))
+}
+
 pub(crate) fn timeout_error() -> redis::RedisError {
     redis::RedisError::from(std::io::Error::new(
         std::io::ErrorKind::TimedOut,

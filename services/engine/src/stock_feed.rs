@@ -45,28 +45,7 @@ pub async fn subscribe(
     url: &str,
     ns: &Namespace,
 ) -> redis::RedisResult<impl Stream<Item = (i64, i32)> + use<>> {
-    // On a cluster a PUBLISH reaches every node: any one seed will do.
-    let mut last = None;
-    let mut subscribed = None;
-    for seed in redis_conn::seeds(url) {
-        let attempt = async {
-            let mut pubsub = timed(redis_conn::client(seed)?.get_async_pubsub()).await?;
-            timed(pubsub.subscribe(ns.stock_channel())).await?;
-            redis::RedisResult::Ok(pubsub)
-        };
-        match attempt.await {
-            Ok(pubsub) => {
-                subscribed = Some(pubsub);
-                break;
-            }
-            Err(e) => last = Some(e),
-        }
-    }
-    let pubsub = match (subscribed, last) {
-        (Some(pubsub), _) => pubsub,
-        (None, Some(e)) => return Err(e),
-        (None, None) => return Err(redis_conn::timeout_error()),
-    };
+    let pubsub = redis_conn::subscribe(url, &ns.stock_channel()).await?;
     Ok(pubsub.into_on_message().filter_map(|msg| async move {
         let payload: String = msg.get_payload().ok()?;
         let (product, stock) = payload.split_once(':')?;

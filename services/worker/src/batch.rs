@@ -22,6 +22,7 @@ use flashsale_engine::locks::{HeldLock, ProductLocks};
 use flashsale_engine::metrics::{
     ADMISSION_TOKENS, BATCH_SIZE, LOCK_WAIT, ORDER_LATENCY, ORDERS_PROCESSED, STOCK_LEVEL,
 };
+use flashsale_engine::order_events::OrderEvents;
 use flashsale_engine::queue::{Delivered, QueueConsumer};
 use flashsale_engine::seams::BackendFailed;
 use flashsale_engine::stock_feed::StockFeed;
@@ -137,6 +138,8 @@ pub struct OrderBook {
     admission: Arc<dyn AcceptStore>,
     /// Stock announcements to the APIs (Redis); none when embedded.
     feed: Option<StockFeed>,
+    /// Order changes for the APIs' event streams.
+    events: OrderEvents,
     stats: Arc<WorkerStats>,
 }
 
@@ -151,6 +154,7 @@ impl OrderBook {
         lock: Arc<dyn ProductLocks>,
         admission: Arc<dyn AcceptStore>,
         feed: Option<StockFeed>,
+        events: OrderEvents,
         stats: Arc<WorkerStats>,
     ) -> Self {
         Self {
@@ -158,6 +162,7 @@ impl OrderBook {
             lock,
             admission,
             feed,
+            events,
             stats,
         }
     }
@@ -427,6 +432,13 @@ impl OrderBook {
             if let (Some(feed), Some(0)) = (&self.feed, receipt.stock_after) {
                 feed.announce(group.product.get(), 0).await;
             }
+            let changed = group
+                .orders
+                .iter()
+                .zip(&receipt.outcomes)
+                .filter(|(_, o)| **o != OrderOutcome::Duplicate)
+                .map(|(q, _)| q.order_id.as_str());
+            self.events.announce(changed).await;
         };
         let ((), (), ()) = tokio::join!(
             self.release_all([held]),

@@ -13,6 +13,7 @@ use flashsale_engine::embedded::EmbeddedBackends;
 use flashsale_engine::heartbeat::{self, WorkerStats};
 use flashsale_engine::ledger::{Ledger, StockLedger};
 use flashsale_engine::locks::ProductLock;
+use flashsale_engine::order_events::OrderEvents;
 use flashsale_engine::queue::rabbitmq as broker;
 use flashsale_engine::queue::{OrderQueue, QueueConsumer, RabbitQueue};
 use flashsale_engine::seams::BackendFailed;
@@ -77,6 +78,8 @@ pub struct Worker {
     reconciler: (Arc<dyn AcceptStore>, Arc<dyn Ledger>),
     /// Where the holds sweep announces returned units; none when embedded.
     feed: Option<StockFeed>,
+    /// Where it announces the orders it expired.
+    events: OrderEvents,
     queue: Arc<dyn OrderQueue>,
     prefetch: u16,
     stats: Arc<WorkerStats>,
@@ -130,6 +133,7 @@ impl Worker {
         ));
         let lock = ProductLock::new(redis.clone(), ns.clone(), id);
         let admission: Arc<dyn AcceptStore> = Arc::new(AcceptLog::new(redis.clone(), ns.clone()));
+        let events = OrderEvents::redis(redis.clone(), &ns);
         let feed = StockFeed::new(redis, &ns);
         let queue = Arc::new(
             RabbitQueue::consumer_only(&config.backends.amqp_url, &ns).consuming(consumed),
@@ -141,10 +145,12 @@ impl Worker {
                 Arc::new(lock),
                 admission.clone(),
                 Some(feed.clone()),
+                events.clone(),
                 stats.clone(),
             ),
             reconciler: (admission, ledger),
             feed: Some(feed),
+            events,
             queue: queue.clone(),
             prefetch: config.prefetch,
             stats,
@@ -179,10 +185,12 @@ impl Worker {
                 Arc::new(backends.locks.holder(id)),
                 admission.clone(),
                 None,
+                backends.events.clone(),
                 stats.clone(),
             ),
             reconciler: (admission, ledger),
             feed: None,
+            events: backends.events.clone(),
             queue,
             prefetch,
             stats,
@@ -221,6 +229,7 @@ impl Worker {
             OwnedTask(tokio::spawn(flashsale_engine::holds::sweep_forever(
                 ledger,
                 self.feed.clone(),
+                self.events.clone(),
                 background.clone(),
             ))),
         ];

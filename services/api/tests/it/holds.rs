@@ -333,3 +333,90 @@ async fn the_audit_catches_a_hold_left_past_its_expiry() {
     assert_eq!(report.products[0].held_units, 1);
     env.finish().await;
 }
+
+/// Reads Server-Sent Events from `response` until the stream ends (or
+/// `limit` passes): the `status` of each `event: status`, in order.
+async fn statuses_streamed(mut response: reqwest::Response, limit: Duration) -> Vec<String> {
+    let mut text = String::new();
+    let mut statuses = Vec::new();
+    let deadline = tokio::time::Instant::now() + limit;
+    while let Ok(Some(chunk)) = tokio::time::timeout_at(deadline, response.chunk())
+        .await
+        .map(Result::unwrap)
+    {
+        text.push_str(&String::from_utf8_lossy(&chunk));
+        while let Some(end) = text.find("\n\n") {
+            let event: String = text.drain(..end + 2).collect();
+            if event.lines().any(|l| l == "event: status")
+                && let Some(data) = event.lines().find_map(|l| l.strip_prefix("data: "))
+            {
+                let view: Value = serde_json::from_str(data).unwrap();
+                statuses.push(view["status"].as_str().unwrap().to_owned());
+            }
+        }
+    }
+    statuses
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_order_streams_queued_held_paid_to_a_second_api_and_ends() {
+    let mut env = common::env().await;
+    seed_held(&env, 1, 10, 60).await;
+    let api = env.start_api().await;
+    let mut config = flashsale_api::ApiConfig::new(env.backends(), "127.0.0.1:0");
+    config.limits.max_streams = 1;
+    let other = env.start_api_config(config, true).await;
+
+    let a = env
+        .buy(
+            &api,
+            None,
+            json!({"userId": "u", "productId": 1, "quantity": 1}),
+        )
+        .await;
+    assert_eq!(a.status, StatusCode::ACCEPTED);
+    // Watched on the second API; booked by a worker and paid on the first.
+    let stream = env
+        .http
+        .get(format!("{other}/orders/{}/events", a.key))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(stream.status(), StatusCode::OK);
+    assert!(
+        stream.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("text/event-stream")
+    );
+    let reading = tokio::spawn(statuses_streamed(stream, Duration::from_secs(20)));
+    // Over the second API's one stream: 503.
+    let refused = env
+        .http
+        .get(format!("{other}/orders/{}/events", a.key))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(refused.status(), StatusCode::SERVICE_UNAVAILABLE);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    env.start_worker().await;
+    env.wait_for_rows(std::slice::from_ref(&a.key)).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (status, _) = settle(&env, &api, &a.key, "pay").await;
+    assert_eq!(status, StatusCode::OK);
+    let started = Instant::now();
+    let statuses = reading.await.unwrap();
+    assert_eq!(statuses, ["queued", "held", "paid"]);
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "the stream did not end after the final status"
+    );
+    let unknown = env
+        .http
+        .get(format!("{api}/orders/never-accepted/events"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(unknown.status(), StatusCode::NOT_FOUND);
+    env.finish().await;
+}
