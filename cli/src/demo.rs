@@ -164,6 +164,7 @@ fn plan(args: &DemoArgs) -> Result<(StormPlan, Vec<NewProduct>), Failure> {
         seed: rand::random(),
         scenario: None,
         tokens: None,
+        checkout: None,
     };
     Ok((plan, catalog))
 }

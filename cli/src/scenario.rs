@@ -65,6 +65,10 @@ pub struct StormSpec {
     #[serde(default)]
     pub thresholds: Vec<String>,
     pub drain_timeout: Option<String>,
+    /// As `--pay-ratio`.
+    pub pay_ratio: Option<f64>,
+    /// As `--pay-delay`: `"2s"`.
+    pub pay_delay: Option<String>,
 }
 
 impl Scenario {

@@ -169,23 +169,29 @@ pub fn exit_code(report: &AuditReport) -> u8 {
 }
 
 pub fn print_report(report: &AuditReport) {
-    let mut t = output::table(&[
-        "product",
-        "seeded",
-        "stock",
-        "confirmed units",
-        "rejected orders",
-        "books",
-    ]);
+    // Held units get a column when any product has some.
+    let holds = report.products.iter().any(|p| p.held_units > 0);
+    let mut header = vec!["product", "seeded", "stock", "confirmed units"];
+    if holds {
+        header.push("held units");
+    }
+    header.extend(["rejected orders", "books"]);
+    let mut t = output::table(&header);
     for p in &report.products {
-        t.add_row(vec![
+        let mut row = vec![
             Cell::new(p.id),
             Cell::new(p.seeded_stock),
             Cell::new(p.stock),
             Cell::new(p.confirmed_units),
+        ];
+        if holds {
+            row.push(Cell::new(p.held_units));
+        }
+        row.extend([
             Cell::new(p.rejected_orders),
             output::verdict(p.ok, "OK", "VIOLATED"),
         ]);
+        t.add_row(row);
     }
     println!("{t}");
     for v in &report.violations {

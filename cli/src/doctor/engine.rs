@@ -61,6 +61,7 @@ pub(super) async fn engine(
         seed: rand::random(),
         scenario: None,
         tokens: None,
+        checkout: None,
     };
     let report = storm::execute(
         &plan,

@@ -33,6 +33,7 @@ Examples:
   fsctl storm -q 2000 -z 30s --products 20 --skew zipf:1.1 --users 5000 --json
   fsctl storm -c 10 --stage 10s:500 --stage 20s:500 --duplicate-ratio 0.3
   fsctl storm --jwt-secret \"$FLASHSALE_JWT_SECRET\" --users 1000   # an API with FLASHSALE_AUTH=jwt
+  fsctl storm --scenario scenarios/checkout.toml --pay-ratio 0.6 --pay-delay 2s
 
 With --jwt-secret or --jwt-key each simulated buyer sends a token naming it
 (signed once per buyer and reused).
@@ -81,6 +82,14 @@ pub struct StormArgs {
     /// send; the default) or `sequential` (`storm-<run>-<n>`, as older figures used).
     #[arg(long, value_enum)]
     pub keys: Option<KeyStyle>,
+    /// Checkout: this share (0 to 1) of the buyers answered 202 pay for their
+    /// order once it is held (products seeded with --hold-seconds); the rest
+    /// let it expire, and its units sell again. Needs the drain.
+    #[arg(long, value_name = "F")]
+    pub pay_ratio: Option<f64>,
+    /// With --pay-ratio: how long a paying buyer takes, from the hold (default 1s).
+    #[arg(long, value_parser = parse_duration, value_name = "D")]
+    pub pay_delay: Option<Duration>,
     /// A scenario TOML (scenarios/README.md): products to seed, mix, load, thresholds. Flags override it.
     #[arg(long)]
     pub scenario: Option<PathBuf>,

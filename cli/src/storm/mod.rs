@@ -9,6 +9,7 @@
 //! verifies, `threshold` judges. This file runs those steps in order.
 
 mod args;
+pub mod checkout;
 pub mod drain;
 pub mod load;
 pub mod mix;
@@ -56,18 +57,26 @@ pub async fn execute(
     stop: &CancellationToken,
     live: Arc<LiveCounts>,
 ) -> StormReport {
+    let started_at = chrono::Utc::now();
     let source = Arc::new(MixSource::new(plan.mix.clone(), run_id(plan.seed)));
     let seed = plan.seed;
+    let payer = plan
+        .checkout
+        .map(|c| Arc::new(checkout::Payer::start(target.clone(), c, seed)));
     let fire = {
-        let (source, target) = (source.clone(), target.clone());
+        let (source, target, payer) = (source.clone(), target.clone(), payer.clone());
         move |i: u64| {
             let (source, target, live) = (source.clone(), target.clone(), live.clone());
+            let payer = payer.clone();
             async move {
                 let mut rng = SmallRng::seed_from_u64(seed ^ i.wrapping_mul(0x9E37_79B9_7F4A_7C15));
                 let request = source.request(i, &mut rng);
                 let answer = target.buy(i, &request).await;
                 if let Answer::Status(status) = answer.outcome {
                     source.answered(&request, status, &mut rng);
+                    if let (202, Some(payer), Some(key)) = (status, &payer, &answer.order_id) {
+                        payer.accepted(key, &request.buyer);
+                    }
                 }
                 live.count(answer.outcome);
                 BuyResult {
@@ -79,6 +88,10 @@ pub async fn execute(
         }
     };
     let shots = load::drive(&plan.load, stop, fire).await;
+    let pays = match payer.and_then(Arc::into_inner) {
+        Some(payer) => payer.finish().await,
+        None => (0, 0),
+    };
     let mut report = StormReport::from_shots(
         source.run_id(),
         &shots,
@@ -86,6 +99,8 @@ pub async fn execute(
         stop.is_cancelled(),
     );
     report.shots = shots;
+    report.pays = pays;
+    report.started_at = started_at;
     report
 }
 
@@ -138,6 +153,10 @@ async fn preflight(client: &reqwest::Client, api_urls: &[String]) -> Result<(), 
     Ok(())
 }
 
+/// The APIs reload their catalog every 250 ms: products created just now
+/// are buyable after at most that (a buy before it is a `404`).
+const CATALOG_RELOAD: Duration = Duration::from_millis(600);
+
 /// Seeds the scenario's missing products when PostgreSQL is reachable, and
 /// warns when existing ones differ from what the scenario describes.
 async fn seed_scenario(b: &BackendUrls, scenario: &Scenario, quiet: bool) {
@@ -153,6 +172,9 @@ async fn seed_scenario(b: &BackendUrls, scenario: &Scenario, quiet: bool) {
     };
     match tokio::time::timeout(Duration::from_secs(10), seeded).await {
         Ok(Ok((created, existing))) => {
+            if !created.is_empty() {
+                tokio::time::sleep(CATALOG_RELOAD).await;
+            }
             if !quiet && !created.is_empty() {
                 eprintln!(
                     "seeded {} missing products of {:?}",
@@ -269,6 +291,21 @@ pub async fn storm_and_settle(
         report.drain = Some(settled.drain);
         report.verify = Some(settled.verify);
         report.audit = settled.audit;
+        if let Some(checkout) = plan.checkout {
+            let ledger = backends::ledger(b).await?;
+            report.checkout = Some(
+                checkout::summarize(
+                    &ledger,
+                    checkout,
+                    report.started_at,
+                    report.pays,
+                    &report.accepted,
+                    &plan.mix.products,
+                    plan.drain_timeout,
+                )
+                .await?,
+            );
+        }
     }
     report.thresholds = plan.thresholds.iter().map(|t| t.check(&report)).collect();
     Ok(report)

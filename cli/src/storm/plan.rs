@@ -2,6 +2,7 @@
 //! checked before anything is sent.
 
 use super::args::StormArgs;
+use super::checkout::Checkout;
 use super::load::{LoadPlan, Stage};
 use super::mix::{BuyMix, KeyStyle, QuantityRange, Skew};
 use super::threshold::Threshold;
@@ -33,6 +34,8 @@ pub struct StormPlan {
     pub scenario: Option<Scenario>,
     /// Each buyer's token, when the API wants them.
     pub tokens: Option<Arc<Tokens>>,
+    /// The buyers who pay for their holds (`--pay-ratio`).
+    pub checkout: Option<Checkout>,
 }
 
 fn usage(e: impl std::fmt::Display) -> Failure {
@@ -183,6 +186,31 @@ impl StormPlan {
                 .map_err(usage)?
                 .unwrap_or(DEFAULT_DRAIN_TIMEOUT),
         };
+        let pay_delay = match args.pay_delay {
+            Some(d) => Some(d),
+            None => spec
+                .pay_delay
+                .as_deref()
+                .map(parse_duration)
+                .transpose()
+                .map_err(usage)?,
+        };
+        let checkout = match args.pay_ratio.or(spec.pay_ratio) {
+            Some(r) if !(0.0..=1.0).contains(&r) => {
+                return Err(usage(format!("--pay-ratio {r}: must be from 0 to 1")));
+            }
+            Some(_) if args.no_verify => {
+                return Err(usage("--pay-ratio needs the drain: drop --no-verify"));
+            }
+            Some(pay_ratio) => Some(Checkout {
+                pay_ratio,
+                pay_delay: pay_delay.unwrap_or(Duration::from_secs(1)),
+            }),
+            None if pay_delay.is_some() => {
+                return Err(usage("--pay-delay needs --pay-ratio"));
+            }
+            None => None,
+        };
         let mut signing = args.signing.clone();
         if signing.jwt_secret.is_none() && signing.jwt_key.is_none() {
             signing.jwt_secret = spec.jwt_secret.as_deref().map(Secret::new);
@@ -201,6 +229,7 @@ impl StormPlan {
             seed: args.seed.unwrap_or_else(rand::random),
             scenario,
             tokens,
+            checkout,
         })
     }
 }
@@ -218,6 +247,26 @@ mod tests {
             unreachable!("parsed as storm")
         };
         StormPlan::resolve(&args)
+    }
+
+    #[test]
+    fn checkout_needs_a_ratio_from_0_to_1_and_the_drain() {
+        let c = plan(&["--pay-ratio", "0.6", "--pay-delay", "2s"])
+            .expect("valid")
+            .checkout
+            .expect("a checkout");
+        assert_eq!((c.pay_ratio, c.pay_delay), (0.6, Duration::from_secs(2)));
+        let default = plan(&["--pay-ratio", "1"]).expect("valid").checkout;
+        assert_eq!(default.map(|c| c.pay_delay), Some(Duration::from_secs(1)));
+        for bad in [
+            &["--pay-ratio", "1.5"][..],
+            &["--pay-ratio", "-0.1"],
+            &["--pay-delay", "1s"],
+            &["--pay-ratio", "0.5", "--no-verify"],
+        ] {
+            assert!(plan(bad).is_err(), "{bad:?} accepted");
+        }
+        assert!(plan(&[]).expect("valid").checkout.is_none());
     }
 
     #[test]

@@ -99,6 +99,24 @@ impl StormReport {
                 d.source
             );
         }
+        if let Some(c) = &self.checkout {
+            println!(
+                "checkout (pay ratio {}, pay after {:.1}s): {} paid, {} cancelled, {} expired, {} still held; \
+                 {} pays too late; {} units back on sale, {} sold again; {} units booked in all, the last {}",
+                c.pay_ratio,
+                c.pay_delay_seconds,
+                c.paid,
+                c.cancelled,
+                c.expired,
+                c.held,
+                c.pays_too_late,
+                c.units_returned,
+                c.units_sold_again,
+                c.units_booked,
+                c.last_sale_seconds
+                    .map_or("never".to_owned(), |s| format!("{s:.1}s into the storm"))
+            );
+        }
     }
 
     pub fn print_thresholds(&self) {

@@ -130,6 +130,15 @@ pub struct StormReport {
     pub stopped_early: bool,
     pub drain: Option<Drain>,
     pub verify: Option<VerifySummary>,
+    /// How the holds ended (`--pay-ratio`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub checkout: Option<super::checkout::CheckoutSummary>,
+    /// Pays answered (200, 409), until the summary is made.
+    #[serde(skip)]
+    pub pays: (u64, u64),
+    /// When the storm began.
+    #[serde(skip)]
+    pub started_at: chrono::DateTime<chrono::Utc>,
     /// The books of the products (`fsctl demo`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub books: Option<Vec<flashsale_engine::audit::ProductBooks>>,
@@ -274,6 +283,9 @@ impl StormReport {
             stopped_early,
             drain: None,
             verify: None,
+            checkout: None,
+            pays: (0, 0),
+            started_at: chrono::Utc::now(),
             books: None,
             chaos: None,
             thresholds: Vec::new(),

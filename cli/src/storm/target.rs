@@ -82,6 +82,8 @@ pub struct BuyAnswer {
 pub struct BuyTarget {
     client: reqwest::Client,
     buy_urls: Vec<String>,
+    /// The first API, for checkouts.
+    api: String,
     /// Each buyer's token, when the API wants them.
     tokens: Option<Arc<Tokens>>,
 }
@@ -114,12 +116,42 @@ impl BuyTarget {
         Ok(Self {
             client,
             buy_urls,
+            api: api_urls
+                .first()
+                .map(|u| u.trim_end_matches('/').to_owned())
+                .unwrap_or_default(),
             tokens,
         })
     }
 
     pub fn client(&self) -> &reqwest::Client {
         &self.client
+    }
+
+    /// The order's status, as its buyer reads it (`None`: no answer, or 404).
+    pub async fn order_status(&self, key: &str, buyer: &str) -> Option<String> {
+        #[derive(Deserialize)]
+        struct View {
+            status: String,
+        }
+        let mut get = self.client.get(format!("{}/orders/{key}", self.api));
+        if let Some(bearer) = self.tokens.as_ref().and_then(|t| t.bearer(buyer)) {
+            get = get.header("authorization", &*bearer);
+        }
+        let response = get.send().await.ok()?;
+        if !response.status().is_success() {
+            return None;
+        }
+        response.json::<View>().await.ok().map(|v| v.status)
+    }
+
+    /// Pays the held order as its buyer: the answer's status.
+    pub async fn pay(&self, key: &str, buyer: &str) -> Option<u16> {
+        let mut post = self.client.post(format!("{}/orders/{key}/pay", self.api));
+        if let Some(bearer) = self.tokens.as_ref().and_then(|t| t.bearer(buyer)) {
+            post = post.header("authorization", &*bearer);
+        }
+        post.send().await.ok().map(|r| r.status().as_u16())
     }
 
     /// Sends request `i` to the API whose turn it is.

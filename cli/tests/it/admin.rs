@@ -329,6 +329,30 @@ async fn inspect_shows_workers_locks_and_dead_letters() {
     assert_eq!(q["dlq"], 1);
     let out = fsctl(&env, &["inspect", "product", "1", "--json"]);
     assert_eq!(json(&out)["product"]["stock"], 10);
+    // No product with holds yet; then one held order of product 9.
+    let out = fsctl(&env, &["inspect", "holds", "--json"]);
+    assert_eq!(code(&out), 0);
+    assert_eq!(json(&out)["holds"], serde_json::json!([]));
+    sqlx::raw_sql(
+        "INSERT INTO products (id, name, stock, seeded_stock, hold_seconds) VALUES (9, 'held', 4, 5, 60);
+         INSERT INTO orders (idempotency_key, user_id, product_id, quantity, status,
+                             accepted_at, processed_at, held_until)
+         VALUES ('held-1', 'u', 9, 1, 'held', now(), now(), now() + interval '60 seconds')",
+    )
+    .execute(&env.pool)
+    .await
+    .unwrap();
+    let out = fsctl(&env, &["inspect", "holds", "--json"]);
+    let holds = json(&out)["holds"].clone();
+    assert_eq!(holds[0]["productId"], 9, "{holds}");
+    assert_eq!(
+        (holds[0]["heldUnits"].clone(), holds[0]["overdue"].clone()),
+        (serde_json::json!(1), serde_json::json!(0))
+    );
+    assert!(
+        holds[0]["nextExpirySeconds"].as_f64().unwrap() > 50.0,
+        "{holds}"
+    );
     // One standalone Redis: one master with every slot.
     let out = fsctl(&env, &["inspect", "redis", "--json"]);
     let view = json(&out);

@@ -433,3 +433,65 @@ async fn several_apis_share_the_storm_round_robin() {
     assert_eq!(seen_a.lock().unwrap().requests, 200);
     assert_eq!(seen_b.lock().unwrap().requests, 200);
 }
+
+/// The checkout scenario, shortened: held units, 60 % paid, the rest
+/// expire and sell again to later buyers of the same storm.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_checkout_storm_pays_some_holds_and_sells_the_expired_units_again() {
+    let mut env = env().await;
+    sqlx::query(
+        "INSERT INTO products (id, name, stock, seeded_stock, max_per_order, hold_seconds)
+         VALUES (1, 'held', 50, 50, 1, 2)",
+    )
+    .execute(&env.pool)
+    .await
+    .unwrap();
+    let api = env.start_api().await;
+    env.start_worker().await;
+    let scenario = concat!(env!("CARGO_MANIFEST_DIR"), "/../scenarios/checkout.toml");
+    let out = fsctl_on(
+        &env.backends(),
+        &[
+            "storm",
+            "--api-url",
+            &api,
+            "--scenario",
+            scenario,
+            "-n",
+            "1600",
+            "-q",
+            "200",
+            "--pay-ratio",
+            "0.6",
+            "--pay-delay",
+            "300ms",
+            "--json",
+        ],
+    )
+    .output()
+    .await
+    .unwrap();
+    assert_eq!(code(&out), 0, "{}", String::from_utf8_lossy(&out.stderr));
+    let r = report(&out);
+    let c = &r["checkout"];
+    let accepted = r["statusCounts"]["202"].as_u64().unwrap();
+    let n = |k: &str| c[k].as_u64().unwrap_or_else(|| panic!("{k}: {c}"));
+    assert_eq!(n("paid") + n("expired") + n("held"), accepted, "{c}");
+    assert_eq!(n("held"), 0, "holds left after the storm: {c}");
+    assert!(n("paid") > 0 && n("expired") > 0, "{c}");
+    assert_eq!(n("paysAccepted"), n("paid"), "{c}");
+    assert!(n("unitsSoldAgain") > 0, "no expired unit sold again: {c}");
+    assert_eq!(c["unitsReturned"].as_u64().unwrap(), n("expired"));
+    assert_eq!(
+        c["unitsBooked"].as_u64().unwrap(),
+        50 + n("unitsSoldAgain"),
+        "{c}"
+    );
+    assert_eq!(r["drain"]["lost"], 0);
+    let paid = env
+        .count("SELECT count(*) FROM orders WHERE status = 'paid'")
+        .await;
+    assert_eq!(paid as u64, n("paid"));
+    env.assert_invariants().await;
+    env.finish().await;
+}

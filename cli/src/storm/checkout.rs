@@ -1,0 +1,187 @@
+//! `--pay-ratio F --pay-delay D`: buyers who reach checkout. For each order
+//! the storm got a `202` for, a share F of the buyers wait until it is held,
+//! then D more, and pay (`POST /orders/{id}/pay`); the others never pay, so
+//! their holds expire and the units go back on sale to later buyers of the
+//! same storm. After the drain the report adds how the holds ended and how
+//! many units were sold a second time.
+
+use super::target::BuyTarget;
+use crate::exit::Failure;
+use flashsale_engine::ledger::StockLedger;
+use rand::{Rng, SeedableRng};
+use serde::Serialize;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+use tokio::sync::{Semaphore, mpsc};
+use tokio::task::JoinSet;
+
+/// What the buyers do with their holds.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Checkout {
+    pub pay_ratio: f64,
+    pub pay_delay: Duration,
+}
+
+/// Checkouts in progress at once.
+const PAYING: usize = 256;
+/// How often a buyer looks whether its order is held yet.
+const LOOK_EVERY: Duration = Duration::from_millis(100);
+/// A buyer gives up on an order still queued after this long.
+const LOOK_FOR: Duration = Duration::from_secs(60);
+
+/// How the storm's holds ended.
+#[derive(Debug, Clone, Default, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CheckoutSummary {
+    pub pay_ratio: f64,
+    pub pay_delay_seconds: f64,
+    /// Pays sent and answered `200`.
+    pub pays_accepted: u64,
+    /// Pays answered `409` (the hold had expired).
+    pub pays_too_late: u64,
+    /// The storm's accepted orders by how they ended.
+    pub paid: u64,
+    pub cancelled: u64,
+    pub expired: u64,
+    /// Still held when the report was made.
+    pub held: u64,
+    /// Units given back by cancelled and expired holds.
+    pub units_returned: i64,
+    /// Units sold more than once: bookings beyond each product's seeded stock.
+    pub units_sold_again: i64,
+    /// Units booked in all (paid, confirmed, held, and those given back).
+    pub units_booked: i64,
+    /// From the storm's start to the last booking of its products.
+    pub last_sale_seconds: Option<f64>,
+}
+
+/// The buyers who pay, fed with the storm's `202`s as they come.
+pub struct Payer {
+    accepted: mpsc::UnboundedSender<(String, String)>,
+    task: tokio::task::JoinHandle<(u64, u64)>,
+}
+
+impl Payer {
+    pub fn start(target: BuyTarget, checkout: Checkout, seed: u64) -> Self {
+        let (accepted, mut orders) = mpsc::unbounded_channel::<(String, String)>();
+        let task = tokio::spawn(async move {
+            let mut rng = rand::rngs::SmallRng::seed_from_u64(seed);
+            let slots = Arc::new(Semaphore::new(PAYING));
+            let ok = Arc::new(AtomicU64::new(0));
+            let late = Arc::new(AtomicU64::new(0));
+            let mut paying = JoinSet::new();
+            while let Some((key, buyer)) = orders.recv().await {
+                if rng.random::<f64>() >= checkout.pay_ratio {
+                    continue;
+                }
+                let (target, slots, ok, late) =
+                    (target.clone(), slots.clone(), ok.clone(), late.clone());
+                paying.spawn(async move {
+                    let Ok(_slot) = slots.acquire_owned().await else {
+                        return;
+                    };
+                    if !held(&target, &key, &buyer).await {
+                        return;
+                    }
+                    tokio::time::sleep(checkout.pay_delay).await;
+                    match target.pay(&key, &buyer).await {
+                        Some(200) => ok.fetch_add(1, Ordering::Relaxed),
+                        Some(409) => late.fetch_add(1, Ordering::Relaxed),
+                        _ => 0,
+                    };
+                });
+            }
+            while paying.join_next().await.is_some() {}
+            (ok.load(Ordering::Relaxed), late.load(Ordering::Relaxed))
+        });
+        Self { accepted, task }
+    }
+
+    /// An order answered `202`, bought as `buyer`.
+    pub fn accepted(&self, key: &str, buyer: &str) {
+        let _ = self.accepted.send((key.to_owned(), buyer.to_owned()));
+    }
+
+    /// Waits for the buyers still paying: (pays answered 200, answered 409).
+    pub async fn finish(self) -> (u64, u64) {
+        drop(self.accepted);
+        self.task.await.unwrap_or_default()
+    }
+}
+
+/// Waits until the order is booked; whether it is held.
+async fn held(target: &BuyTarget, key: &str, buyer: &str) -> bool {
+    let started = Instant::now();
+    while started.elapsed() < LOOK_FOR {
+        match target.order_status(key, buyer).await.as_deref() {
+            Some("held") => return true,
+            Some("queued") | None => tokio::time::sleep(LOOK_EVERY).await,
+            Some(_) => return false,
+        }
+    }
+    false
+}
+
+/// After the drain: waits (up to `limit`) until none of `accepted` is held,
+/// then sums up how their holds ended and how many units sold twice.
+pub async fn summarize(
+    ledger: &StockLedger,
+    checkout: Checkout,
+    started_at: chrono::DateTime<chrono::Utc>,
+    pays: (u64, u64),
+    accepted: &[String],
+    products: &[i64],
+    limit: Duration,
+) -> Result<CheckoutSummary, Failure> {
+    let started = Instant::now();
+    loop {
+        let held: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM orders WHERE status = 'held' AND idempotency_key = ANY($1)",
+        )
+        .bind(accepted)
+        .fetch_one(ledger.pool())
+        .await?;
+        if held == 0 || started.elapsed() >= limit {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let (paid, cancelled, expired, held, returned): (i64, i64, i64, i64, i64) = sqlx::query_as(
+        "SELECT count(*) FILTER (WHERE status = 'paid'),
+                count(*) FILTER (WHERE status = 'cancelled'),
+                count(*) FILTER (WHERE status = 'expired'),
+                count(*) FILTER (WHERE status = 'held'),
+                COALESCE(SUM(quantity) FILTER (WHERE status IN ('cancelled', 'expired')), 0)::bigint
+         FROM orders WHERE idempotency_key = ANY($1)",
+    )
+    .bind(accepted)
+    .fetch_one(ledger.pool())
+    .await?;
+    let (again, booked, last): (i64, i64, Option<chrono::DateTime<chrono::Utc>>) = sqlx::query_as(
+        "SELECT COALESCE(SUM(GREATEST(booked - seeded_stock, 0)), 0)::bigint,
+                COALESCE(SUM(booked), 0)::bigint, max(last) FROM (
+             SELECT p.seeded_stock,
+                    COALESCE(SUM(o.quantity) FILTER (WHERE o.status <> 'rejected'), 0) AS booked,
+                    max(o.processed_at) FILTER (WHERE o.status <> 'rejected') AS last
+             FROM products p LEFT JOIN orders o ON o.product_id = p.id
+             WHERE p.id = ANY($1) GROUP BY p.id) t",
+    )
+    .bind(products)
+    .fetch_one(ledger.pool())
+    .await?;
+    Ok(CheckoutSummary {
+        pay_ratio: checkout.pay_ratio,
+        pay_delay_seconds: checkout.pay_delay.as_secs_f64(),
+        pays_accepted: pays.0,
+        pays_too_late: pays.1,
+        paid: paid as u64,
+        cancelled: cancelled as u64,
+        expired: expired as u64,
+        held: held as u64,
+        units_returned: returned,
+        units_sold_again: again,
+        units_booked: booked,
+        last_sale_seconds: last.map(|at| (at - started_at).as_seconds_f64()),
+    })
+}
