@@ -64,6 +64,10 @@ pub enum View {
     Order { id: String },
 }
 
+/// A product's holds: id, held orders, held units, seconds to the next
+/// expiry, overdue holds, and orders paid, cancelled, expired.
+type HoldsRow = (i64, i64, i64, Option<f64>, i64, i64, i64, i64);
+
 pub async fn run(b: &BackendUrls, args: &InspectArgs) -> Outcome {
     let ns = b.namespace();
     match &args.view {
@@ -205,7 +209,7 @@ pub async fn run(b: &BackendUrls, args: &InspectArgs) -> Outcome {
         }
         View::Holds => {
             let ledger = backends::ledger(b).await?;
-            let rows: Vec<(i64, i64, i64, Option<f64>, i64, i64, i64, i64)> = sqlx::query_as(
+            let rows: Vec<HoldsRow> = sqlx::query_as(
                 "SELECT p.id,
                         count(o.*) FILTER (WHERE o.status = 'held'),
                         COALESCE(SUM(o.quantity) FILTER (WHERE o.status = 'held'), 0)::bigint,
