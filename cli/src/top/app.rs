@@ -236,6 +236,8 @@ pub struct ProductRow {
     /// Units buys may still take (the admission counter), if known.
     pub tokens: Option<i64>,
     pub confirmed: i64,
+    /// Units held for buyers who have not paid yet (products with holds).
+    pub held: i64,
     pub rejected: i64,
 }
 
@@ -418,6 +420,7 @@ impl App {
                         seeded: b.seeded_stock,
                         stock: b.stock,
                         tokens: ledger.tokens.get(&b.id).copied(),
+                        held: b.held_units,
                         confirmed: b.confirmed_units,
                         rejected: b.rejected_orders,
                     })

@@ -378,6 +378,8 @@ fn draw_products(frame: &mut Frame, app: &App, now: Instant, paint: &Paint, area
         app.sort.name()
     );
     let (block, style) = panel(&title, app, now, &[Source::Postgres], paint);
+    // A held-units column when any product has holds.
+    let holds = rows_shown.iter().any(|p| p.held > 0);
     let wide = area.width >= 70;
     let bar = if wide { 16 } else { 8 };
     let violated: Vec<i64> = app
@@ -410,6 +412,9 @@ fn draw_products(frame: &mut Frame, app: &App, now: Instant, paint: &Paint, area
                 cells.push(Cell::from(p.tokens.map_or("-".into(), |t| t.to_string())));
             }
             cells.push(Cell::from(p.confirmed.to_string()));
+            if holds {
+                cells.push(Cell::from(p.held.to_string()));
+            }
             cells.push(Cell::from(p.rejected.to_string()));
             Row::new(cells)
         })
@@ -430,11 +435,15 @@ fn draw_products(frame: &mut Frame, app: &App, now: Instant, paint: &Paint, area
         header.push("adm");
         widths.push(Constraint::Length(8));
     }
-    header.extend(["conf", "rej"]);
-    widths.extend([
-        Constraint::Length(if wide { 8 } else { 5 }),
-        Constraint::Length(if wide { 8 } else { 5 }),
-    ]);
+    header.push("conf");
+    widths.push(Constraint::Length(if wide { 8 } else { 5 }));
+    if holds {
+        // Units held for buyers who have not paid yet.
+        header.push("held");
+        widths.push(Constraint::Length(if wide { 8 } else { 5 }));
+    }
+    header.push("rej");
+    widths.push(Constraint::Length(if wide { 8 } else { 5 }));
     let table = Table::new(rows, widths)
         .header(Row::new(header).style(Style::new().add_modifier(Modifier::BOLD)))
         .style(style)
@@ -833,6 +842,42 @@ mod tests {
         let screen = sale.render(140, 40);
         assert!(
             screen.contains("partitions 0:10/2 1:0/2 2:20/2"),
+            "{screen}"
+        );
+    }
+
+    #[test]
+    fn held_units_get_a_column_when_a_product_has_holds() {
+        let mut sale = Sale::healthy();
+        let header = |screen: &str| {
+            screen
+                .lines()
+                .find(|l| l.contains("conf") && l.contains("rej"))
+                .map(str::to_owned)
+                .unwrap_or_default()
+        };
+        assert!(!header(&sale.render(140, 40)).contains("held"));
+        let at = sale.at();
+        let mut held = books(4, 100, 60, 0);
+        held.confirmed_units = 25;
+        held.held_units = 15;
+        sale.app.on_sample(
+            at,
+            Sample::Postgres(Ok(LedgerSample {
+                books: vec![held],
+                ..LedgerSample::default()
+            })),
+        );
+        let screen = sale.render(140, 40);
+        let line = header(&screen);
+        assert!(
+            line.find("held") > line.find("conf"),
+            "no held column: {screen}"
+        );
+        assert!(
+            screen
+                .lines()
+                .any(|l| l.contains("60/100") && l.contains(" 15 ")),
             "{screen}"
         );
     }
