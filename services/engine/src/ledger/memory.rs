@@ -42,6 +42,17 @@ impl MemoryLedger {
         )
     }
 
+    /// Time passes for the holds: every `heldUntil` moves `by` earlier (the
+    /// property test of holds, which cannot wait for real expiries).
+    pub fn age_holds(&self, by: std::time::Duration) {
+        let by = chrono::Duration::from_std(by).unwrap_or_default();
+        for o in self.books().orders.values_mut() {
+            if let Some(until) = o.held_until.as_mut() {
+                *until -= by;
+            }
+        }
+    }
+
     /// Orders with a row: (booked: confirmed, or held and then paid,
     /// cancelled or expired; rejected), as `StockLedger::totals` counts them.
     pub fn totals(&self) -> (u64, u64) {
