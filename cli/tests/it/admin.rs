@@ -366,6 +366,25 @@ async fn inspect_shows_workers_locks_and_dead_letters() {
     tokio::time::sleep(Duration::from_secs(6)).await;
     let out = fsctl(&env, &["inspect", "workers", "--json"]);
     assert!(json(&out)["workers"].as_array().unwrap().is_empty());
+    // With no worker sweeping, a hold left 10 s past its expiry: verify
+    // says so (invariant 7) and exits 1.
+    sqlx::query(
+        "UPDATE orders SET held_until = now() - interval '10 seconds' WHERE idempotency_key = 'held-1'",
+    )
+    .execute(&env.pool)
+    .await
+    .unwrap();
+    let out = fsctl(&env, &["verify", "--json"]);
+    assert_eq!(code(&out), 1, "{}", String::from_utf8_lossy(&out.stdout));
+    let violations = json(&out)["violations"].clone();
+    assert!(
+        violations
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|v| v["invariant"] == 7 && v["productId"] == 9),
+        "{violations}"
+    );
     env.finish().await;
 }
 

@@ -420,3 +420,59 @@ async fn an_order_streams_queued_held_paid_to_a_second_api_and_ends() {
     assert_eq!(unknown.status(), StatusCode::NOT_FOUND);
     env.finish().await;
 }
+
+/// Workers killed (no goodbye) while 1,500 holds come due: a sweep is one
+/// statement, so a killed one changed nothing; the next worker expires
+/// each hold once and gives each unit back once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn workers_killed_while_holds_expire_lose_and_double_nothing() {
+    let mut env = common::env().await;
+    seed_held(&env, 1, 1_500, 2).await;
+    let api = env.start_api().await;
+    env.start_worker().await;
+    env.start_worker().await;
+    let answers: Vec<_> = futures_util::stream::iter(0..1_500)
+        .map(|i| {
+            let (env, api) = (&env, &api);
+            async move {
+                env.buy(
+                    api,
+                    None,
+                    json!({"userId": format!("u{i}"), "productId": 1, "quantity": 1}),
+                )
+                .await
+            }
+        })
+        .buffer_unordered(100)
+        .collect()
+        .await;
+    let keys: Vec<String> = answers.iter().map(|a| a.key.clone()).collect();
+    env.wait_for_rows(&keys).await;
+    // Kill both as the first holds come due, while they sweep.
+    let first: chrono::DateTime<chrono::Utc> =
+        sqlx::query_scalar("SELECT min(held_until) FROM orders")
+            .fetch_one(&env.pool)
+            .await
+            .unwrap();
+    let wait = (first - chrono::Utc::now()).to_std().unwrap_or_default();
+    tokio::time::sleep(wait + Duration::from_millis(100)).await;
+    env.kill_workers().await;
+    env.start_worker().await;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while env
+        .count("SELECT count(*) FROM orders WHERE status = 'held'")
+        .await
+        > 0
+    {
+        assert!(Instant::now() < deadline, "holds left");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        env.count("SELECT count(*) FROM orders WHERE status = 'expired'")
+            .await,
+        1_500
+    );
+    assert_eq!(env.stock(1).await, 1_500, "each unit back once");
+    env.assert_invariants().await;
+    env.finish().await;
+}
