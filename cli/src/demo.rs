@@ -485,6 +485,9 @@ async fn storm_and_settle(
                     Some(serde_json::json!({"killedWorker": id, "heldDeliveries": held}));
             }
             settle(&backends, &mut report, show).await;
+            if let Some(checkout) = plan.checkout {
+                report.checkout = Some(checkout_summary(&backends, &plan, checkout, &report).await);
+            }
             report
         }
     };
@@ -571,9 +574,10 @@ async fn settle(backends: &EmbeddedBackends, report: &mut StormReport, show: boo
     let (mut confirmed, mut rejected) = (0, 0);
     for id in &accepted {
         if let Ok(Some(order)) = backends.ledger.order(id).await {
+            // Booked: confirmed, or held and then paid, cancelled or expired.
             match order.status {
-                flashsale_engine::OrderStatus::Confirmed => confirmed += 1,
-                _ => rejected += 1,
+                flashsale_engine::OrderStatus::Rejected => rejected += 1,
+                _ => confirmed += 1,
             }
         }
     }
@@ -593,6 +597,42 @@ async fn settle(backends: &EmbeddedBackends, report: &mut StormReport, show: boo
     });
     report.books = Some(audit.products.clone());
     report.audit = Some(audit);
+}
+
+/// With `--pay-ratio` (a checkout scenario): waits until the storm's holds
+/// have ended, then sums them up from the embedded ledger.
+async fn checkout_summary(
+    backends: &EmbeddedBackends,
+    plan: &StormPlan,
+    checkout: storm::checkout::Checkout,
+    report: &StormReport,
+) -> storm::checkout::CheckoutSummary {
+    let accepted: HashSet<&str> = report.accepted.iter().map(String::as_str).collect();
+    let started = Instant::now();
+    loop {
+        let (_, orders) = backends.ledger.snapshot();
+        let held = orders.iter().any(|o| {
+            o.status == flashsale_engine::OrderStatus::Held
+                && accepted.contains(o.order_id.as_str())
+        });
+        if !held || started.elapsed() >= DRAIN_TIMEOUT {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (products, orders) = backends.ledger.snapshot();
+    let stormed: Vec<_> = products
+        .into_iter()
+        .filter(|p| plan.mix.products.contains(&p.id))
+        .collect();
+    storm::checkout::tally(
+        checkout,
+        report.started_at,
+        report.pays,
+        &report.accepted,
+        &orders,
+        &stormed,
+    )
 }
 
 /// "100 of 100 units sold, 4,900 buyers told sold out, 0 lost, ledger exact".

@@ -7,9 +7,11 @@
 
 use super::target::BuyTarget;
 use crate::exit::Failure;
-use flashsale_engine::ledger::StockLedger;
+use flashsale_engine::ledger::{Ledger, ProductRecord, StockLedger};
+use flashsale_engine::{OrderStatus, OrderView};
 use rand::{Rng, SeedableRng};
 use serde::Serialize;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -147,41 +149,124 @@ pub async fn summarize(
         }
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
-    let (paid, cancelled, expired, held, returned): (i64, i64, i64, i64, i64) = sqlx::query_as(
-        "SELECT count(*) FILTER (WHERE status = 'paid'),
-                count(*) FILTER (WHERE status = 'cancelled'),
-                count(*) FILTER (WHERE status = 'expired'),
-                count(*) FILTER (WHERE status = 'held'),
-                COALESCE(SUM(quantity) FILTER (WHERE status IN ('cancelled', 'expired')), 0)::bigint
-         FROM orders WHERE idempotency_key = ANY($1)",
-    )
-    .bind(accepted)
-    .fetch_one(ledger.pool())
-    .await?;
-    let (again, booked, last): (i64, i64, Option<chrono::DateTime<chrono::Utc>>) = sqlx::query_as(
-        "SELECT COALESCE(SUM(GREATEST(booked - seeded_stock, 0)), 0)::bigint,
-                COALESCE(SUM(booked), 0)::bigint, max(last) FROM (
-             SELECT p.seeded_stock,
-                    COALESCE(SUM(o.quantity) FILTER (WHERE o.status <> 'rejected'), 0) AS booked,
-                    max(o.processed_at) FILTER (WHERE o.status <> 'rejected') AS last
-             FROM products p LEFT JOIN orders o ON o.product_id = p.id
-             WHERE p.id = ANY($1) GROUP BY p.id) t",
-    )
-    .bind(products)
-    .fetch_one(ledger.pool())
-    .await?;
-    Ok(CheckoutSummary {
+    let orders = ledger.orders_of(products).await?;
+    let stormed: Vec<ProductRecord> = ledger
+        .products()
+        .await?
+        .into_iter()
+        .filter(|p| products.contains(&p.id))
+        .collect();
+    Ok(tally(
+        checkout, started_at, pays, accepted, &orders, &stormed,
+    ))
+}
+
+/// How the holds of the `accepted` orders ended, from the stormed
+/// `products` and all their `orders` (any ledger's).
+pub fn tally(
+    checkout: Checkout,
+    started_at: chrono::DateTime<chrono::Utc>,
+    pays: (u64, u64),
+    accepted: &[String],
+    orders: &[OrderView],
+    products: &[ProductRecord],
+) -> CheckoutSummary {
+    let accepted: HashSet<&str> = accepted.iter().map(String::as_str).collect();
+    let mut summary = CheckoutSummary {
         pay_ratio: checkout.pay_ratio,
         pay_delay_seconds: checkout.pay_delay.as_secs_f64(),
         pays_accepted: pays.0,
         pays_too_late: pays.1,
-        paid: paid as u64,
-        cancelled: cancelled as u64,
-        expired: expired as u64,
-        held: held as u64,
-        units_returned: returned,
-        units_sold_again: again,
-        units_booked: booked,
-        last_sale_seconds: last.map(|at| (at - started_at).as_seconds_f64()),
-    })
+        ..CheckoutSummary::default()
+    };
+    let mut booked: HashMap<i64, i64> = HashMap::new();
+    let mut last = None;
+    for o in orders {
+        if o.status != OrderStatus::Rejected {
+            *booked.entry(o.product_id).or_insert(0) += o.quantity;
+            last = last.max(o.processed_at);
+        }
+        if !accepted.contains(o.order_id.as_str()) {
+            continue;
+        }
+        match o.status {
+            OrderStatus::Paid => summary.paid += 1,
+            OrderStatus::Cancelled => summary.cancelled += 1,
+            OrderStatus::Expired => summary.expired += 1,
+            OrderStatus::Held => summary.held += 1,
+            _ => {}
+        }
+        if matches!(o.status, OrderStatus::Cancelled | OrderStatus::Expired) {
+            summary.units_returned += o.quantity;
+        }
+    }
+    for p in products {
+        let units = booked.get(&p.id).copied().unwrap_or(0);
+        summary.units_booked += units;
+        summary.units_sold_again += (units - i64::from(p.seeded_stock)).max(0);
+    }
+    summary.last_sale_seconds = last.map(|at| (at - started_at).as_seconds_f64());
+    summary
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn order(key: &str, status: OrderStatus, at: i64) -> OrderView {
+        let t0 = chrono::DateTime::<chrono::Utc>::from_timestamp(1_000, 0).expect("time");
+        OrderView {
+            order_id: key.into(),
+            user_id: "u".into(),
+            product_id: 1,
+            quantity: 1,
+            status,
+            reason: None,
+            accepted_at: t0,
+            processed_at: Some(t0 + chrono::Duration::seconds(at)),
+            held_until: None,
+            settled_at: None,
+        }
+    }
+
+    #[test]
+    fn a_tally_counts_how_holds_ended_and_what_sold_twice() {
+        let product = ProductRecord {
+            id: 1,
+            name: "p".into(),
+            stock: 0,
+            seeded_stock: 3,
+            max_per_order: 1,
+            per_user_limit: None,
+            hold_seconds: Some(5),
+            lock_fence: 0,
+        };
+        let orders = [
+            order("a", OrderStatus::Paid, 1),
+            order("b", OrderStatus::Expired, 1),
+            order("c", OrderStatus::Cancelled, 2),
+            order("d", OrderStatus::Paid, 7),
+            order("e", OrderStatus::Held, 9),
+            order("f", OrderStatus::Rejected, 12),
+            // Not this storm's, but its product's: counts as booked.
+            order("other", OrderStatus::Paid, 3),
+        ];
+        let accepted: Vec<String> = ["a", "b", "c", "d", "e", "f"].map(String::from).to_vec();
+        let checkout = Checkout {
+            pay_ratio: 0.5,
+            pay_delay: Duration::from_secs(1),
+        };
+        let t0 = chrono::DateTime::<chrono::Utc>::from_timestamp(1_000, 0).expect("time");
+        let s = tally(checkout, t0, (2, 1), &accepted, &orders, &[product]);
+        assert_eq!((s.paid, s.expired, s.cancelled, s.held), (2, 1, 1, 1));
+        assert_eq!((s.pays_accepted, s.pays_too_late), (2, 1));
+        assert_eq!(s.units_returned, 2);
+        assert_eq!(s.units_booked, 6, "every order but the rejected one");
+        assert_eq!(s.units_sold_again, 3, "6 booked of 3 seeded");
+        assert_eq!(
+            s.last_sale_seconds,
+            Some(9.0),
+            "the rejected one is no sale"
+        );
+    }
 }

@@ -218,21 +218,7 @@ async fn pays_racing_the_expiry_end_as_their_answers_said() {
     let api = env.start_api().await;
     env.start_worker().await;
     env.start_worker().await;
-    let answers: Vec<_> = futures_util::stream::iter(0..200)
-        .map(|i| {
-            let (env, api) = (&env, &api);
-            async move {
-                env.buy(
-                    api,
-                    None,
-                    json!({"userId": format!("u{i}"), "productId": 1, "quantity": 1}),
-                )
-                .await
-            }
-        })
-        .buffer_unordered(50)
-        .collect()
-        .await;
+    let answers = env.storm(&api, 1, 200, 50, |i| format!("u{i}")).await;
     let keys: Vec<String> = answers.iter().map(|a| a.key.clone()).collect();
     assert!(answers.iter().all(|a| a.status == StatusCode::ACCEPTED));
     env.wait_for_rows(&keys).await;
@@ -431,21 +417,7 @@ async fn workers_killed_while_holds_expire_lose_and_double_nothing() {
     let api = env.start_api().await;
     env.start_worker().await;
     env.start_worker().await;
-    let answers: Vec<_> = futures_util::stream::iter(0..1_500)
-        .map(|i| {
-            let (env, api) = (&env, &api);
-            async move {
-                env.buy(
-                    api,
-                    None,
-                    json!({"userId": format!("u{i}"), "productId": 1, "quantity": 1}),
-                )
-                .await
-            }
-        })
-        .buffer_unordered(100)
-        .collect()
-        .await;
+    let answers = env.storm(&api, 1, 1_500, 100, |i| format!("u{i}")).await;
     let keys: Vec<String> = answers.iter().map(|a| a.key.clone()).collect();
     env.wait_for_rows(&keys).await;
     // Kill both as the first holds come due, while they sweep.

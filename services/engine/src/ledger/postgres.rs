@@ -189,6 +189,21 @@ impl StockLedger {
         Ok(deleted)
     }
 
+    /// Every order of these products (`fsctl storm`'s checkout summary).
+    pub async fn orders_of(&self, products: &[i64]) -> Result<Vec<OrderView>, sqlx::Error> {
+        sqlx::query(concat!(
+            "SELECT ",
+            order_columns!(),
+            " FROM orders WHERE product_id = ANY($1)"
+        ))
+        .bind(products)
+        .fetch_all(&self.pool)
+        .await?
+        .iter()
+        .map(order_from_row)
+        .collect()
+    }
+
     /// Orders with a row: (booked: confirmed, or held and then paid,
     /// cancelled or expired; rejected).
     pub async fn totals(&self) -> Result<(u64, u64), sqlx::Error> {
