@@ -94,6 +94,16 @@ impl Catalog {
         }
     }
 
+    /// A stock this process changed itself (a cancel gave units back): seen
+    /// at once here; the other processes see it at their next poll.
+    pub fn set_stock(&self, id: i64, stock: i32) {
+        if let Some(map) = current(&self.snapshot)
+            && let Some(entry) = map.get(&id)
+        {
+            entry.stock.store(stock, Ordering::Relaxed);
+        }
+    }
+
     pub fn is_loaded(&self) -> bool {
         current(&self.snapshot).is_some()
     }

@@ -3,10 +3,12 @@
 //! LOCKED`, their expiry, their units back on the stock), so several
 //! workers sweep side by side without expiring an order twice, and a pay
 //! racing the sweep is decided by the row lock: exactly one of them changes
-//! the `held` row. Returned units are announced to the APIs' catalogs (the
-//! admission counters take them back at their next reconciliation), and
-//! the expired orders to their event streams.
+//! the `held` row. Returned units are announced to the APIs' catalogs and
+//! put back in the admission counter ([`units_back`]), and the expired
+//! orders to their event streams.
 
+use crate::accept_log::AcceptStore;
+use crate::domain::ProductId;
 use crate::ledger::{Ledger, LedgerError};
 use crate::metrics::{HOLD_OUTCOMES, HOLDS, HOLDS_OVERDUE};
 use crate::order_events::OrderEvents;
@@ -26,6 +28,7 @@ const GAUGE_EVERY: Duration = Duration::from_secs(1);
 /// Expires every hold past its expiry; returns how many.
 pub async fn sweep(
     ledger: &dyn Ledger,
+    admission: &dyn AcceptStore,
     feed: Option<&StockFeed>,
     events: &OrderEvents,
 ) -> Result<usize, LedgerError> {
@@ -44,6 +47,7 @@ pub async fn sweep(
             if let Some(feed) = feed {
                 feed.announce(e.product_id, e.stock_after).await;
             }
+            units_back(admission, ledger, e.product_id).await;
             events.announce(e.orders.iter().map(String::as_str)).await;
         }
         total += n;
@@ -53,9 +57,25 @@ pub async fn sweep(
     }
 }
 
+/// Units went back on a product's stock (an expiry, a cancel): its
+/// admission counter is derived afresh now, not at the next
+/// reconciliation, so they sell at once. Adding them to the counter could
+/// count them twice (a reconciliation may have seen them already); a
+/// derivation is compare-and-set. Skipped mid-sale (too many orders in
+/// flight): the reconciliation takes over.
+pub async fn units_back(admission: &dyn AcceptStore, ledger: &dyn Ledger, product: i64) {
+    let Ok(id) = ProductId::new(product) else {
+        return;
+    };
+    if let Err(e) = crate::admission::derive(admission, ledger, id, false).await {
+        tracing::debug!(error = %e, product, "admission counter not derived after units came back");
+    }
+}
+
 /// Sweeps every [`SWEEP_EVERY`] and refreshes `flashsale_holds` until `stop`.
 pub async fn sweep_forever(
     ledger: std::sync::Arc<dyn Ledger>,
+    admission: std::sync::Arc<dyn AcceptStore>,
     feed: Option<StockFeed>,
     events: OrderEvents,
     stop: CancellationToken,
@@ -69,7 +89,7 @@ pub async fn sweep_forever(
             () = stop.cancelled() => return,
             _ = tick.tick() => {}
         }
-        if let Err(e) = sweep(ledger.as_ref(), feed.as_ref(), &events).await {
+        if let Err(e) = sweep(ledger.as_ref(), admission.as_ref(), feed.as_ref(), &events).await {
             tracing::debug!(error = %e, "holds not swept this round");
         }
         if gauged.elapsed() >= GAUGE_EVERY {

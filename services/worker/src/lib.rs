@@ -222,12 +222,13 @@ impl Worker {
         let (admission, ledger) = self.reconciler.clone();
         let mut tasks = vec![
             OwnedTask(tokio::spawn(admission::reconcile_forever(
-                admission,
+                admission.clone(),
                 ledger.clone(),
                 background.clone(),
             ))),
             OwnedTask(tokio::spawn(flashsale_engine::holds::sweep_forever(
                 ledger,
+                admission,
                 self.feed.clone(),
                 self.events.clone(),
                 background.clone(),

@@ -17,6 +17,7 @@ use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use flashsale_engine::accept_log::AcceptState;
+use flashsale_engine::holds::units_back;
 use flashsale_engine::ledger::{HoldAction, HoldSettlement};
 use flashsale_engine::metrics::HOLD_OUTCOMES;
 use flashsale_engine::{IdempotencyKey, OrderStatus, OrderView};
@@ -154,17 +155,39 @@ async fn settle(
     .map_err(|_| ApiError::unavailable("PostgreSQL", "query timed out"))?
     .map_err(|e| ApiError::unavailable("PostgreSQL", e))?;
     match settled {
-        HoldSettlement::Settled { order, changed, .. } => {
+        HoldSettlement::Settled {
+            order,
+            changed,
+            stock_after,
+        } => {
             if changed {
                 metrics::counter!(HOLD_OUTCOMES, "outcome" => action.status().as_str())
                     .increment(1);
+                if let Some(stock) = stock_after {
+                    state.catalog.set_stock(order.product_id, stock);
+                    units_back(
+                        state.accept_log.as_ref(),
+                        state.ledger.as_ref(),
+                        order.product_id,
+                    )
+                    .await;
+                }
                 state.events.announce([key.as_str()]).await;
             }
             Ok(Json(order))
         }
         HoldSettlement::NotHeld(order) => Err(ApiError::NotHeld(order.status)),
-        HoldSettlement::Expired { order, .. } => {
+        HoldSettlement::Expired { order, stock_after } => {
             metrics::counter!(HOLD_OUTCOMES, "outcome" => "expired").increment(1);
+            if let Some(stock) = stock_after {
+                state.catalog.set_stock(order.product_id, stock);
+            }
+            units_back(
+                state.accept_log.as_ref(),
+                state.ledger.as_ref(),
+                order.product_id,
+            )
+            .await;
             state.events.announce([key.as_str()]).await;
             Err(ApiError::NotHeld(order.status))
         }

@@ -97,6 +97,33 @@ async fn a_held_order_is_paid_once_or_cancelled_with_its_units_back() {
         (StatusCode::CONFLICT, &json!("cancelled"))
     );
 
+    // A cancelled unit sells again at once: the last unit of product 3 is
+    // held, the next buyer hears 409, the hold is cancelled, and the buyer
+    // after that is accepted straight away (this API's catalog and the
+    // admission counter have it back).
+    seed_held(&env, 3, 1, 300).await;
+    tokio::time::sleep(Duration::from_millis(600)).await; // the catalog's reload
+    let last = buy_held(&env, &api, 3, "erin").await;
+    let refused = env
+        .buy(
+            &api,
+            None,
+            json!({"userId": "fay", "productId": 3, "quantity": 1}),
+        )
+        .await;
+    assert_eq!(refused.status, StatusCode::CONFLICT, "{}", refused.body);
+    let (status, _) = settle(&env, &api, &last, "cancel").await;
+    assert_eq!(status, StatusCode::OK);
+    let again = env
+        .buy(
+            &api,
+            None,
+            json!({"userId": "gus", "productId": 3, "quantity": 1}),
+        )
+        .await;
+    assert_eq!(again.status, StatusCode::ACCEPTED, "{}", again.body);
+    env.wait_for_rows(std::slice::from_ref(&again.key)).await;
+
     // Not held: a final order, an order still queued, no order at all.
     let a = env
         .buy(
