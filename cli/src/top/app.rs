@@ -39,6 +39,8 @@ pub struct LedgerSample {
     pub violations: Vec<Violation>,
     pub confirmed_orders: u64,
     pub rejected_orders: u64,
+    /// Holds expired so far.
+    pub expired_orders: u64,
     /// Each product's admission counter (Redis), where it exists.
     pub tokens: BTreeMap<i64, i64>,
 }
@@ -214,6 +216,8 @@ pub struct View {
     pub accepted_now: Option<f64>,
     pub confirmed_now: Option<f64>,
     pub rejected_now: Option<f64>,
+    /// Holds expiring per second, lately.
+    pub expired_now: Option<f64>,
     pub not_ready: Option<String>,
     pub queue: Option<QueueView>,
     pub workers: Vec<WorkerRow>,
@@ -323,6 +327,7 @@ pub struct App {
     accepted: Counter,
     confirmed: Counter,
     rejected: Counter,
+    expired: Counter,
     accept_window: Window,
     commit_window: Window,
 }
@@ -364,6 +369,7 @@ impl App {
             accepted: Counter::default(),
             confirmed: Counter::default(),
             rejected: Counter::default(),
+            expired: Counter::default(),
             accept_window: Window::default(),
             commit_window: Window::default(),
         }
@@ -411,6 +417,8 @@ impl App {
                 }
                 self.live.confirmed_now = confirmed.or(self.live.confirmed_now);
                 self.live.rejected_now = rejected.or(self.live.rejected_now);
+                let expired = self.expired.rate(at, ledger.expired_orders as f64);
+                self.live.expired_now = expired.or(self.live.expired_now);
                 self.live.products = ledger
                     .books
                     .iter()
@@ -610,6 +618,7 @@ mod tests {
             violations: Vec::new(),
             confirmed_orders: confirmed,
             rejected_orders: 0,
+            expired_orders: 0,
             tokens: BTreeMap::new(),
         }))
     }

@@ -116,6 +116,12 @@ pub fn start_embedded(
                 .map(|p| (p.id, p.name))
                 .collect();
             let (confirmed_orders, rejected_orders) = ledger.totals();
+            let expired_orders = ledger
+                .snapshot()
+                .1
+                .iter()
+                .filter(|o| o.status == flashsale_engine::OrderStatus::Expired)
+                .count() as u64;
             let tokens = counters(accept_log.as_ref(), &names)
                 .await
                 .unwrap_or_default();
@@ -125,6 +131,7 @@ pub fn start_embedded(
                 violations: audit.violations,
                 confirmed_orders,
                 rejected_orders,
+                expired_orders,
                 tokens,
             }))
         }
@@ -264,6 +271,7 @@ async fn books(
         .map(|p| (p.id, p.name))
         .collect();
     let (confirmed_orders, rejected_orders) = ledger.totals().await.map_err(e)?;
+    let expired_orders = ledger.expired().await.map_err(e)?;
     let tokens = match accept_log {
         Some(log) => timed(counters(log, &names)).await.unwrap_or_default(),
         None => BTreeMap::new(),
@@ -274,6 +282,7 @@ async fn books(
         violations: report.violations,
         confirmed_orders,
         rejected_orders,
+        expired_orders,
         tokens,
     })
 }

@@ -377,9 +377,13 @@ fn draw_products(frame: &mut Frame, app: &App, now: Instant, paint: &Paint, area
         },
         app.sort.name()
     );
-    let (block, style) = panel(&title, app, now, &[Source::Postgres], paint);
-    // A held-units column when any product has holds.
+    // A held-units column, and the expiries per second, when holds are used.
     let holds = rows_shown.iter().any(|p| p.held > 0);
+    let title = match app.shown.expired_now {
+        Some(rate) if holds || rate > 0.0 => format!("{title} · holds expiring {rate:.1}/s"),
+        _ => title,
+    };
+    let (block, style) = panel(&title, app, now, &[Source::Postgres], paint);
     let wide = area.width >= 70;
     let bar = if wide { 16 } else { 8 };
     let violated: Vec<i64> = app
@@ -750,6 +754,7 @@ mod tests {
                     violations: Vec::new(),
                     confirmed_orders: confirmed,
                     rejected_orders: confirmed / 10,
+                    expired_orders: 0,
                     tokens: products.iter().map(|b| (b.id, b.stock)).collect(),
                 })),
             );

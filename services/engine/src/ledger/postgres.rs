@@ -217,6 +217,14 @@ impl StockLedger {
         Ok((booked as u64, rejected as u64))
     }
 
+    /// Holds expired so far (`fsctl top`'s expiries per second).
+    pub async fn expired(&self) -> Result<u64, sqlx::Error> {
+        let n: i64 = sqlx::query_scalar("SELECT count(*) FROM orders WHERE status = 'expired'")
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(n as u64)
+    }
+
     /// How many of these orders have a row: (booked, as in [`Self::totals`];
     /// rejected).
     pub async fn outcomes(&self, order_ids: &[String]) -> Result<(usize, usize), sqlx::Error> {
