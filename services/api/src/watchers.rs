@@ -50,13 +50,14 @@ impl Watchers {
         self.open.load(Ordering::Acquire)
     }
 
-    /// Wakes the streams watching any of these orders.
-    pub fn wake(&self, ids: &[String]) {
+    /// Wakes the streams watching any order of this announcement (read
+    /// only when some stream is open).
+    pub fn wake(&self, payload: &str) {
         let watched = self.watched.lock().unwrap_or_else(|p| p.into_inner());
         if watched.is_empty() {
             return;
         }
-        for id in ids {
+        for id in order_events::ids(payload) {
             if let Some((notify, _)) = watched.get(id) {
                 notify.notify_waiters();
             }
@@ -88,8 +89,8 @@ pub async fn follow_redis(backends: BackendUrls, ns: Namespace, hub: Arc<Watcher
         match subscribed.await {
             Ok(Ok(changes)) => {
                 let mut changes = std::pin::pin!(changes);
-                while let Some(ids) = changes.next().await {
-                    hub.wake(&ids);
+                while let Some(payload) = changes.next().await {
+                    hub.wake(&payload);
                 }
             }
             Ok(Err(e)) => tracing::debug!(error = %e, "order events unavailable"),
@@ -103,8 +104,8 @@ pub async fn follow_redis(backends: BackendUrls, ns: Namespace, hub: Arc<Watcher
 pub async fn follow_memory(events: OrderEvents, hub: Arc<Watchers>) {
     if let Some(changes) = events.follow_memory() {
         let mut changes = std::pin::pin!(changes);
-        while let Some(ids) = changes.next().await {
-            hub.wake(&ids);
+        while let Some(payload) = changes.next().await {
+            hub.wake(&payload);
         }
     }
 }

@@ -58,8 +58,8 @@ impl OrderEvents {
         }
     }
 
-    /// The embedded announcements, as a stream of changed order ids.
-    pub fn follow_memory(&self) -> Option<impl Stream<Item = Vec<String>> + use<>> {
+    /// The embedded announcements, as a stream of payloads (see [`ids`]).
+    pub fn follow_memory(&self) -> Option<impl Stream<Item = String> + use<>> {
         let Self::Memory(sender) = self else {
             return None;
         };
@@ -67,7 +67,7 @@ impl OrderEvents {
         Some(futures_util::stream::unfold(receiver, |mut r| async move {
             loop {
                 match r.recv().await {
-                    Ok(payload) => return Some((ids(&payload), r)),
+                    Ok(payload) => return Some((payload, r)),
                     // Missed some: the streams read again at their heartbeat.
                     Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
                     Err(tokio::sync::broadcast::error::RecvError::Closed) => return None,
@@ -77,32 +77,31 @@ impl OrderEvents {
     }
 }
 
-/// The order ids of one announcement.
-pub fn ids(payload: &str) -> Vec<String> {
-    payload
-        .lines()
-        .filter(|l| !l.is_empty())
-        .map(str::to_owned)
-        .collect()
+/// The order ids of one announcement's payload.
+pub fn ids(payload: &str) -> impl Iterator<Item = &str> {
+    payload.lines().filter(|l| !l.is_empty())
 }
 
 /// Subscribes to the namespace's order changes on Redis (any node of a
-/// cluster): each item the ids of one announcement.
+/// cluster): each item one announcement's payload (see [`ids`]), read only
+/// by a process with streams open.
 pub async fn subscribe(
     url: &str,
     ns: &Namespace,
-) -> redis::RedisResult<impl Stream<Item = Vec<String>> + use<>> {
+) -> redis::RedisResult<impl Stream<Item = String> + use<>> {
     let pubsub = redis_conn::subscribe(url, &ns.order_events_channel()).await?;
-    Ok(pubsub.into_on_message().filter_map(|msg| async move {
-        let payload: String = msg.get_payload().ok()?;
-        Some(ids(&payload))
-    }))
+    Ok(pubsub
+        .into_on_message()
+        .filter_map(|msg| async move { msg.get_payload::<String>().ok() }))
 }
 
 #[cfg(test)]
 mod tests {
     #[test]
     fn an_announcement_is_one_id_a_line() {
-        assert_eq!(super::ids("a\nb-2\n\n"), vec!["a", "b-2"]);
+        assert_eq!(
+            super::ids("a\nb-2\n\n").collect::<Vec<_>>(),
+            vec!["a", "b-2"]
+        );
     }
 }

@@ -96,6 +96,15 @@ pub struct Answer {
     pub retry_after: Option<String>,
 }
 
+/// The keys of the answers that were `202`.
+pub fn accepted(answers: &[Answer]) -> Vec<String> {
+    answers
+        .iter()
+        .filter(|a| a.status == StatusCode::ACCEPTED)
+        .map(|a| a.key.clone())
+        .collect()
+}
+
 impl TestEnv {
     pub fn backends(&self) -> BackendUrls {
         self.scratch.backends.clone()

@@ -161,34 +161,13 @@ async fn settle(
             stock_after,
         } => {
             if changed {
-                metrics::counter!(HOLD_OUTCOMES, "outcome" => action.status().as_str())
-                    .increment(1);
-                if let Some(stock) = stock_after {
-                    state.catalog.set_stock(order.product_id, stock);
-                    units_back(
-                        state.accept_log.as_ref(),
-                        state.ledger.as_ref(),
-                        order.product_id,
-                    )
-                    .await;
-                }
-                state.events.announce([key.as_str()]).await;
+                ended(state, &order, stock_after).await;
             }
             Ok(Json(order))
         }
         HoldSettlement::NotHeld(order) => Err(ApiError::NotHeld(order.status)),
         HoldSettlement::Expired { order, stock_after } => {
-            metrics::counter!(HOLD_OUTCOMES, "outcome" => "expired").increment(1);
-            if let Some(stock) = stock_after {
-                state.catalog.set_stock(order.product_id, stock);
-            }
-            units_back(
-                state.accept_log.as_ref(),
-                state.ledger.as_ref(),
-                order.product_id,
-            )
-            .await;
-            state.events.announce([key.as_str()]).await;
+            ended(state, &order, stock_after).await;
             Err(ApiError::NotHeld(order.status))
         }
         // Accepted, not booked yet: not held (yet).
@@ -197,6 +176,23 @@ async fn settle(
             None => Err(ApiError::UnknownOrder(order_id)),
         },
     }
+}
+
+/// After this call ended a hold (paid, cancelled, or expired by a late
+/// pay): its outcome counted, units given back to this API's catalog and to
+/// the admission counter, its event streams woken.
+async fn ended(state: &AppState, order: &OrderView, stock_after: Option<i32>) {
+    metrics::counter!(HOLD_OUTCOMES, "outcome" => order.status.as_str()).increment(1);
+    if let Some(stock) = stock_after {
+        state.catalog.set_stock(order.product_id, stock);
+        units_back(
+            state.accept_log.as_ref(),
+            state.ledger.as_ref(),
+            order.product_id,
+        )
+        .await;
+    }
+    state.events.announce([order.order_id.as_str()]).await;
 }
 
 /// The order as `queued`, when the accept log has it so.

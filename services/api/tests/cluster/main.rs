@@ -240,11 +240,7 @@ impl Sale {
                 a.body
             );
         }
-        let accepted: Vec<String> = answers
-            .iter()
-            .filter(|a| a.status == StatusCode::ACCEPTED)
-            .map(|a| a.key.clone())
-            .collect();
+        let accepted = common::accepted(&answers);
         self.env.wait_for_rows(&accepted).await;
         let rows: i64 =
             sqlx::query_scalar("SELECT count(*) FROM orders WHERE status = 'confirmed'")
@@ -391,11 +387,7 @@ async fn a_backlog_over_partitions_books_every_order(clusters: &Clusters) {
         .buffer_unordered(100)
         .collect()
         .await;
-    let accepted: Vec<String> = answers
-        .iter()
-        .filter(|a| a.status == StatusCode::ACCEPTED)
-        .map(|a| a.key.clone())
-        .collect();
+    let accepted = common::accepted(&answers);
     assert_eq!(accepted.len(), 6_000);
     env.start_worker_with(on).await;
     env.wait_for_rows(&accepted).await;

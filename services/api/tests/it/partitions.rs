@@ -36,11 +36,7 @@ async fn three_partitions_book_every_product_and_another_count_is_refused() {
         .buffer_unordered(100)
         .collect()
         .await;
-    let accepted: Vec<String> = answers
-        .iter()
-        .filter(|a| a.status == StatusCode::ACCEPTED)
-        .map(|a| a.key.clone())
-        .collect();
+    let accepted = common::accepted(&answers);
     assert_eq!(accepted.len(), 300, "six products of 50 units");
     env.wait_for_rows(&accepted).await;
     for id in 1..=6 {
@@ -158,11 +154,7 @@ async fn a_backlog_over_partitions_books_every_order() {
         .buffer_unordered(100)
         .collect()
         .await;
-    let accepted: Vec<String> = answers
-        .iter()
-        .filter(|a| a.status == StatusCode::ACCEPTED)
-        .map(|a| a.key.clone())
-        .collect();
+    let accepted = common::accepted(&answers);
     assert_eq!(accepted.len(), 4_500);
     env.start_worker_with(three).await;
     env.wait_for_rows(&accepted).await;
