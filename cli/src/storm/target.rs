@@ -147,7 +147,10 @@ impl BuyTarget {
 
     /// Pays the held order as its buyer: the answer's status.
     pub async fn pay(&self, key: &str, buyer: &str) -> Option<u16> {
-        let mut post = self.client.post(format!("{}/orders/{key}/pay", self.api));
+        let mut post = self
+            .client
+            .post(format!("{}/orders/{key}/pay", self.api))
+            .json(&serde_json::json!({ "userId": buyer }));
         if let Some(bearer) = self.tokens.as_ref().and_then(|t| t.bearer(buyer)) {
             post = post.header("authorization", &*bearer);
         }

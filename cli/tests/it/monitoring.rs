@@ -524,6 +524,7 @@ async fn fsctl_up_runs_the_stack_that_prometheus_scrapes() {
         let r = env
             .http
             .post(format!("{api}/orders/{}/pay", held[0]))
+            .json(&serde_json::json!({"userId": "payer"}))
             .send()
             .await
             .unwrap();

@@ -57,14 +57,15 @@ impl Gate {
     /// buckets: `429` when either is full. When Redis fails the request
     /// goes on (it already passed the token check) and the failure is
     /// counted, never answered `500`.
+    /// With no buyer known (a read without a token), only the address is charged.
     pub async fn within_limits(
         &self,
         headers: &HeaderMap,
         peer: Option<&ConnectInfo<SocketAddr>>,
-        buyer: &UserId,
+        buyer: Option<&UserId>,
     ) -> Result<(), ApiError> {
         let mut buckets = Vec::with_capacity(2);
-        if let Some(rate) = self.rates.user_rate {
+        if let (Some(rate), Some(buyer)) = (self.rates.user_rate, buyer) {
             buckets.push(Bucket {
                 key: bucket_key(&self.namespace, "user", buyer.as_str()),
                 rate,
@@ -87,6 +88,20 @@ impl Gate {
                 tracing::debug!(error = %e, "rate limiter unavailable; letting the request through");
                 Ok(())
             }
+        }
+    }
+
+    /// Who holds a stream: the token's buyer, else the client's address.
+    pub fn stream_holder(
+        &self,
+        headers: &HeaderMap,
+        peer: Option<&ConnectInfo<SocketAddr>>,
+        buyer: Option<&UserId>,
+    ) -> String {
+        match (buyer, self.client_ip(headers, peer)) {
+            (Some(buyer), _) => format!("buyer:{}", buyer.as_str()),
+            (None, Some(ip)) => format!("ip:{ip}"),
+            (None, None) => "unknown".to_owned(),
         }
     }
 

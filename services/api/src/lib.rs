@@ -66,6 +66,23 @@ pub struct HttpLimits {
     /// it they are answered 503.
     #[arg(long, env = "API_MAX_STREAMS", default_value_t = 10_000)]
     pub max_streams: usize,
+    /// Order event streams one buyer (the token's sub, else the client
+    /// address) may hold open; beyond it 429 rate_limited.
+    #[arg(long, env = "API_STREAMS_PER_BUYER", default_value_t = 4)]
+    pub streams_per_buyer: usize,
+    /// A stream ends after this long even if its order is not final yet
+    /// (the client reconnects and gets the status afresh).
+    #[arg(long, env = "API_STREAM_MAX", default_value = "1h", value_parser = parse_duration)]
+    pub stream_max: Duration,
+    /// Order reads (`GET /orders/{id}` and the streams' reads) running at
+    /// once against PostgreSQL; beyond it they are answered 503 at once, so
+    /// reads never take the connections pays and cancels need.
+    #[arg(long, env = "API_MAX_READS", default_value_t = 8)]
+    pub max_reads: usize,
+    /// An idle keep-alive connection is closed after this long (the
+    /// contract's 60 s; not a setting, shortened only by tests).
+    #[arg(skip = serve::IDLE_TIMEOUT)]
+    pub idle_timeout: Duration,
 }
 
 impl Default for HttpLimits {
@@ -76,6 +93,10 @@ impl Default for HttpLimits {
             max_connections: 20_000,
             max_inflight: 4096,
             max_streams: 10_000,
+            streams_per_buyer: 4,
+            stream_max: Duration::from_secs(3600),
+            max_reads: 8,
+            idle_timeout: serve::IDLE_TIMEOUT,
         }
     }
 }
@@ -84,7 +105,7 @@ impl HttpLimits {
     fn connections(&self) -> serve::ConnectionLimits {
         serve::ConnectionLimits {
             header_timeout: self.header_timeout,
-            idle_timeout: serve::IDLE_TIMEOUT,
+            idle_timeout: self.idle_timeout,
             max_connections: self.max_connections,
         }
     }

@@ -186,8 +186,14 @@ async fn serve_connection(
             let router = router.clone();
             async move {
                 let response = router.oneshot(request.map(axum::body::Body::new)).await;
-                drop(finished);
-                response
+                // The request ends with its body, not its head: a stream
+                // (Server-Sent Events) is a request in progress, never idle.
+                response.map(|r| {
+                    r.map(|body| UntilBodyEnds {
+                        body,
+                        _finished: finished,
+                    })
+                })
             }
         })
     };
@@ -230,9 +236,35 @@ async fn sleep_until(deadline: Option<Instant>) {
     }
 }
 
-/// Marks the request done when its response is ready, or when the client
-/// went away and hyper dropped the future.
+/// Marks the request done when its response body has been sent (hyper drops
+/// it then), or when the client went away and hyper dropped it unsent.
 struct RequestDone(Arc<Activity>);
+
+/// A response body that keeps its request in progress until it is dropped.
+struct UntilBodyEnds {
+    body: axum::body::Body,
+    _finished: RequestDone,
+}
+
+impl hyper::body::Body for UntilBodyEnds {
+    type Data = axum::body::Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<hyper::body::Frame<Self::Data>, Self::Error>>> {
+        Pin::new(&mut self.body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.body.size_hint()
+    }
+}
 
 impl Drop for RequestDone {
     fn drop(&mut self) {
@@ -396,6 +428,60 @@ mod tests {
         drop(first);
         let late = tokio::time::timeout(Duration::from_secs(5), answered(&mut third)).await;
         assert!(late.unwrap().starts_with("HTTP/1.1 200"));
+    }
+
+    #[tokio::test]
+    async fn a_stream_outlives_the_idle_timeout_and_the_connection_idles_after_it() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        // Five chunks 200 ms apart: a stream of 1 s against an idle timeout of 400 ms.
+        let router = Router::new().route(
+            "/stream",
+            get(|| async {
+                let chunks = futures_util::stream::unfold(0, |n| async move {
+                    if n == 5 {
+                        return None;
+                    }
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    Some((Ok::<_, io::Error>(format!("chunk{n};")), n + 1))
+                });
+                axum::body::Body::from_stream(chunks)
+            }),
+        );
+        let (_stop, mut stopped) = watch::channel(false);
+        tokio::spawn(serve(
+            listener,
+            router,
+            limits(10_000, 400, 10),
+            async move {
+                let _ = stopped.wait_for(|s| *s).await;
+            },
+        ));
+        let mut tcp = TcpStream::connect(addr).await.unwrap();
+        tcp.write_all(b"GET /stream HTTP/1.1\r\nHost: test\r\n\r\n")
+            .await
+            .unwrap();
+        let started = Instant::now();
+        let mut received = String::new();
+        let mut buf = [0u8; 1024];
+        while !received.contains("chunk4;") {
+            let n = tokio::time::timeout(Duration::from_secs(5), tcp.read(&mut buf))
+                .await
+                .unwrap()
+                .unwrap();
+            assert!(
+                n > 0,
+                "the stream was cut after {:?}: {received}",
+                started.elapsed()
+            );
+            received.push_str(&String::from_utf8_lossy(&buf[..n]));
+        }
+        // Once the stream ended the connection is idle, and closed as such.
+        let took = closed_within(&mut tcp, Duration::from_secs(5)).await;
+        assert!(
+            took.is_some(),
+            "an idle connection after a stream was never closed"
+        );
     }
 
     #[tokio::test]

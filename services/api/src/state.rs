@@ -44,6 +44,8 @@ pub struct Shared {
     pub events: OrderEvents,
     /// The event streams open in this process.
     pub watchers: Arc<Watchers>,
+    /// Order reads running against the ledger (`API_MAX_READS`).
+    pub reads: Arc<tokio::sync::Semaphore>,
     /// Follows the announcements for `watchers`; aborted with the state.
     _follower: AbortOnDrop,
     /// The heartbeat (none when embedded): it stops with the state.
@@ -128,6 +130,7 @@ impl AppState {
             instance,
             events,
             watchers,
+            reads: Arc::new(tokio::sync::Semaphore::new(limits.max_reads.max(1))),
             _follower: follower,
             _beat: Some(beat),
         })))
@@ -167,6 +170,7 @@ impl AppState {
             instance: "embedded".into(),
             events: backends.events.clone(),
             watchers,
+            reads: Arc::new(tokio::sync::Semaphore::new(limits.max_reads.max(1))),
             _follower: follower,
             _beat: None,
         })))

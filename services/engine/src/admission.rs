@@ -7,7 +7,8 @@
 //! trusted blindly: `tokens = stock − units in flight`, where the units in
 //! flight are those of the admitted orders (kept per product beside the
 //! counter) that have no order row yet and are still alive in the accept
-//! log: queued, or pending for less than [`PENDING_ALIVE`] in an API
+//! log: queued, or pending for less than [`PENDING_ALIVE`] (measured on
+//! the store's clock, never the API's against the worker's) in an API
 //! process whose heartbeat (`<ns>:api:<instance>`, [`API_BEAT_TTL`]) has not
 //! expired. It is derived
 //! when missing (first use, Redis lost its data) and reconciled by the
@@ -21,9 +22,9 @@ use crate::accept_log::{AcceptState, AcceptStore};
 use crate::domain::ProductId;
 use crate::ledger::{Ledger, LedgerError};
 use crate::metrics::ADMISSION_TOKENS;
-use crate::queue::rabbitmq::CONFIRM_TIMEOUT;
+use crate::queue::rabbitmq::PUBLISH_BUDGET;
+use crate::redis_conn::REDIS_TIMEOUT;
 use crate::seams::BackendFailed;
-use chrono::Utc;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
@@ -84,8 +85,11 @@ pub const RECONCILE_EVERY: Duration = Duration::from_secs(1);
 /// is reconciled once they settle (the workers settle them as they commit).
 pub const RECONCILE_MAX_ADMITTED: usize = 2000;
 /// A claim still pending after this long is dead: its API answered `503`
-/// (the publish gives up after [`CONFIRM_TIMEOUT`]) or died.
-pub const PENDING_ALIVE: Duration = Duration::from_secs(CONFIRM_TIMEOUT.as_secs() + 2);
+/// (its whole publish ends within [`PUBLISH_BUDGET`], and the marking
+/// after it within a Redis call) or died. The margin covers the Redis calls
+/// around the publish and a process paused for a moment.
+pub const PENDING_ALIVE: Duration =
+    Duration::from_secs(PUBLISH_BUDGET.as_secs() + REDIS_TIMEOUT.as_secs() * 2 + 1);
 
 #[derive(Debug, thiserror::Error)]
 pub enum AdmissionError {
@@ -128,6 +132,8 @@ pub async fn derive(
         .into_iter()
         .partition(|(k, _)| !booked.contains(k));
     let unbooked_keys: Vec<String> = unbooked.iter().map(|(k, _)| k.clone()).collect();
+    // Ages first: a claim marked queued in between then reads as queued.
+    let ages = store.pending_ages(&unbooked_keys).await?;
     let records = store.get_many(&unbooked_keys).await?;
     // The API processes holding pending claims, and which of them still beat.
     let mut claimants: Vec<String> = records
@@ -144,13 +150,11 @@ pub async fn derive(
             .binary_search_by(|c| c.as_str().cmp(instance))
             .is_ok_and(|i| !beating[i])
     };
-    let now = Utc::now();
     let mut in_flight = 0;
-    for ((key, units), record) in unbooked.into_iter().zip(records) {
+    for (((key, units), record), age) in unbooked.into_iter().zip(records).zip(ages) {
         let alive = record.is_some_and(|r| {
             r.state == AcceptState::Queued
-                || ((now - r.accepted_at).to_std().unwrap_or_default() < PENDING_ALIVE
-                    && !r.claimant().is_some_and(dead))
+                || (age.is_some_and(|age| age < PENDING_ALIVE) && !r.claimant().is_some_and(dead))
         });
         if alive {
             in_flight += units;

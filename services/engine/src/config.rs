@@ -14,13 +14,13 @@ pub const DEFAULT_NAMESPACE: &str = "flashsale";
 #[command(next_help_heading = "Backends")]
 pub struct BackendUrls {
     /// PostgreSQL URL; the database is created when missing.
-    #[arg(long, global = true, env = "DATABASE_URL", default_value = DEFAULT_DATABASE_URL)]
+    #[arg(long, global = true, env = "DATABASE_URL", default_value = DEFAULT_DATABASE_URL, hide_env_values = true)]
     pub database_url: String,
     /// Redis URL (locks, fencing counters, accept log, heartbeats).
-    #[arg(long, global = true, env = "REDIS_URL", default_value = DEFAULT_REDIS_URL)]
+    #[arg(long, global = true, env = "REDIS_URL", default_value = DEFAULT_REDIS_URL, hide_env_values = true)]
     pub redis_url: String,
     /// RabbitMQ URL (the order queue and its dead-letter queue).
-    #[arg(long, global = true, env = "AMQP_URL", default_value = DEFAULT_AMQP_URL)]
+    #[arg(long, global = true, env = "AMQP_URL", default_value = DEFAULT_AMQP_URL, hide_env_values = true)]
     pub amqp_url: String,
     /// Prefix of every Redis key and RabbitMQ queue name.
     #[arg(long, global = true, env = "FLASHSALE_NAMESPACE", default_value = DEFAULT_NAMESPACE)]

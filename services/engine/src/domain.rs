@@ -172,11 +172,7 @@ impl OrderBody {
         let Value::Object(map) = value else {
             return Err(InvalidField::new("body", "body must be a JSON object"));
         };
-        let user_id = match map.get("userId") {
-            Some(Value::String(s)) => Some(UserId::parse(s)?),
-            Some(_) => return Err(InvalidField::new("userId", "userId must be a string")),
-            None => None,
-        };
+        let user_id = user_field(&map)?;
         let product_id = ProductId::new(integer_field(&map, "productId")?)?;
         let quantity = Quantity::new(integer_field(&map, "quantity")?)?;
         Ok(Self {
@@ -194,6 +190,29 @@ impl OrderBody {
             quantity: self.quantity,
         }
     }
+}
+
+/// The buyer a body names in `userId`, if any.
+fn user_field(map: &serde_json::Map<String, Value>) -> Result<Option<UserId>, InvalidField> {
+    match map.get("userId") {
+        Some(Value::String(s)) => Ok(Some(UserId::parse(s)?)),
+        Some(_) => Err(InvalidField::new("userId", "userId must be a string")),
+        None => Ok(None),
+    }
+}
+
+/// The buyer a pay or cancel body names (`{"userId": …}`); an empty body
+/// names none.
+pub fn buyer_named(body: &[u8]) -> Result<Option<UserId>, InvalidField> {
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Ok(None);
+    }
+    let value: Value = serde_json::from_slice(body)
+        .map_err(|e| InvalidField::new("body", format!("body is not valid JSON: {e}")))?;
+    let Value::Object(map) = value else {
+        return Err(InvalidField::new("body", "body must be a JSON object"));
+    };
+    user_field(&map)
 }
 
 fn integer_field(
@@ -350,6 +369,16 @@ pub struct OrderView {
     /// When it was paid, cancelled or expired.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub settled_at: Option<DateTime<Utc>>,
+}
+
+impl OrderView {
+    /// Whether this is the order `request` asks for: same buyer, product
+    /// and quantity.
+    pub fn is_of(&self, request: &OrderRequest) -> bool {
+        self.user_id == request.user_id.as_str()
+            && self.product_id == request.product_id.get()
+            && self.quantity == i64::from(request.quantity.get())
+    }
 }
 
 #[cfg(test)]

@@ -120,11 +120,33 @@ struct Subject {
 pub struct Verifier {
     key: DecodingKey,
     validation: Validation,
-    verified: std::sync::Mutex<std::collections::HashMap<String, (UserId, u64)>>,
+    verified: std::sync::Mutex<Remembered>,
 }
 
-/// Verified tokens remembered before the memory starts afresh.
-const REMEMBERED_TOKENS: usize = 100_000;
+/// Verified tokens in two generations: a full current generation becomes
+/// the previous one (the older is dropped), so remembering costs O(1) and
+/// the tokens in use stay remembered.
+#[derive(Default)]
+struct Remembered {
+    current: std::collections::HashMap<String, (UserId, u64)>,
+    previous: std::collections::HashMap<String, (UserId, u64)>,
+}
+
+impl Remembered {
+    fn get(&self, token: &str) -> Option<&(UserId, u64)> {
+        self.current.get(token).or_else(|| self.previous.get(token))
+    }
+
+    fn insert(&mut self, token: &str, buyer: UserId, exp: u64) {
+        if self.current.len() >= REMEMBERED_TOKENS {
+            self.previous = std::mem::take(&mut self.current);
+        }
+        self.current.insert(token.to_owned(), (buyer, exp));
+    }
+}
+
+/// Verified tokens in one generation of the memory.
+const REMEMBERED_TOKENS: usize = 50_000;
 
 fn unix_now() -> u64 {
     std::time::SystemTime::now()
@@ -155,6 +177,8 @@ impl Verifier {
         };
         let mut validation = Validation::new(algorithm);
         validation.leeway = LEEWAY_SECONDS;
+        // A token not valid yet is refused (and so never remembered early).
+        validation.validate_nbf = true;
         // A configured claim must be present too, not only right when present.
         let mut required = vec!["exp", "sub"];
         match &config.jwt_audience {
@@ -187,7 +211,7 @@ impl Verifier {
         if let Ok(verified) = self.verified.lock()
             && let Some((buyer, exp)) = verified.get(token)
         {
-            return if now > exp + LEEWAY_SECONDS {
+            return if now > exp.saturating_add(LEEWAY_SECONDS) {
                 Err(Unauthorized::Expired)
             } else {
                 Ok(buyer.clone())
@@ -201,13 +225,7 @@ impl Verifier {
         )?;
         let buyer = UserId::parse(&data.claims.sub).map_err(|_| Unauthorized::BadSubject)?;
         if let Ok(mut verified) = self.verified.lock() {
-            if verified.len() >= REMEMBERED_TOKENS {
-                verified.retain(|_, (_, exp)| now <= *exp + LEEWAY_SECONDS);
-                if verified.len() >= REMEMBERED_TOKENS {
-                    verified.clear();
-                }
-            }
-            verified.insert(token.to_owned(), (buyer.clone(), data.claims.exp));
+            verified.insert(token, buyer.clone(), data.claims.exp);
         }
         Ok(buyer)
     }
@@ -357,7 +375,7 @@ mod tests {
         v.verified
             .lock()
             .expect("lock")
-            .insert(token.clone(), (buyer, unix_now() - LEEWAY_SECONDS - 1));
+            .insert(&token, buyer, unix_now() - LEEWAY_SECONDS - 1);
         assert_eq!(v.buyer(Some(&bearer(&token))), Err(Unauthorized::Expired));
         // A forged token is never remembered as valid.
         let forged = Signer::hs256(&Secret::new("other"))
@@ -417,6 +435,44 @@ mod tests {
         };
         let expired = jsonwebtoken::encode(&old.header, &claims, &old.key).expect("sign");
         assert_eq!(v.buyer(Some(&bearer(&expired))), Err(Unauthorized::Expired));
+    }
+
+    #[test]
+    fn a_token_not_valid_yet_is_refused_and_a_far_exp_does_not_overflow() {
+        let v = verifier(&AuthConfig::hs256("s3cret"));
+        let signer = Signer::hs256(&Secret::new("s3cret"));
+        let now = unix_now();
+        let early = serde_json::json!({"sub": "alice", "exp": now + 600, "nbf": now + 300});
+        let early = jsonwebtoken::encode(&signer.header, &early, &signer.key).expect("sign");
+        assert_eq!(v.buyer(Some(&bearer(&early))), Err(Unauthorized::Invalid));
+        assert!(v.verified.lock().expect("lock").get(&early).is_none());
+        let far = serde_json::json!({"sub": "bob", "exp": u64::MAX});
+        let far = jsonwebtoken::encode(&signer.header, &far, &signer.key).expect("sign");
+        for _ in 0..2 {
+            // The first check verifies, the second reads the memory.
+            assert_eq!(v.buyer(Some(&bearer(&far))).expect("valid").as_str(), "bob");
+        }
+    }
+
+    #[test]
+    fn the_memory_keeps_two_generations() {
+        let mut memory = Remembered::default();
+        let buyer = UserId::parse("alice").expect("user");
+        for i in 0..=REMEMBERED_TOKENS {
+            memory.insert(&format!("t{i}"), buyer.clone(), 1);
+        }
+        // The first generation moved to the previous one, still readable.
+        assert_eq!(memory.current.len(), 1);
+        assert!(
+            memory.get("t0").is_some() && memory.get(&format!("t{REMEMBERED_TOKENS}")).is_some()
+        );
+        for i in 0..REMEMBERED_TOKENS {
+            memory.insert(&format!("u{i}"), buyer.clone(), 1);
+        }
+        assert!(
+            memory.get("t0").is_none(),
+            "the oldest generation is dropped"
+        );
     }
 
     #[test]

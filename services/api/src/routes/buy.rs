@@ -1,22 +1,22 @@
 //! `POST /buy`: shed load, validate, de-duplicate, fast-path sold-out,
 //! publish with a confirm, and only then answer `202`.
 
+use super::read_body;
 use crate::catalog::Lookup;
 use crate::error::ApiError;
 use crate::state::AppState;
 use axum::body::Body;
 use axum::extract::{ConnectInfo, Request, State};
 use axum::http::request::Parts;
-use axum::http::{HeaderMap, StatusCode, header};
+use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use axum::{Json, Router};
 use chrono::Utc;
 use flashsale_engine::accept_log::{AcceptRecord, AcceptState, Admit};
-use flashsale_engine::admission::{self, Derived};
+use flashsale_engine::admission::{self, Derived, PENDING_ALIVE};
 use flashsale_engine::domain::InvalidField;
 use flashsale_engine::metrics::ORDER_REQUESTS;
-use flashsale_engine::queue::rabbitmq::CONFIRM_TIMEOUT;
 use flashsale_engine::seams::BackendFailed;
 use flashsale_engine::{
     IdempotencyKey, OrderBody, OrderMessage, OrderRequest, OrderView, ProductId,
@@ -25,13 +25,12 @@ use serde_json::json;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-/// Largest body `POST /buy` reads.
-pub const MAX_BODY_BYTES: usize = 16 * 1024;
 /// Derivations of a missing admission counter one buy may try before `503`
 /// (each is lost only to a concurrent take or give-back).
 const DERIVE_ATTEMPTS: u32 = 5;
-/// How long a repeat waits for a concurrent first request with its key.
-const SETTLE_WAIT: Duration = Duration::from_secs(CONFIRM_TIMEOUT.as_secs() + 2);
+/// How long a repeat waits for a concurrent first request with its key:
+/// as long as that request's claim may live.
+const SETTLE_WAIT: Duration = PENDING_ALIVE;
 
 pub fn router() -> Router<AppState> {
     Router::new().route("/buy", post(buy))
@@ -44,8 +43,6 @@ enum Answer {
     SoldOut(IdempotencyKey),
     /// Fewer units left than asked: `available` remain.
     Insufficient(IdempotencyKey, i64),
-    /// The publish failed: `503`, counted where it was decided.
-    NotPublished(ApiError),
 }
 
 impl Answer {
@@ -54,31 +51,58 @@ impl Answer {
             Self::Accepted(_) => "queued",
             Self::Repeat(_) => "duplicate",
             Self::SoldOut(_) | Self::Insufficient(..) => "rejected_sold_out",
-            Self::NotPublished(e) => e.metric_label(),
         }
-    }
-
-    /// Counted by the publish task, which runs on when the client hangs up.
-    fn counted(&self) -> bool {
-        matches!(self, Self::Accepted(_) | Self::NotPublished(_))
     }
 }
 
+/// A valid buy of a known product, ready to be admitted.
+struct Buy {
+    key: IdempotencyKey,
+    /// The client sent the key (a key made up here cannot have been used).
+    supplied: bool,
+    request: OrderRequest,
+    /// The catalog has the product sold out.
+    sold_out: bool,
+}
+
+fn count(answer: &Result<Answer, ApiError>) {
+    let label = match answer {
+        Ok(a) => a.label(),
+        Err(e) => e.metric_label(),
+    };
+    metrics::counter!(ORDER_REQUESTS, "status" => label).increment(1);
+}
+
 async fn buy(State(state): State<AppState>, request: Request) -> Response {
-    let Some(_pass) = state.buys.enter(state.limits.max_inflight) else {
+    let Some(pass) = state.buys.enter(state.limits.max_inflight) else {
         metrics::counter!(ORDER_REQUESTS, "status" => "unavailable").increment(1);
         return ApiError::Unavailable("the API is at capacity; retry later".into()).into_response();
     };
     let (parts, body) = request.into_parts();
-    let answer = accept(&state, &parts, body).await;
-    let counted = answer.as_ref().is_ok_and(Answer::counted);
-    let label = match &answer {
-        Ok(a) => a.label(),
-        Err(e) => e.metric_label(),
+    let answer = match validate(&state, &parts, body).await {
+        // From the first take of units on, the buy runs to its end (published
+        // and marked, or its units given back) in a task of its own: a client
+        // that hangs up drops only the wait for the answer.
+        Ok(buy) => {
+            let state = state.clone();
+            let admitting = tokio::spawn(async move {
+                let _pass = pass;
+                let answer = admit(&state, buy).await;
+                count(&answer);
+                answer
+            });
+            admitting.await.unwrap_or_else(|e| {
+                let answer = Err(ApiError::unavailable("API", e));
+                count(&answer);
+                answer
+            })
+        }
+        Err(e) => {
+            let answer = Err(e);
+            count(&answer);
+            answer
+        }
     };
-    if !counted {
-        metrics::counter!(ORDER_REQUESTS, "status" => label).increment(1);
-    }
     match answer {
         Ok(Answer::Accepted(key)) => (
             StatusCode::ACCEPTED,
@@ -103,29 +127,7 @@ async fn buy(State(state): State<AppState>, request: Request) -> Response {
             })),
         )
             .into_response(),
-        Ok(Answer::NotPublished(e)) | Err(e) => e.into_response(),
-    }
-}
-
-async fn read_body(
-    headers: &HeaderMap,
-    body: Body,
-    within: Duration,
-) -> Result<axum::body::Bytes, ApiError> {
-    let too_large = ApiError::TooLarge {
-        limit: MAX_BODY_BYTES,
-    };
-    let declared = headers
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
-    if declared.is_some_and(|n| n > MAX_BODY_BYTES as u64) {
-        return Err(too_large);
-    }
-    match tokio::time::timeout(within, axum::body::to_bytes(body, MAX_BODY_BYTES)).await {
-        Ok(Ok(bytes)) => Ok(bytes),
-        Ok(Err(_)) => Err(too_large),
-        Err(_) => Err(ApiError::BodyTimeout(within)),
+        Err(e) => e.into_response(),
     }
 }
 
@@ -143,14 +145,16 @@ fn idempotency_key(headers: &HeaderMap) -> Result<(IdempotencyKey, bool), ApiErr
     }
 }
 
-async fn accept(state: &AppState, parts: &Parts, body: Body) -> Result<Answer, ApiError> {
+/// Everything that needs no backend but the catalog: the gate, the body,
+/// the key, the product and its order size.
+async fn validate(state: &AppState, parts: &Parts, body: Body) -> Result<Buy, ApiError> {
     let headers = &parts.headers;
     let peer = parts.extensions.get::<ConnectInfo<SocketAddr>>();
     // With tokens the buyer is known before the body is read: a flood is
     // turned away before it costs a body read.
     let token_buyer = state.gate.token_buyer(headers)?;
     if let Some(buyer) = &token_buyer {
-        state.gate.within_limits(headers, peer, buyer).await?;
+        state.gate.within_limits(headers, peer, Some(buyer)).await?;
     }
     let bytes = read_body(headers, body, state.limits.body_timeout).await?;
     let (key, supplied) = idempotency_key(headers)?;
@@ -159,7 +163,10 @@ async fn accept(state: &AppState, parts: &Parts, body: Body) -> Result<Answer, A
         (Some(buyer), Some(named)) if named != buyer => return Err(ApiError::Forbidden),
         (Some(buyer), _) => body.for_buyer(buyer),
         (None, Some(named)) => {
-            state.gate.within_limits(headers, peer, &named).await?;
+            state
+                .gate
+                .within_limits(headers, peer, Some(&named))
+                .await?;
             body.for_buyer(named)
         }
         (None, None) => {
@@ -190,11 +197,28 @@ async fn accept(state: &AppState, parts: &Parts, body: Body) -> Result<Answer, A
         }
         .into());
     }
+    Ok(Buy {
+        key,
+        supplied,
+        request,
+        sold_out: product.stock == 0,
+    })
+}
+
+/// Admits the buy: takes its units and claims its key (or finds the key's
+/// earlier accept), then publishes.
+async fn admit(state: &AppState, buy: Buy) -> Result<Answer, ApiError> {
+    let Buy {
+        key,
+        supplied,
+        request,
+        sold_out,
+    } = buy;
     let record = AcceptRecord::pending(&request, Utc::now()).claimed_by(&state.instance);
     let redis_down = |e: BackendFailed| ApiError::unavailable("Redis", e);
     let mut derivations = 0;
     loop {
-        let earlier = if product.stock == 0 {
+        let earlier = if sold_out {
             // Sold out: nothing is claimed or enqueued; only an earlier accept
             // counts, and a key made up here has none (Redis is not asked).
             if !supplied {
@@ -218,7 +242,14 @@ async fn accept(state: &AppState, parts: &Parts, body: Body) -> Result<Answer, A
             {
                 // The counter's gauge is the workers' (a per-accept gauge
                 // update cost ~10 % of the accept rate).
-                Admit::Claimed { .. } => return publish(state, key, request, record).await,
+                Admit::Claimed { .. } => {
+                    if supplied
+                        && let Some(answer) = booked_before(state, &key, &request, &record).await?
+                    {
+                        return Ok(answer);
+                    }
+                    return publish_and_record(state, key, &request, &record).await;
+                }
                 Admit::Taken(earlier) => earlier,
                 Admit::Short { available: 0 } => return Ok(Answer::SoldOut(key)),
                 Admit::Short { available } => return Ok(Answer::Insufficient(key, available)),
@@ -238,6 +269,37 @@ async fn accept(state: &AppState, parts: &Parts, body: Body) -> Result<Answer, A
             None => continue,
         }
     }
+}
+
+/// A supplied key the accept log does not know may still have a row in
+/// PostgreSQL: its record expired, or Redis lost its data. The ledger
+/// decides before anything is published (contract v4, "A key is the
+/// truth"): a row with the same body is a repeat, another body `422`; either
+/// way this claim is withdrawn and its units given back.
+async fn booked_before(
+    state: &AppState,
+    key: &IdempotencyKey,
+    request: &OrderRequest,
+    record: &AcceptRecord,
+) -> Result<Option<Answer>, ApiError> {
+    let row = super::orders::lookup_row(state, key.as_str()).await;
+    let answer = match row {
+        Ok(None) => return Ok(None),
+        Ok(Some(row)) if row.is_of(request) => Ok(Some(Answer::Repeat(row))),
+        Ok(Some(_)) => Err(ApiError::KeyReused),
+        Err(e) => Err(e),
+    };
+    withdraw(state, key, record).await;
+    answer
+}
+
+/// Withdraws this request's claim, its units back; repeats waiting on it
+/// start afresh.
+async fn withdraw(state: &AppState, key: &IdempotencyKey, record: &AcceptRecord) {
+    if let Err(w) = state.accept_log.withdraw(key, record).await {
+        tracing::warn!(order = %key, error = %w, "cannot withdraw claim; it expires");
+    }
+    state.settling.settle(key.as_str(), Ok(None));
 }
 
 /// The product has no admission counter (first buy, or Redis lost its
@@ -288,30 +350,14 @@ async fn settle(
         .map_err(|e| ApiError::unavailable("Redis", e))
 }
 
-/// Claimed: publish and wait for the confirm. Runs in its own task so a
-/// client that hangs up cannot leave a published order unrecorded, and the
-/// outcome is counted there, where it is decided.
-async fn publish(
-    state: &AppState,
-    key: IdempotencyKey,
-    request: OrderRequest,
-    record: AcceptRecord,
-) -> Result<Answer, ApiError> {
-    let state = state.clone();
-    let task = tokio::spawn(async move {
-        let answer = publish_and_record(&state, key, &request, &record).await;
-        metrics::counter!(ORDER_REQUESTS, "status" => answer.label()).increment(1);
-        answer
-    });
-    task.await.map_err(|e| ApiError::unavailable("API", e))
-}
-
+/// Claimed: publish, wait for the confirm, and mark the key queued; or
+/// withdraw the claim when the publish failed.
 async fn publish_and_record(
     state: &AppState,
     key: IdempotencyKey,
     request: &OrderRequest,
     record: &AcceptRecord,
-) -> Answer {
+) -> Result<Answer, ApiError> {
     let message = OrderMessage::new(&key, request, record.accepted_at);
     let published = match serde_json::to_vec(&message) {
         Ok(payload) => state
@@ -324,28 +370,23 @@ async fn publish_and_record(
             format!("cannot encode the order: {e}"),
         )),
     };
-    match published {
-        Ok(()) => {
-            let queued = AcceptRecord {
-                state: AcceptState::Queued,
-                ..record.clone()
-            };
-            if let Err(e) = state.accept_log.mark_queued(&key, record).await {
-                // The order is in the queue; a repeat after the claim
-                // expires is published again and booked once by the worker.
-                tracing::warn!(order = %key, error = %e, "accepted, but not recorded in Redis");
-            }
-            state.settling.settle(key.as_str(), Ok(Some(queued)));
-            Answer::Accepted(key)
-        }
-        Err(e) => {
-            if let Err(w) = state.accept_log.withdraw(&key, record).await {
-                tracing::warn!(order = %key, error = %w, "cannot withdraw claim; it expires");
-            }
-            state.settling.settle(key.as_str(), Ok(None));
-            Answer::NotPublished(e)
-        }
+    if let Err(e) = published {
+        withdraw(state, &key, record).await;
+        return Err(e);
     }
+    let queued = AcceptRecord {
+        state: AcceptState::Queued,
+        ..record.clone()
+    };
+    match state.accept_log.mark_queued(&key, record).await {
+        Ok(true) => {}
+        // The order is in the queue all the same: the worker books it once.
+        Ok(false) => tracing::warn!(order = %key, "accepted after its claim expired"),
+        // A repeat after the claim expires is published again and booked once.
+        Err(e) => tracing::warn!(order = %key, error = %e, "accepted, but not recorded in Redis"),
+    }
+    state.settling.settle(key.as_str(), Ok(Some(queued)));
+    Ok(Answer::Accepted(key))
 }
 
 /// A repeat of an accepted key: the order as `GET /orders/{id}` shows it.

@@ -4,28 +4,38 @@
 //!
 //! `GET /orders/{id}/events` streams it (Server-Sent Events) until final.
 //!
-//! `POST /orders/{id}/pay` and `/cancel` settle a held order, exactly once
-//! (the ledger's row lock decides a race with the workers' expiry sweep);
-//! a repeat answers the same `200`; an order not held is `409 not_held`
-//! with its status.
+//! `POST /orders/{id}/pay` and `/cancel` end a held order of the buyer
+//! they name, exactly once (the ledger's row lock decides a race with the
+//! workers' expiry sweep); a repeat answers the same `200`; an order not
+//! held is `409 not_held` with its status.
 
+use super::read_body;
 use crate::error::ApiError;
 use crate::state::AppState;
-use axum::extract::{Path, State};
-use axum::http::HeaderMap;
+use crate::watchers::Refused;
+use axum::body::Body;
+use axum::extract::{ConnectInfo, Path, Request, State};
+use axum::http::request::Parts;
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use flashsale_engine::accept_log::AcceptState;
+use flashsale_engine::domain::{InvalidField, buyer_named};
 use flashsale_engine::holds::units_back;
 use flashsale_engine::ledger::{HoldAction, HoldSettlement};
 use flashsale_engine::metrics::HOLD_OUTCOMES;
-use flashsale_engine::{IdempotencyKey, OrderStatus, OrderView};
-use futures_util::Stream;
+use flashsale_engine::{IdempotencyKey, OrderStatus, OrderView, UserId};
+use futures_util::{Stream, StreamExt};
 use std::convert::Infallible;
+use std::net::SocketAddr;
 use std::time::Duration;
 
+/// A client's read of an order gives up after this long.
 const QUERY_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long a client's read waits for a free read slot before `503`.
+const READ_WAIT: Duration = Duration::from_millis(200);
+/// What a buyer over `API_STREAMS_PER_BUYER` is told to wait.
+const STREAM_RETRY: Duration = Duration::from_secs(5);
 
 pub fn router() -> Router<AppState> {
     Router::new()
@@ -40,28 +50,49 @@ pub fn router() -> Router<AppState> {
 pub const HEARTBEAT: Duration = Duration::from_secs(15);
 
 /// `GET /orders/{id}/events`: Server-Sent Events, an `event: status` with
-/// the order now and at every change, until a final status. Woken by the
-/// announcements (see [`crate::watchers`]), not by polling.
+/// the order now and at every change, until a final status or
+/// `API_STREAM_MAX`. Woken by the announcements (see [`crate::watchers`]),
+/// not by polling. The stream caps are checked before any backend is read.
 async fn events(
     State(state): State<AppState>,
     Path(order_id): Path<String>,
-    headers: HeaderMap,
+    request: Request,
 ) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, ApiError> {
-    let buyer = state.gate.token_buyer(&headers)?;
+    let (parts, _) = request.into_parts();
+    let peer = parts.extensions.get::<ConnectInfo<SocketAddr>>();
+    let buyer = state.gate.token_buyer(&parts.headers)?;
     let key =
         IdempotencyKey::parse(&order_id).map_err(|_| ApiError::UnknownOrder(order_id.clone()))?;
+    let holder = state
+        .gate
+        .stream_holder(&parts.headers, peer, buyer.as_ref());
+    let limits = &state.limits;
+    let watch = match state.watchers.watch(
+        key.as_str(),
+        &holder,
+        limits.max_streams,
+        limits.streams_per_buyer,
+    ) {
+        Ok(watch) => watch,
+        Err(Refused::HolderFull) => return Err(ApiError::RateLimited(STREAM_RETRY)),
+        Err(Refused::Full) => {
+            return Err(ApiError::Unavailable(format!(
+                "{} order event streams are open; retry later",
+                limits.max_streams
+            )));
+        }
+    };
+    state
+        .gate
+        .within_limits(&parts.headers, peer, buyer.as_ref())
+        .await?;
     let Some(first) = current(&state, key.as_str()).await? else {
         return Err(ApiError::UnknownOrder(order_id));
     };
     if buyer.is_some_and(|b| b.as_str() != first.user_id) {
         return Err(ApiError::UnknownOrder(order_id));
     }
-    let Some(watch) = state.watchers.watch(key.as_str(), state.limits.max_streams) else {
-        return Err(ApiError::unavailable(
-            "API",
-            format!("{} order event streams are open", state.limits.max_streams),
-        ));
-    };
+    let stream_max = limits.stream_max;
     struct Follow {
         state: AppState,
         watch: crate::watchers::Watch,
@@ -99,12 +130,19 @@ async fn events(
             .json_data(&view)
             .unwrap_or_else(|_| Event::default().event("status"));
         Some((Ok(event), f))
-    });
+    })
+    .take_until(tokio::time::sleep(stream_max));
     Ok(Sse::new(stream).keep_alive(KeepAlive::new().interval(HEARTBEAT).text("heartbeat")))
 }
 
-/// The order now: its row, else `queued` from the accept log.
+/// The order now: its row, else `queued` from the accept log. A read for a
+/// client, within `API_MAX_READS`.
 async fn current(state: &AppState, key: &str) -> Result<Option<OrderView>, ApiError> {
+    let Ok(Ok(_read)) = tokio::time::timeout(READ_WAIT, state.reads.acquire()).await else {
+        return Err(ApiError::Unavailable(
+            "too many order reads in progress; retry later".into(),
+        ));
+    };
     match lookup_row(state, key).await? {
         Some(view) => Ok(Some(view)),
         None => queued(state, key).await,
@@ -114,46 +152,80 @@ async fn current(state: &AppState, key: &str) -> Result<Option<OrderView>, ApiEr
 async fn pay(
     State(state): State<AppState>,
     Path(order_id): Path<String>,
-    headers: HeaderMap,
+    request: Request,
 ) -> Result<Json<OrderView>, ApiError> {
-    settle(&state, order_id, &headers, HoldAction::Pay).await
+    end_hold(state, order_id, request, HoldAction::Pay).await
 }
 
 async fn cancel(
     State(state): State<AppState>,
     Path(order_id): Path<String>,
-    headers: HeaderMap,
+    request: Request,
 ) -> Result<Json<OrderView>, ApiError> {
-    settle(&state, order_id, &headers, HoldAction::Cancel).await
+    end_hold(state, order_id, request, HoldAction::Cancel).await
 }
 
-/// Pays or cancels the held order. With tokens, only its buyer may: anyone
-/// else hears `404`, and nothing changes.
-async fn settle(
-    state: &AppState,
+/// Who pays or cancels: the token's buyer, else the body's `userId`
+/// (contract v4, "Pay and cancel name the buyer").
+async fn hold_buyer(state: &AppState, parts: &Parts, body: Body) -> Result<UserId, ApiError> {
+    let token = state.gate.token_buyer(&parts.headers)?;
+    let bytes = read_body(&parts.headers, body, state.limits.body_timeout).await?;
+    match (token, buyer_named(&bytes)?) {
+        (Some(token), Some(named)) if named != token => Err(ApiError::Forbidden),
+        (Some(buyer), _) | (None, Some(buyer)) => Ok(buyer),
+        (None, None) => Err(InvalidField {
+            field: "userId",
+            message: "userId is missing: name the order's buyer".into(),
+        }
+        .into()),
+    }
+}
+
+/// Pays or cancels the held order of its own buyer; another buyer's order
+/// is `404`, as an unknown one, and nothing changes. Once the ledger is
+/// asked, the call runs to its end (units back, streams woken) whatever
+/// the client does.
+async fn end_hold(
+    state: AppState,
     order_id: String,
-    headers: &HeaderMap,
+    request: Request,
     action: HoldAction,
 ) -> Result<Json<OrderView>, ApiError> {
-    let buyer = state.gate.token_buyer(headers)?;
+    let (parts, body) = request.into_parts();
+    let buyer = hold_buyer(&state, &parts, body).await?;
+    let peer = parts.extensions.get::<ConnectInfo<SocketAddr>>();
+    state
+        .gate
+        .within_limits(&parts.headers, peer, Some(&buyer))
+        .await?;
     let key =
         IdempotencyKey::parse(&order_id).map_err(|_| ApiError::UnknownOrder(order_id.clone()))?;
-    if let Some(buyer) = &buyer {
-        let owner = match lookup_row(state, key.as_str()).await? {
-            Some(row) => Some(row.user_id),
-            None => queued(state, key.as_str()).await?.map(|v| v.user_id),
-        };
-        if owner.as_deref() != Some(buyer.as_str()) {
-            return Err(ApiError::UnknownOrder(order_id));
-        }
+    let owner = match lookup_row(&state, key.as_str()).await? {
+        Some(row) => Some(row.user_id),
+        None => queued(&state, key.as_str()).await?.map(|v| v.user_id),
+    };
+    if owner.as_deref() != Some(buyer.as_str()) {
+        return Err(ApiError::UnknownOrder(order_id));
     }
-    let settled = tokio::time::timeout(
-        QUERY_TIMEOUT,
-        state.ledger.settle_hold(key.as_str(), action),
-    )
-    .await
-    .map_err(|_| ApiError::unavailable("PostgreSQL", "query timed out"))?
-    .map_err(|e| ApiError::unavailable("PostgreSQL", e))?;
+    let ending = tokio::spawn(async move { settle_hold(&state, key, action).await });
+    ending
+        .await
+        .map_err(|e| ApiError::unavailable("API", e))?
+        .map(Json)
+}
+
+/// Asks the ledger to end the hold (it bounds the call itself: its
+/// statements' deadline, after which it rolls back) and follows through.
+async fn settle_hold(
+    state: &AppState,
+    key: IdempotencyKey,
+    action: HoldAction,
+) -> Result<OrderView, ApiError> {
+    let settled = state
+        .ledger
+        .settle_hold(key.as_str(), action)
+        .await
+        .map_err(|e| ApiError::unavailable("PostgreSQL", e))?;
     match settled {
         HoldSettlement::Settled {
             order,
@@ -163,7 +235,7 @@ async fn settle(
             if changed {
                 ended(state, &order, stock_after).await;
             }
-            Ok(Json(order))
+            Ok(order)
         }
         HoldSettlement::NotHeld(order) => Err(ApiError::NotHeld(order.status)),
         HoldSettlement::Expired { order, stock_after } => {
@@ -173,7 +245,7 @@ async fn settle(
         // Accepted, not booked yet: not held (yet).
         HoldSettlement::Unknown => match queued(state, key.as_str()).await? {
             Some(_) => Err(ApiError::NotHeld(OrderStatus::Queued)),
-            None => Err(ApiError::UnknownOrder(order_id)),
+            None => Err(ApiError::UnknownOrder(key.to_string())),
         },
     }
 }
@@ -207,17 +279,19 @@ async fn queued(state: &AppState, key: &str) -> Result<Option<OrderView>, ApiErr
 async fn order(
     State(state): State<AppState>,
     Path(order_id): Path<String>,
-    headers: HeaderMap,
+    request: Request,
 ) -> Result<Json<OrderView>, ApiError> {
-    let buyer = state.gate.token_buyer(&headers)?;
+    let (parts, _) = request.into_parts();
+    let peer = parts.extensions.get::<ConnectInfo<SocketAddr>>();
+    let buyer = state.gate.token_buyer(&parts.headers)?;
+    state
+        .gate
+        .within_limits(&parts.headers, peer, buyer.as_ref())
+        .await?;
     let key =
         IdempotencyKey::parse(&order_id).map_err(|_| ApiError::UnknownOrder(order_id.clone()))?;
-    let view = match lookup_row(&state, key.as_str()).await? {
-        Some(view) => view,
-        None => match queued(&state, key.as_str()).await? {
-            Some(view) => view,
-            None => return Err(ApiError::UnknownOrder(order_id)),
-        },
+    let Some(view) = current(&state, key.as_str()).await? else {
+        return Err(ApiError::UnknownOrder(order_id));
     };
     match buyer {
         Some(buyer) if buyer.as_str() != view.user_id => Err(ApiError::UnknownOrder(order_id)),

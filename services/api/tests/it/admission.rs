@@ -428,3 +428,122 @@ async fn a_redis_restart_mid_sale_never_oversells_and_every_unit_sells() {
     env.assert_invariants().await;
     env.finish().await;
 }
+
+/// Issue 25, item 3: clients that send a buy and close their socket at
+/// once (0.2–2 ms later) leak no units. Every buy that took units runs to
+/// its end (published, or its units given back), so the honest buyers right
+/// after get every unit the hang-ups did not buy, at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn clients_that_hang_up_mid_buy_leak_no_units() {
+    let mut env = common::env().await;
+    env.seed(1, 400, None).await;
+    let api = env.start_api().await;
+    env.start_worker().await;
+    let addr = api.trim_start_matches("http://").to_owned();
+    let hang_ups: Vec<_> = (0..300)
+        .map(|i| {
+            let addr = addr.clone();
+            tokio::spawn(async move {
+                let body = format!(r#"{{"userId":"gone{i}","productId":1,"quantity":1}}"#);
+                let request = format!(
+                    "POST /buy HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n\
+                     Idempotency-Key: gone-{i}\r\nContent-Length: {}\r\n\r\n{body}",
+                    body.len()
+                );
+                let mut tcp = tokio::net::TcpStream::connect(&addr).await.unwrap();
+                tokio::io::AsyncWriteExt::write_all(&mut tcp, request.as_bytes())
+                    .await
+                    .unwrap();
+                tokio::time::sleep(Duration::from_micros(200 + (i % 10) * 200)).await;
+                drop(tcp);
+            })
+        })
+        .collect();
+    for h in hang_ups {
+        h.await.unwrap();
+    }
+    // Within a second of the hang-ups, honest buyers get every unit left.
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    let honest = storm(
+        &env,
+        std::slice::from_ref(&api),
+        400,
+        50,
+        |i| json!({"userId": format!("honest{i}"), "productId": 1, "quantity": 1}),
+    )
+    .await;
+    let accepted: Vec<String> = honest
+        .iter()
+        .filter(|(_, _, a)| a.as_ref().is_some_and(|(s, _)| *s == 202))
+        .map(|(k, _, _)| k.clone())
+        .collect();
+    env.wait_for_rows(&accepted).await;
+    // The hang-ups that were accepted are booked too; wait for the drain.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let booked = env
+            .count("SELECT count(*) FROM orders WHERE status = 'confirmed'")
+            .await;
+        let gone = env
+            .count("SELECT count(*) FROM orders WHERE user_id LIKE 'gone%'")
+            .await;
+        if booked as usize == accepted.len() + gone as usize && env.stock(1).await == 0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{} honest buyers and {gone} hang-ups booked, {} units left: units withheld",
+            accepted.len(),
+            env.stock(1).await
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    env.assert_invariants().await;
+    env.finish().await;
+}
+
+/// Issue 25, item 5 (contract v4, "A key is the truth"): once Redis has
+/// forgotten a key, a buy reusing it with another body is not answered
+/// `202` (its order would be thrown away); with the same body it is a
+/// repeat. Neither takes units for good.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_key_booked_before_redis_forgot_it_is_never_accepted_for_another_body() {
+    let mut env = common::env().await;
+    env.seed(2, 10, None).await;
+    env.seed(4, 10, None).await;
+    let api = env.start_api().await;
+    env.start_worker().await;
+    let carol = json!({"userId": "carol", "productId": 2, "quantity": 1});
+    let first = try_buy(&env, &api, "shared-key", &carol).await.unwrap();
+    assert_eq!(first.0, 202, "{}", first.1);
+    env.wait_for_rows(&["shared-key".to_owned()]).await;
+    assert!(wipe_redis(&env).await > 0);
+    let dave = json!({"userId": "dave", "productId": 4, "quantity": 1});
+    let reused = try_buy(&env, &api, "shared-key", &dave).await.unwrap();
+    assert_eq!(reused.0, 422, "{}", reused.1);
+    assert_eq!(reused.1["error"]["code"], "idempotency_key_reused");
+    let again = try_buy(&env, &api, "shared-key", &carol).await.unwrap();
+    assert_eq!(again.0, 200, "{}", again.1);
+    assert_eq!(again.1["userId"], "carol");
+    assert_eq!(again.1["status"], "confirmed");
+    // No unit of product 4 was kept: all ten still sell.
+    let rest = storm(
+        &env,
+        std::slice::from_ref(&api),
+        10,
+        5,
+        |i| json!({"userId": format!("b{i}"), "productId": 4, "quantity": 1}),
+    )
+    .await;
+    assert!(
+        rest.iter()
+            .all(|(_, _, a)| a.as_ref().is_some_and(|(s, _)| *s == 202))
+    );
+    let view = env.get_json(&format!("{api}/orders/shared-key")).await;
+    assert_eq!(
+        (view["userId"].as_str(), view["productId"].as_i64()),
+        (Some("carol"), Some(2))
+    );
+    env.assert_invariants().await;
+    env.finish().await;
+}

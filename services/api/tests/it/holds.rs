@@ -25,10 +25,18 @@ async fn seed_held(env: &TestEnv, id: i64, stock: i32, hold_seconds: i32) {
 }
 
 /// `POST /orders/{key}/{action}`: status and body.
-async fn settle(env: &TestEnv, api: &str, key: &str, action: &str) -> (StatusCode, Value) {
+/// Pays or cancels `key` as `buyer` (the body names the buyer, contract v4).
+async fn settle(
+    env: &TestEnv,
+    api: &str,
+    key: &str,
+    action: &str,
+    buyer: &str,
+) -> (StatusCode, Value) {
     let r = env
         .http
         .post(format!("{api}/orders/{key}/{action}"))
+        .json(&json!({ "userId": buyer }))
         .send()
         .await
         .unwrap();
@@ -72,12 +80,12 @@ async fn a_held_order_is_paid_once_or_cancelled_with_its_units_back() {
     assert!(view["heldUntil"].is_string(), "{view}");
     assert_eq!(env.stock(1).await, 9, "a held unit is off the stock");
     for _ in 0..2 {
-        let (status, body) = settle(&env, &api, &paid, "pay").await;
+        let (status, body) = settle(&env, &api, &paid, "pay", "alice").await;
         assert_eq!(status, StatusCode::OK, "{body}");
         assert_eq!(body["status"], "paid");
         assert!(body["settledAt"].is_string(), "{body}");
     }
-    let (status, body) = settle(&env, &api, &paid, "cancel").await;
+    let (status, body) = settle(&env, &api, &paid, "cancel", "alice").await;
     assert_eq!(status, StatusCode::CONFLICT);
     assert_eq!(body["error"]["code"], "not_held");
     assert_eq!(body["status"], "paid");
@@ -86,12 +94,12 @@ async fn a_held_order_is_paid_once_or_cancelled_with_its_units_back() {
     let cancelled = buy_held(&env, &api, 1, "bob").await;
     assert_eq!(env.stock(1).await, 8);
     for _ in 0..2 {
-        let (status, body) = settle(&env, &api, &cancelled, "cancel").await;
+        let (status, body) = settle(&env, &api, &cancelled, "cancel", "bob").await;
         assert_eq!(status, StatusCode::OK, "{body}");
         assert_eq!(body["status"], "cancelled");
         assert_eq!(env.stock(1).await, 9, "the units came back once, at once");
     }
-    let (status, body) = settle(&env, &api, &cancelled, "pay").await;
+    let (status, body) = settle(&env, &api, &cancelled, "pay", "bob").await;
     assert_eq!(
         (status, &body["status"]),
         (StatusCode::CONFLICT, &json!("cancelled"))
@@ -112,7 +120,7 @@ async fn a_held_order_is_paid_once_or_cancelled_with_its_units_back() {
         )
         .await;
     assert_eq!(refused.status, StatusCode::CONFLICT, "{}", refused.body);
-    let (status, _) = settle(&env, &api, &last, "cancel").await;
+    let (status, _) = settle(&env, &api, &last, "cancel", "erin").await;
     assert_eq!(status, StatusCode::OK);
     let again = env
         .buy(
@@ -133,7 +141,7 @@ async fn a_held_order_is_paid_once_or_cancelled_with_its_units_back() {
         )
         .await;
     env.wait_for_rows(std::slice::from_ref(&a.key)).await;
-    let (status, body) = settle(&env, &api, &a.key, "pay").await;
+    let (status, body) = settle(&env, &api, &a.key, "pay", "carol").await;
     assert_eq!(
         (status, &body["status"]),
         (StatusCode::CONFLICT, &json!("confirmed"))
@@ -146,15 +154,54 @@ async fn a_held_order_is_paid_once_or_cancelled_with_its_units_back() {
             json!({"userId": "dave", "productId": 1, "quantity": 1}),
         )
         .await;
-    let (status, body) = settle(&env, &api, &queued.key, "cancel").await;
+    let (status, body) = settle(&env, &api, &queued.key, "cancel", "dave").await;
     assert_eq!(
         (status, &body["status"]),
         (StatusCode::CONFLICT, &json!("queued"))
     );
-    let (status, body) = settle(&env, &api, "no-such-order", "pay").await;
+    let (status, body) = settle(&env, &api, "no-such-order", "pay", "dave").await;
     assert_eq!(status, StatusCode::NOT_FOUND, "{body}");
     env.start_worker().await;
     env.wait_for_rows(&[queued.key]).await;
+    env.assert_invariants().await;
+    env.finish().await;
+}
+
+/// Contract v4, "Pay and cancel name the buyer": without tokens the body
+/// names the buyer; another buyer's order is `404` and nothing changes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn only_the_orders_buyer_pays_or_cancels_it() {
+    let mut env = common::env().await;
+    seed_held(&env, 1, 10, 300).await;
+    let api = env.start_api().await;
+    env.start_worker().await;
+    let held = buy_held(&env, &api, 1, "carol").await;
+    assert_eq!(env.stock(1).await, 9);
+    for action in ["cancel", "pay"] {
+        let (status, body) = settle(&env, &api, &held, action, "mallory").await;
+        assert_eq!(status, StatusCode::NOT_FOUND, "{action}: {body}");
+        assert_eq!(body["error"]["code"], "unknown_order");
+    }
+    for body in ["", "{}", r#"{"userId": 7}"#, r#"{"userId": ""}"#] {
+        let r = env
+            .http
+            .post(format!("{api}/orders/{held}/cancel"))
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), StatusCode::BAD_REQUEST, "body {body:?}");
+        let err: Value = r.json().await.unwrap();
+        assert_eq!(err["error"]["code"], "invalid_request", "{err}");
+    }
+    assert_eq!(status_of(&env, &held).await, "held", "nothing changed");
+    assert_eq!(env.stock(1).await, 9, "no unit came back");
+    let (status, body) = settle(&env, &api, &held, "cancel", "carol").await;
+    assert_eq!(
+        (status, &body["status"]),
+        (StatusCode::OK, &json!("cancelled"))
+    );
+    assert_eq!(env.stock(1).await, 10);
     env.assert_invariants().await;
     env.finish().await;
 }
@@ -202,7 +249,7 @@ async fn an_unpaid_hold_expires_within_two_seconds_and_its_units_sell_again() {
         "expired {late} s after heldUntil"
     );
     assert_eq!(env.stock(1).await, 5);
-    let (status, body) = settle(&env, &api, &held[0], "pay").await;
+    let (status, body) = settle(&env, &api, &held[0], "pay", "u0").await;
     assert_eq!(
         (status, &body["status"]),
         (StatusCode::CONFLICT, &json!("expired"))
@@ -251,15 +298,16 @@ async fn pays_racing_the_expiry_end_as_their_answers_said() {
     env.wait_for_rows(&keys).await;
     // Each pay is sent around its order's own expiry: from 300 ms before to
     // 300 ms after, spread over the orders.
-    let until: Vec<(String, chrono::DateTime<chrono::Utc>)> =
-        sqlx::query_as("SELECT idempotency_key, held_until FROM orders WHERE status = 'held'")
-            .fetch_all(&env.pool)
-            .await
-            .unwrap();
+    let until: Vec<(String, String, chrono::DateTime<chrono::Utc>)> = sqlx::query_as(
+        "SELECT idempotency_key, user_id, held_until FROM orders WHERE status = 'held'",
+    )
+    .fetch_all(&env.pool)
+    .await
+    .unwrap();
     assert_eq!(until.len(), 200);
     let pays: Vec<(String, StatusCode, Value)> =
         futures_util::stream::iter(until.into_iter().enumerate())
-            .map(|(i, (key, held_until))| {
+            .map(|(i, (key, buyer, held_until))| {
                 let (env, api) = (&env, &api);
                 async move {
                     let offset = chrono::Duration::milliseconds(i as i64 * 3 - 300);
@@ -267,7 +315,7 @@ async fn pays_racing_the_expiry_end_as_their_answers_said() {
                         .to_std()
                         .unwrap_or_default();
                     tokio::time::sleep(wait).await;
-                    let (status, body) = settle(env, api, &key, "pay").await;
+                    let (status, body) = settle(env, api, &key, "pay", &buyer).await;
                     (key, status, body)
                 }
             })
@@ -415,7 +463,7 @@ async fn an_order_streams_queued_held_paid_to_a_second_api_and_ends() {
     env.start_worker().await;
     env.wait_for_rows(std::slice::from_ref(&a.key)).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let (status, _) = settle(&env, &api, &a.key, "pay").await;
+    let (status, _) = settle(&env, &api, &a.key, "pay", "u").await;
     assert_eq!(status, StatusCode::OK);
     let started = Instant::now();
     let statuses = reading.await.unwrap();
@@ -472,6 +520,62 @@ async fn workers_killed_while_holds_expire_lose_and_double_nothing() {
         1_500
     );
     assert_eq!(env.stock(1).await, 1_500, "each unit back once");
+    env.assert_invariants().await;
+    env.finish().await;
+}
+
+/// Contract v4, "Order streams live until their final status": a stream
+/// outlives the idle timeout (here 1 s against a 4 s hold) and receives the
+/// final event; one buyer holds at most `API_STREAMS_PER_BUYER` streams,
+/// refused before any backend is read.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_stream_outlives_the_idle_timeout_and_one_buyer_holds_few() {
+    let mut env = common::env().await;
+    seed_held(&env, 1, 10, 4).await;
+    let mut config = flashsale_api::ApiConfig::new(env.backends(), "127.0.0.1:0");
+    config.limits.idle_timeout = Duration::from_secs(1);
+    config.limits.streams_per_buyer = 2;
+    let api = env.start_api_config(config, true).await;
+    env.start_worker().await;
+    let key = buy_held(&env, &api, 1, "ivy").await;
+    let open = |key: String| {
+        let (http, api) = (env.http.clone(), api.clone());
+        async move {
+            http.get(format!("{api}/orders/{key}/events"))
+                .send()
+                .await
+                .unwrap()
+        }
+    };
+    let first = open(key.clone()).await;
+    assert_eq!(first.status(), StatusCode::OK);
+    let reading = tokio::spawn(statuses_streamed(first, Duration::from_secs(15)));
+    let second = open(key.clone()).await;
+    assert_eq!(second.status(), StatusCode::OK);
+    // The third from the same address: refused, even for an order that
+    // does not exist (no backend was asked).
+    for k in [key.clone(), "never-accepted".to_owned()] {
+        let third = open(k).await;
+        assert_eq!(third.status(), StatusCode::TOO_MANY_REQUESTS);
+        assert!(third.headers().contains_key("retry-after"));
+    }
+    drop(second);
+    let started = Instant::now();
+    let statuses = reading.await.unwrap();
+    assert_eq!(
+        statuses,
+        ["held", "expired"],
+        "after {:?}",
+        started.elapsed()
+    );
+    // The stream's end freed its share: the buyer may watch again.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let again = open(key.clone()).await;
+    assert_eq!(again.status(), StatusCode::OK);
+    assert_eq!(
+        statuses_streamed(again, Duration::from_secs(5)).await,
+        ["expired"]
+    );
     env.assert_invariants().await;
     env.finish().await;
 }

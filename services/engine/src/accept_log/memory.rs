@@ -6,6 +6,7 @@ use crate::domain::IdempotencyKey;
 use crate::seams::BackendFailed;
 use std::collections::HashMap;
 use std::sync::{Mutex, MutexGuard};
+use std::time::Duration;
 use tokio::time::Instant;
 
 /// One product's admission state.
@@ -68,6 +69,12 @@ impl AcceptStore for MemoryAcceptLog {
     ) -> Result<Admit, BackendFailed> {
         let mut s = self.state();
         if let Some((existing, _)) = s.records.get(key.as_str()) {
+            if existing.claim == record.claim {
+                let left = s.tokens.get(&record.product_id).and_then(|t| t.counter);
+                return Ok(Admit::Claimed {
+                    left: left.unwrap_or(0),
+                });
+            }
             return Ok(Admit::Taken(existing.clone()));
         }
         let tokens = s.tokens.entry(record.product_id).or_default();
@@ -107,16 +114,30 @@ impl AcceptStore for MemoryAcceptLog {
         &self,
         key: &IdempotencyKey,
         record: &AcceptRecord,
-    ) -> Result<(), BackendFailed> {
-        let queued = AcceptRecord {
-            state: AcceptState::Queued,
-            ..record.clone()
+    ) -> Result<bool, BackendFailed> {
+        let mut s = self.state();
+        let Some(held) = s.records.get_mut(key.as_str()) else {
+            return Ok(false);
         };
-        let until = Instant::now() + QUEUED_TTL;
-        self.state()
-            .records
-            .insert(key.as_str().to_owned(), (queued, until));
-        Ok(())
+        if held.0.claim != record.claim {
+            return Ok(false);
+        }
+        held.0.state = AcceptState::Queued;
+        held.1 = Instant::now() + QUEUED_TTL;
+        Ok(true)
+    }
+
+    async fn pending_ages(&self, keys: &[String]) -> Result<Vec<Option<Duration>>, BackendFailed> {
+        let s = self.state();
+        let now = Instant::now();
+        Ok(keys
+            .iter()
+            .map(|k| {
+                let (record, until) = s.records.get(k)?;
+                (record.state == AcceptState::Pending)
+                    .then(|| PENDING_TTL.saturating_sub(until.saturating_duration_since(now)))
+            })
+            .collect())
     }
 
     async fn withdraw(

@@ -20,8 +20,12 @@ use serde::{Deserialize, Serialize};
 use std::time::Duration;
 
 /// A claim not turned into `queued` within this long is forgotten, so a
-/// process that died mid-publish does not block the key for good.
+/// process that died mid-publish does not block the key for good. Well
+/// past [`crate::admission::PENDING_ALIVE`], so a claim is never forgotten
+/// while it may still be published.
 pub const PENDING_TTL: Duration = Duration::from_secs(15);
+const _: () =
+    assert!(crate::admission::PENDING_ALIVE.as_millis() * 3 / 2 <= PENDING_TTL.as_millis());
 /// How long an accepted key is remembered.
 pub const QUEUED_TTL: Duration = Duration::from_secs(24 * 3600);
 
@@ -99,7 +103,9 @@ impl AcceptRecord {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Admit {
     /// This request owns the key and took its units (`left` remain): it
-    /// must publish, then mark the key queued, or withdraw (units back).
+    /// must publish, then mark the key queued, or withdraw (units back). A
+    /// re-run of the same admission (a retried script) finds its own claim
+    /// and answers this again, taking nothing more.
     Claimed { left: i64 },
     /// The key was claimed or accepted before; nothing was taken.
     Taken(AcceptRecord),
@@ -138,12 +144,18 @@ pub trait AcceptStore: Send + Sync {
     async fn get_many(&self, keys: &[String]) -> Result<Vec<Option<AcceptRecord>>, BackendFailed>;
     /// Whether the log answers (for `/health/ready`).
     async fn probe(&self) -> crate::seams::Probe;
-    /// The claimed key was accepted (its message confirmed).
+    /// The claimed key was accepted (its message confirmed): marked
+    /// `queued` only if the record is still this claim's. Whether it was
+    /// (safe to run twice).
     async fn mark_queued(
         &self,
         key: &IdempotencyKey,
         record: &AcceptRecord,
-    ) -> Result<(), BackendFailed>;
+    ) -> Result<bool, BackendFailed>;
+    /// How long ago each key's record was claimed, on the store's own clock
+    /// (from what is left of its pending TTL); `None` where there is no
+    /// pending record.
+    async fn pending_ages(&self, keys: &[String]) -> Result<Vec<Option<Duration>>, BackendFailed>;
     /// Withdraws this record's claim, and only its own, giving its units back.
     async fn withdraw(
         &self,

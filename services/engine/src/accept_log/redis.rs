@@ -21,15 +21,21 @@ use crate::redis_conn::timed;
 use crate::seams::BackendFailed;
 use std::collections::HashMap;
 use std::sync::LazyLock;
+use std::time::Duration;
 
 /// KEYS: record, counter, admitted, version. ARGV: record JSON, pending TTL
-/// (ms), order id, quantity. `{0, left}` claimed, `{1, record}` taken,
-/// `{2, ''}` no counter, `{3, available}` short.
+/// (ms), order id, quantity, claim. `{0, left}` claimed, `{1, record}`
+/// taken, `{2, ''}` no counter, `{3, available}` short. Every script here
+/// is safe to run twice (a client that re-sends after a lost reply): a
+/// claim that finds its own record was claimed by its first run.
 static ADMIT: LazyLock<redis::Script> = LazyLock::new(|| {
     redis::Script::new(
         r"
 local prev = redis.call('GET', KEYS[1])
-if prev then return {1, prev} end
+if prev then
+  if string.find(prev, ARGV[5], 1, true) then return {0, redis.call('GET', KEYS[2]) or '0'} end
+  return {1, prev}
+end
 local left = redis.call('GET', KEYS[2])
 if not left then return {2, ''} end
 local q = tonumber(ARGV[4])
@@ -108,30 +114,47 @@ return redis.call('DEL', KEYS[1])",
     )
 });
 
-/// Cluster: KEYS: record. ARGV: record JSON, pending TTL (ms).
+/// Cluster: KEYS: record. ARGV: record JSON, pending TTL (ms), claim.
 /// `{0, ''}` claimed, `{1, record}` taken.
 static CLAIM: LazyLock<redis::Script> = LazyLock::new(|| {
     redis::Script::new(
         r"
 local prev = redis.call('GET', KEYS[1])
-if prev then return {1, prev} end
+if prev then
+  if string.find(prev, ARGV[3], 1, true) then return {0, ''} end
+  return {1, prev}
+end
 redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
 return {0, ''}",
     )
 });
 
 /// Cluster: KEYS: counter, admitted, version. ARGV: order id, quantity.
-/// `{0, left}` taken, `{2, ''}` no counter, `{3, available}` short.
+/// `{0, left}` taken, `{2, ''}` no counter, `{3, available}` short. An
+/// order already admitted is not taken from twice.
 static TAKE: LazyLock<redis::Script> = LazyLock::new(|| {
     redis::Script::new(
         r"
 local left = redis.call('GET', KEYS[1])
 if not left then return {2, ''} end
+if redis.call('HEXISTS', KEYS[2], ARGV[1]) == 1 then return {0, left} end
 local q = tonumber(ARGV[2])
 if tonumber(left) < q then return {3, left} end
 redis.call('HSET', KEYS[2], ARGV[1], q)
 redis.call('INCR', KEYS[3])
 return {0, tostring(redis.call('DECRBY', KEYS[1], q))}",
+    )
+});
+
+/// KEYS: record. ARGV: claim, queued record JSON, TTL (ms). 1 if the
+/// record was still this claim's and is now queued.
+static MARK_QUEUED: LazyLock<redis::Script> = LazyLock::new(|| {
+    redis::Script::new(
+        r"
+local v = redis.call('GET', KEYS[1])
+if not (v and string.find(v, ARGV[1], 1, true)) then return 0 end
+redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
+return 1",
     )
 });
 
@@ -229,6 +252,7 @@ impl AcceptLog {
                 .key(self.ns.accept_key(key.as_str()))
                 .arg(encode(record)?)
                 .arg(PENDING_TTL.as_millis() as u64)
+                .arg(&record.claim)
                 .invoke_async(&mut conn),
         )
         .await
@@ -317,6 +341,7 @@ impl AcceptStore for AcceptLog {
                 .arg(PENDING_TTL.as_millis() as u64)
                 .arg(key.as_str())
                 .arg(record.quantity)
+                .arg(&record.claim)
                 .invoke_async(&mut conn),
         )
         .await
@@ -361,27 +386,51 @@ impl AcceptStore for AcceptLog {
         Ok(records)
     }
 
-    /// Marks a claimed key as accepted (RabbitMQ confirmed its message).
+    /// Marks a claimed key as accepted (RabbitMQ confirmed its message),
+    /// if the record is still this claim's.
     async fn mark_queued(
         &self,
         key: &IdempotencyKey,
         record: &AcceptRecord,
-    ) -> Result<(), BackendFailed> {
+    ) -> Result<bool, BackendFailed> {
         let queued = AcceptRecord {
             state: AcceptState::Queued,
             ..record.clone()
         };
         let mut conn = self.redis.clone();
         timed(
-            redis::cmd("SET")
-                .arg(self.ns.accept_key(key.as_str()))
+            MARK_QUEUED
+                .key(self.ns.accept_key(key.as_str()))
+                .arg(&record.claim)
                 .arg(encode(&queued)?)
-                .arg("PX")
                 .arg(QUEUED_TTL.as_millis() as u64)
-                .query_async(&mut conn),
+                .invoke_async::<i64>(&mut conn),
         )
         .await
+        .map(|marked| marked == 1)
         .map_err(BackendFailed::redis)
+    }
+
+    async fn pending_ages(&self, keys: &[String]) -> Result<Vec<Option<Duration>>, BackendFailed> {
+        let mut ages = Vec::with_capacity(keys.len());
+        let mut conn = self.redis.clone();
+        for chunk in keys.chunks(500) {
+            let mut pipe = redis::pipe();
+            for key in chunk {
+                pipe.cmd("PTTL").arg(self.ns.accept_key(key));
+            }
+            let left: Vec<i64> = timed(pipe.query_async(&mut conn))
+                .await
+                .map_err(BackendFailed::redis)?;
+            // A queued record's TTL is a day: longer than any pending one.
+            let pending = PENDING_TTL.as_millis() as i64;
+            ages.extend(left.into_iter().map(|ms| {
+                (0..=pending)
+                    .contains(&ms)
+                    .then(|| Duration::from_millis((pending - ms) as u64))
+            }));
+        }
+        Ok(ages)
     }
 
     /// Withdraws this request's claim (the publish failed) and gives its

@@ -542,9 +542,14 @@ impl Ledger for StockLedger {
                  back AS (
                      SELECT product_id, array_agg(idempotency_key) AS keys,
                             SUM(quantity)::bigint AS units
-                     FROM expired GROUP BY product_id)
+                     FROM expired GROUP BY product_id),
+                 -- Product rows are locked in id order, as everywhere.
+                 locked AS MATERIALIZED (
+                     SELECT id FROM products WHERE id IN (SELECT product_id FROM back)
+                     ORDER BY id FOR UPDATE)
                  UPDATE products p SET stock = p.stock + back.units
-                 FROM back WHERE p.id = back.product_id
+                 FROM back JOIN locked ON locked.id = back.product_id
+                 WHERE p.id = back.product_id
                  RETURNING p.id, back.keys, back.units, p.stock",
             )
             .bind(limit as i64)
@@ -730,8 +735,13 @@ async fn apply_jointly(
     let ids: Vec<i64> = groups.iter().map(|g| g.product.get()).collect();
     let tokens: Vec<i64> = groups.iter().map(|g| g.token.0).collect();
     let fenced: Vec<(i64, i32, Option<i32>)> = sqlx::query_as(
-        "UPDATE products p SET lock_fence = g.token
+        // Product rows are locked in id order, as everywhere: two commits
+        // (or a commit and the holds sweep) never wait on each other in a cycle.
+        "WITH locked AS MATERIALIZED (
+             SELECT id FROM products WHERE id = ANY($1) ORDER BY id FOR UPDATE)
+         UPDATE products p SET lock_fence = g.token
          FROM unnest($1::bigint[], $2::bigint[]) AS g(id, token)
+         JOIN locked ON locked.id = g.id
          WHERE p.id = g.id AND p.lock_fence < g.token
          RETURNING p.id, p.stock, p.per_user_limit",
     )

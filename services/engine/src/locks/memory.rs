@@ -81,9 +81,10 @@ impl ProductLocks for MemoryLocks {
     async fn try_acquire(&self, product: ProductId) -> Result<Option<HeldLock>, BackendFailed> {
         let mut t = self.table();
         let now = Instant::now();
+        let others = |value: &str| value.rsplit_once(':').map(|(h, _)| h) != Some(&self.holder);
         if t.held
             .get(&product.get())
-            .is_some_and(|(_, until)| *until > now)
+            .is_some_and(|(value, until)| *until > now && others(value))
         {
             return Ok(None);
         }

@@ -20,15 +20,16 @@ pub struct ProductLock {
     lease: Duration,
 }
 
-// Takes the lock only when free: then one INCR gives the token, and SET NX PX
-// stores `<holder>:<token>` with the lease. Nil when another holder has it.
+// Takes the lock when free, or when this holder has it already (an earlier
+// acquire whose reply was lost: a worker applies one batch at a time, so it
+// never holds a product's lock twice): one INCR gives a fresh token, and SET
+// PX stores `<holder>:<token>` with the lease. Nil when another holder has it.
 const ACQUIRE: &str = r"
-if redis.call('EXISTS', KEYS[1]) == 1 then return false end
+local held = redis.call('GET', KEYS[1])
+if held and string.match(held, '^(.*):%d+$') ~= ARGV[1] then return false end
 local token = redis.call('INCR', KEYS[2])
-if redis.call('SET', KEYS[1], ARGV[1] .. ':' .. token, 'NX', 'PX', ARGV[2]) then
-  return token
-end
-return false";
+redis.call('SET', KEYS[1], ARGV[1] .. ':' .. token, 'PX', ARGV[2])
+return token";
 
 // Compare-and-delete: only the owner releases.
 const RELEASE: &str = r"
@@ -61,7 +62,8 @@ impl ProductLock {
 
 #[async_trait::async_trait]
 impl ProductLocks for ProductLock {
-    /// Takes the lock if it is free; `None` when another holder has it.
+    /// Takes the lock if it is free (or already this holder's, see
+    /// [`ACQUIRE`]); `None` when another holder has it.
     async fn try_acquire(&self, product: ProductId) -> Result<Option<HeldLock>, BackendFailed> {
         let mut conn = self.redis.clone();
         let token: Option<i64> = timed(

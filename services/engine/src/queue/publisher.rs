@@ -9,8 +9,8 @@
 //! other, and the returned message's `message_id` is checked besides.
 
 use super::rabbitmq::{
-    BrokerError, CALL_TIMEOUT, CONFIRM_TIMEOUT, PUBLISH_CHANNELS, PublishError, connect,
-    declare_queues, publish_confirmed, record_queue_stats,
+    BrokerError, CALL_TIMEOUT, PUBLISH_BUDGET, PUBLISH_CHANNELS, PublishError, connect,
+    declare_queues, message_properties, publish_until, record_queue_stats,
 };
 use crate::config::{Namespace, mask_url};
 use lapin::options::ConfirmSelectOptions;
@@ -105,7 +105,8 @@ impl OrderPublisher {
     }
 
     /// Publishes one order and waits for RabbitMQ's confirm, on a channel
-    /// that carries nothing else meanwhile.
+    /// that carries nothing else meanwhile; all of it within
+    /// [`PUBLISH_BUDGET`].
     pub async fn publish(
         &self,
         product: i64,
@@ -116,19 +117,22 @@ impl OrderPublisher {
             self.state.kick.notify_one();
             PublishError::NotConnected
         };
+        let deadline = tokio::time::Instant::now() + PUBLISH_BUDGET;
+        let out_of_time = |_| PublishError::Timeout(PUBLISH_BUDGET);
         let connection = self.state.connection().ok_or_else(not_connected)?;
-        let _slot = tokio::time::timeout(CONFIRM_TIMEOUT, self.state.slots.acquire())
+        let _slot = tokio::time::timeout_at(deadline, self.state.slots.acquire())
             .await
-            .map_err(|_| PublishError::Timeout(CONFIRM_TIMEOUT))?
+            .map_err(out_of_time)?
             .map_err(|_| not_connected())?;
         let channel = match self.state.take_idle() {
             Some(channel) => channel,
-            None => tokio::time::timeout(CALL_TIMEOUT, confirm_channel(&connection))
+            None => tokio::time::timeout_at(deadline, confirm_channel(&connection))
                 .await
-                .map_err(|_| PublishError::Timeout(CALL_TIMEOUT))??,
+                .map_err(out_of_time)??,
         };
         let queue = self.ns.queue_for(product);
-        let result = publish_confirmed(&channel, &queue, message_id, payload, None).await;
+        let props = message_properties(message_id, None);
+        let result = publish_until(&channel, &queue, payload, props, deadline).await;
         match &result {
             // The confirm came: the channel has nothing in flight.
             Ok(()) | Err(PublishError::Returned | PublishError::Nacked) => {

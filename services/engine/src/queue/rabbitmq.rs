@@ -11,9 +11,14 @@ use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{BasicProperties, Channel, Confirmation, Connection, ConnectionProperties};
 use serde::Serialize;
 use std::time::Duration;
+use tokio::time::Instant;
 
 /// A publish not confirmed within this long is answered `503`.
 pub const CONFIRM_TIMEOUT: Duration = Duration::from_secs(5);
+/// The API's whole publish of one order — waiting for a channel slot,
+/// opening a channel, the confirm — ends within this, one budget for all
+/// three (the accept log's liveness window is derived from it).
+pub const PUBLISH_BUDGET: Duration = CONFIRM_TIMEOUT;
 /// Connecting (TCP and AMQP handshake) gives up after this long.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Any other call to RabbitMQ (an ack, opening a channel) gives up after this long.
@@ -166,6 +171,18 @@ pub async fn record_queue_stats(channel: &Channel, ns: &Namespace) {
     }
 }
 
+/// A persistent JSON message's properties.
+pub fn message_properties(message_id: &str, headers: Option<FieldTable>) -> BasicProperties {
+    let props = BasicProperties::default()
+        .with_content_type("application/json".into())
+        .with_message_id(ShortString::from(message_id))
+        .with_delivery_mode(2);
+    match headers {
+        Some(h) => props.with_headers(h),
+        None => props,
+    }
+}
+
 /// Publishes one persistent, mandatory JSON message to `queue` through the
 /// default exchange and waits (at most [`CONFIRM_TIMEOUT`]) for its confirm.
 pub async fn publish_confirmed(
@@ -175,14 +192,15 @@ pub async fn publish_confirmed(
     payload: &[u8],
     headers: Option<FieldTable>,
 ) -> Result<(), PublishError> {
-    let mut props = BasicProperties::default()
-        .with_content_type("application/json".into())
-        .with_message_id(ShortString::from(message_id))
-        .with_delivery_mode(2);
-    if let Some(h) = headers {
-        props = props.with_headers(h);
-    }
-    publish_with(channel, queue, payload, props).await
+    let props = message_properties(message_id, headers);
+    publish_until(
+        channel,
+        queue,
+        payload,
+        props,
+        Instant::now() + CONFIRM_TIMEOUT,
+    )
+    .await
 }
 
 /// Publishes a mandatory message with these properties to `queue` and
@@ -193,6 +211,24 @@ pub async fn publish_with(
     queue: &str,
     payload: &[u8],
     props: BasicProperties,
+) -> Result<(), PublishError> {
+    publish_until(
+        channel,
+        queue,
+        payload,
+        props,
+        Instant::now() + CONFIRM_TIMEOUT,
+    )
+    .await
+}
+
+/// [`publish_with`], waiting for the confirm until `deadline`.
+pub async fn publish_until(
+    channel: &Channel,
+    queue: &str,
+    payload: &[u8],
+    props: BasicProperties,
+    deadline: Instant,
 ) -> Result<(), PublishError> {
     let message_id = props.message_id().as_ref().map(|s| s.as_str().to_owned());
     let options = BasicPublishOptions {
@@ -205,7 +241,7 @@ pub async fn publish_with(
             .await?
             .await
     };
-    match tokio::time::timeout(CONFIRM_TIMEOUT, confirm).await {
+    match tokio::time::timeout_at(deadline, confirm).await {
         Err(_) => Err(PublishError::Timeout(CONFIRM_TIMEOUT)),
         Ok(Err(e)) => Err(PublishError::Channel(e)),
         Ok(Ok(Confirmation::Ack(None))) => Ok(()),
