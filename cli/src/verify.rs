@@ -89,13 +89,23 @@ pub async fn run(b: &BackendUrls, args: &VerifyArgs) -> Outcome {
     if let Some(wait) = args.wait_drain {
         let spinner = output::spinner(!args.json);
         let started = Instant::now();
-        while !facts.drained && started.elapsed() < wait {
+        // Drained at two looks DRAIN_CONFIRM apart: a delivery sent to a
+        // worker just after its last heartbeat shows in its next one.
+        let mut confirmed = false;
+        while !confirmed && started.elapsed() < wait {
             spinner.set_message(format!(
                 "waiting for the drain ({:.0}s)",
                 started.elapsed().as_secs_f64()
             ));
-            tokio::time::sleep(Duration::from_millis(250)).await;
+            let pause = if facts.drained {
+                flashsale_engine::queue::DRAIN_CONFIRM
+            } else {
+                Duration::from_millis(250)
+            };
+            let was_drained = facts.drained;
+            tokio::time::sleep(pause).await;
             facts = queue_facts(b).await?;
+            confirmed = was_drained && facts.drained;
         }
         spinner.finish_and_clear();
     }

@@ -93,10 +93,19 @@ async fn through_postgres(
     })
 }
 
+/// Drained at two looks [`DRAIN_CONFIRM`](flashsale_engine::queue::DRAIN_CONFIRM)
+/// apart: a delivery sent to a worker just after its last heartbeat shows
+/// in its next one.
 async fn queue_drained(backends: &BackendUrls) -> bool {
-    verify::queue_facts(backends)
-        .await
-        .is_ok_and(|facts| facts.drained)
+    let drained = || async {
+        verify::queue_facts(backends)
+            .await
+            .is_ok_and(|facts| facts.drained)
+    };
+    drained().await && {
+        tokio::time::sleep(flashsale_engine::queue::DRAIN_CONFIRM).await;
+        drained().await
+    }
 }
 
 /// An order's state over HTTP: `Some(true)` confirmed, `Some(false)`

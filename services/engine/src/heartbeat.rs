@@ -11,7 +11,7 @@ use chrono::{DateTime, Utc};
 use serde::Serialize;
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
@@ -27,6 +27,9 @@ pub struct WorkerStats {
     inflight: AtomicU64,
     /// The product being applied now; 0 for none.
     product: AtomicI64,
+    /// Set by the consumer while it waits with nothing buffered; while it
+    /// is not set, deliveries may wait in its prefetch buffer.
+    consumer_waiting: std::sync::Mutex<Option<Arc<AtomicBool>>>,
 }
 
 impl WorkerStats {
@@ -38,6 +41,7 @@ impl WorkerStats {
             processed: AtomicU64::new(0),
             inflight: AtomicU64::new(0),
             product: AtomicI64::new(0),
+            consumer_waiting: std::sync::Mutex::new(None),
         }
     }
 
@@ -53,8 +57,27 @@ impl WorkerStats {
         metrics::gauge!(INFLIGHT_ORDERS).decrement(deliveries as f64);
     }
 
+    /// Deliveries held: the batch in hand, and at least one more while the
+    /// consumer's prefetch buffer may hold some (it is not waiting empty),
+    /// so that nobody calls the queue drained while orders only wait here.
     pub fn inflight(&self) -> u64 {
-        self.inflight.load(Ordering::Relaxed)
+        let in_hand = self.inflight.load(Ordering::Relaxed);
+        let buffered = self
+            .consumer_waiting
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .is_some_and(|waiting| !waiting.load(Ordering::Acquire));
+        in_hand.max(u64::from(buffered))
+    }
+
+    /// The consumer now in use: its flag says when it waits with nothing
+    /// buffered (`None`: a consumer with no buffer of its own).
+    pub fn consuming(&self, waiting: Option<Arc<AtomicBool>>) {
+        *self
+            .consumer_waiting
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = waiting;
     }
 
     /// What a heartbeat would say now, for a dashboard in this process.
@@ -169,4 +192,27 @@ pub async fn workers(redis: &Redis, ns: &Namespace) -> redis::RedisResult<Vec<Wo
     }
     out.sort_by(|a, b| a.id.cmp(&b.id));
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_consumer_not_waiting_empty_counts_as_holding_a_delivery() {
+        let stats = WorkerStats::new("w".into(), String::new());
+        assert_eq!(stats.inflight(), 0, "no consumer yet");
+        let waiting = Arc::new(AtomicBool::new(false));
+        stats.consuming(Some(waiting.clone()));
+        // Deliveries may wait in the prefetch buffer: not drained.
+        assert_eq!(stats.inflight(), 1);
+        waiting.store(true, Ordering::Release);
+        assert_eq!(stats.inflight(), 0);
+        stats.hold(3);
+        assert_eq!(stats.inflight(), 3);
+        waiting.store(false, Ordering::Release);
+        assert_eq!(stats.inflight(), 3, "the batch in hand, at least");
+        stats.release(3);
+        assert_eq!(stats.inflight(), 1);
+    }
 }

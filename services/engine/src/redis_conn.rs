@@ -5,12 +5,20 @@
 //! follows `MOVED`, finds the new master after a failover and splits
 //! `MGET`/`DEL`/`KEYS` over the masters). Either way the rest of the engine
 //! sees one [`Redis`] connection.
+//!
+//! A cluster connection is also watched from outside: under load the
+//! crate's client was seen to stay broken after a master failover for
+//! minutes (every call timing out, also to the surviving masters), while a
+//! fresh client from the seeds worked at once. So when calls have kept
+//! failing for [`REBUILD_AFTER`], a new cluster client is built from the
+//! seeds in the background and replaces the old one ([`ClusterHandle`]).
 
 use crate::config::mask_url;
 use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
 use redis::cluster_async::ClusterConnection;
 use redis::cluster_routing::{RoutingInfo, SingleNodeRoutingInfo};
 use redis::{Cmd, Pipeline, RedisFuture, Value};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 /// Every Redis command gives up after this long.
@@ -29,7 +37,7 @@ pub struct RedisUnreachable {
 #[derive(Clone)]
 pub enum Redis {
     Standalone(ConnectionManager),
-    Cluster(ClusterConnection),
+    Cluster(ClusterHandle),
 }
 
 impl Redis {
@@ -38,11 +46,128 @@ impl Redis {
     }
 }
 
+/// A cluster connection with calls failing this long (and at least
+/// [`REBUILD_MIN_FAILURES`] calls since the last success) is replaced by a
+/// fresh one from the seeds; at most one rebuild runs at a time, and the
+/// next no sooner than this after it.
+pub const REBUILD_AFTER: Duration = Duration::from_secs(2);
+const REBUILD_MIN_FAILURES: u64 = 10;
+
+/// The cluster client in use, and how its calls fare.
+#[derive(Clone)]
+pub struct ClusterHandle(std::sync::Arc<ClusterShared>);
+
+struct ClusterShared {
+    seeds: Vec<String>,
+    current: std::sync::RwLock<ClusterConnection>,
+    born: std::time::Instant,
+    /// Milliseconds since `born` of the last call that got an answer (or
+    /// of the last rebuild).
+    last_answer_ms: AtomicU64,
+    /// Calls started since then.
+    calls_since_answer: AtomicU64,
+    rebuilding: AtomicBool,
+}
+
+impl ClusterHandle {
+    fn new(seeds: &[&str], connection: ClusterConnection) -> Self {
+        Self(std::sync::Arc::new(ClusterShared {
+            seeds: seeds.iter().map(|s| (*s).to_owned()).collect(),
+            current: std::sync::RwLock::new(connection),
+            born: std::time::Instant::now(),
+            last_answer_ms: AtomicU64::new(0),
+            calls_since_answer: AtomicU64::new(0),
+            rebuilding: AtomicBool::new(false),
+        }))
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.0.born.elapsed().as_millis() as u64
+    }
+
+    /// The client in use now.
+    pub fn connection(&self) -> ClusterConnection {
+        self.0
+            .current
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// A call starts: if calls have kept failing, rebuild in the background.
+    fn starting(&self) {
+        let calls = self.0.calls_since_answer.fetch_add(1, Ordering::AcqRel) + 1;
+        let silent = self
+            .now_ms()
+            .saturating_sub(self.0.last_answer_ms.load(Ordering::Acquire));
+        if calls >= REBUILD_MIN_FAILURES
+            && silent >= REBUILD_AFTER.as_millis() as u64
+            && !self.0.rebuilding.swap(true, Ordering::AcqRel)
+        {
+            tokio::spawn(self.clone().rebuild());
+        }
+    }
+
+    /// A call got an answer from Redis (a value, or an error Redis sent).
+    fn answered(&self) {
+        self.0
+            .last_answer_ms
+            .store(self.now_ms(), Ordering::Release);
+        self.0.calls_since_answer.store(0, Ordering::Release);
+    }
+
+    async fn rebuild(self) {
+        let seeds: Vec<&str> = self.0.seeds.iter().map(String::as_str).collect();
+        let fresh = async {
+            let client = cluster_client(&seeds)?;
+            client.get_async_connection().await
+        };
+        match tokio::time::timeout(REDIS_TIMEOUT * 3, fresh).await {
+            Ok(Ok(connection)) => {
+                *self.0.current.write().unwrap_or_else(|p| p.into_inner()) = connection;
+                tracing::warn!(
+                    "Redis Cluster calls kept failing: the cluster client was rebuilt from the seeds"
+                );
+            }
+            Ok(Err(e)) => tracing::warn!(error = %e, "Redis Cluster client not rebuilt"),
+            Err(_) => tracing::warn!("Redis Cluster client not rebuilt: no answer in time"),
+        }
+        // Give the new client (or the next attempt) a fair window.
+        self.answered();
+        self.0.rebuilding.store(false, Ordering::Release);
+    }
+}
+
+/// Whether `result` came back from Redis itself (a value or a server
+/// error), rather than from a broken or silent connection.
+fn from_redis<T>(result: &redis::RedisResult<T>) -> bool {
+    match result {
+        Ok(_) => true,
+        Err(e) => {
+            !(e.is_io_error()
+                || e.is_timeout()
+                || e.is_connection_dropped()
+                || e.is_connection_refusal()
+                || e.kind() == redis::ErrorKind::ClusterConnectionNotFound)
+        }
+    }
+}
+
 impl ConnectionLike for Redis {
     fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
         match self {
             Self::Standalone(c) => c.req_packed_command(cmd),
-            Self::Cluster(c) => c.req_packed_command(cmd),
+            Self::Cluster(handle) => {
+                let handle = handle.clone();
+                handle.starting();
+                Box::pin(async move {
+                    let result = handle.connection().req_packed_command(cmd).await;
+                    if from_redis(&result) {
+                        handle.answered();
+                    }
+                    result
+                })
+            }
         }
     }
 
@@ -54,14 +179,27 @@ impl ConnectionLike for Redis {
     ) -> RedisFuture<'a, Vec<Value>> {
         match self {
             Self::Standalone(c) => c.req_packed_commands(cmd, offset, count),
-            Self::Cluster(c) => c.req_packed_commands(cmd, offset, count),
+            Self::Cluster(handle) => {
+                let handle = handle.clone();
+                handle.starting();
+                Box::pin(async move {
+                    let result = handle
+                        .connection()
+                        .req_packed_commands(cmd, offset, count)
+                        .await;
+                    if from_redis(&result) {
+                        handle.answered();
+                    }
+                    result
+                })
+            }
         }
     }
 
     fn get_db(&self) -> i64 {
         match self {
             Self::Standalone(c) => c.get_db(),
-            Self::Cluster(c) => c.get_db(),
+            Self::Cluster(_) => 0,
         }
     }
 }
@@ -117,7 +255,8 @@ pub async fn connect(url: &str) -> Result<Redis, RedisUnreachable> {
     let connecting = async {
         if nodes.len() > 1 {
             let client = cluster_client(&nodes)?;
-            Ok(Redis::Cluster(client.get_async_connection().await?))
+            let connection = client.get_async_connection().await?;
+            Ok(Redis::Cluster(ClusterHandle::new(&nodes, connection)))
         } else {
             let client = client(url)?;
             Ok(Redis::Standalone(
@@ -147,9 +286,8 @@ pub fn connect_lazy(url: &str) -> Result<Redis, RedisUnreachable> {
         let config = redis::cluster::ClusterConfig::new()
             .set_connection_timeout(REDIS_TIMEOUT)
             .set_response_timeout(REDIS_TIMEOUT);
-        return Ok(Redis::Cluster(
-            client.get_pending_async_connection_with_config(config),
-        ));
+        let connection = client.get_pending_async_connection_with_config(config);
+        return Ok(Redis::Cluster(ClusterHandle::new(&nodes, connection)));
     }
     let client = client(url).map_err(fail)?;
     ConnectionManager::new_lazy_with_config(client, manager_config())
@@ -250,9 +388,9 @@ pub async fn on_any_node<T: redis::FromRedisValue>(
 ) -> redis::RedisResult<T> {
     let mut conn = redis.clone();
     match &mut conn {
-        Redis::Cluster(c) => {
+        Redis::Cluster(handle) => {
             let routing = RoutingInfo::SingleNode(SingleNodeRoutingInfo::Random);
-            let value = timed(c.route_command(cmd, routing)).await?;
+            let value = timed(handle.connection().route_command(cmd, routing)).await?;
             Ok(redis::from_redis_value(value)?)
         }
         Redis::Standalone(_) => timed(cmd.query_async(&mut conn)).await,
@@ -262,7 +400,7 @@ pub async fn on_any_node<T: redis::FromRedisValue>(
 /// The masters serving data now, by address.
 pub async fn masters(redis: &Redis) -> redis::RedisResult<Vec<Master>> {
     let mut conn = redis.clone();
-    let Redis::Cluster(cluster) = &mut conn else {
+    let Redis::Cluster(handle) = &mut conn else {
         let keys = timed(redis::cmd("DBSIZE").query_async(&mut conn))
             .await
             .ok();
@@ -284,7 +422,9 @@ pub async fn masters(redis: &Redis) -> redis::RedisResult<Vec<Master>> {
                 f.get(3) == Some(&id.as_str()) && !f.get(2).is_some_and(|fl| fl.contains("fail"))
             })
             .count() as u32;
-        let keys = on_node(cluster, &address, redis::cmd("DBSIZE")).await.ok();
+        let keys = on_node(&mut handle.connection(), &address, redis::cmd("DBSIZE"))
+            .await
+            .ok();
         out.push(Master {
             address,
             slots,
@@ -319,7 +459,9 @@ pub async fn scan(redis: &Redis, pattern: &str) -> redis::RedisResult<Vec<String
                 .arg("COUNT")
                 .arg(1000);
             let (next, batch): (u64, Vec<String>) = match (&node, &mut conn) {
-                (Some(address), Redis::Cluster(c)) => on_node(c, address, cmd).await?,
+                (Some(address), Redis::Cluster(handle)) => {
+                    on_node(&mut handle.connection(), address, cmd).await?
+                }
                 _ => timed(cmd.query_async(&mut conn)).await?,
             };
             keys.extend(batch);

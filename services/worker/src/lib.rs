@@ -259,6 +259,7 @@ impl Worker {
             match consumer {
                 Ok(mut consumer) => {
                     backoff = Duration::from_millis(100);
+                    self.stats.consuming(consumer.waiting());
                     if let Err(e) = self.book.consume(consumer.as_mut(), &shutdown).await {
                         tracing::warn!(error = %e, "order consumer failed; reconnecting");
                     }

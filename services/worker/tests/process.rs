@@ -167,3 +167,22 @@ async fn kill_9_of_a_busy_worker_loses_and_doubles_nothing() {
     env.assert_invariants().await;
     env.finish().await;
 }
+
+/// `--help` names the backend variables but never prints their values from
+/// the environment (they carry passwords).
+#[test]
+fn help_never_prints_the_passwords_in_the_environment() {
+    let out = Command::new(env!("CARGO_BIN_EXE_flashsale-worker"))
+        .arg("--help")
+        .env("DATABASE_URL", "postgres://u:pg-pass-1@127.0.0.1/x")
+        .env("AMQP_URL", "amqp://u:mq-pass-2@127.0.0.1/%2f")
+        .env("REDIS_URL", "redis://:rd-pass-3@127.0.0.1")
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let help = String::from_utf8_lossy(&out.stdout);
+    assert!(help.contains("DATABASE_URL"), "{help}");
+    for secret in ["pg-pass-1", "mq-pass-2", "rd-pass-3"] {
+        assert!(!help.contains(secret), "--help printed {secret}");
+    }
+}

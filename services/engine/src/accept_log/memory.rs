@@ -42,6 +42,16 @@ impl MemoryAcceptLog {
     }
 }
 
+impl MemoryAcceptLog {
+    /// Makes the key's pending claim `by` older (its expiry that much
+    /// nearer): for tests of dead claims.
+    pub fn age_claim(&self, key: &str, by: Duration) {
+        if let Some((_, until)) = self.state().records.get_mut(key) {
+            *until -= by;
+        }
+    }
+}
+
 impl Tokens {
     /// Forgets an admitted order; its quantity if it was admitted.
     fn forget(&mut self, key: &str) -> Option<i64> {

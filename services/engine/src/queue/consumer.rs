@@ -11,6 +11,8 @@ use lapin::options::{
 };
 use lapin::types::FieldTable;
 use lapin::{Channel, Connection, Consumer};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 pub struct OrderConsumer {
@@ -22,6 +24,8 @@ pub struct OrderConsumer {
     prefetch: u16,
     tags: Vec<String>,
     ns: Namespace,
+    /// Set while [`Self::next_batch`] waits with nothing buffered.
+    waiting: Arc<AtomicBool>,
 }
 
 impl OrderConsumer {
@@ -64,7 +68,13 @@ impl OrderConsumer {
             prefetch,
             tags,
             ns: ns.clone(),
+            waiting: Arc::new(AtomicBool::new(false)),
         })
+    }
+
+    /// Set while the consumer waits with nothing buffered.
+    pub fn waiting(&self) -> Arc<AtomicBool> {
+        self.waiting.clone()
     }
 
     pub fn channel(&self) -> &Channel {
@@ -85,7 +95,16 @@ impl OrderConsumer {
     pub async fn next_batch(&self) -> Result<Option<Vec<Delivery>>, lapin::Error> {
         let mut consumer = self.consumer.lock().await;
         let max = usize::from(self.prefetch.max(1)).min(super::MAX_BATCH);
-        let first = match consumer.next().await {
+        let first = match consumer.next().now_or_never() {
+            Some(first) => first,
+            None => {
+                // Nothing buffered: whatever the broker sends next arrives here.
+                self.waiting.store(true, Ordering::Release);
+                consumer.next().await
+            }
+        };
+        self.waiting.store(false, Ordering::Release);
+        let first = match first {
             None => return Ok(None),
             Some(d) => d?,
         };

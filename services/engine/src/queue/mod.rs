@@ -75,11 +75,22 @@ pub trait QueueConsumer: Send + Sync {
     async fn cancel(&mut self);
     /// Records the queues' depth and consumers as metrics (where it can).
     async fn record_stats(&self) {}
+    /// A flag set while the consumer waits with nothing in its prefetch
+    /// buffer (`None`: it has no buffer of its own).
+    fn waiting(&self) -> Option<std::sync::Arc<std::sync::atomic::AtomicBool>> {
+        None
+    }
     /// Goes away; what it held unacknowledged is delivered again.
     async fn close(self: Box<Self>);
 }
 
-/// Drained: no ready order messages and no live worker holding a delivery.
+/// How long after a first drained look to look again before calling the
+/// queue drained: a heartbeat is up to a second old, and a delivery sent
+/// just after it shows in the next one.
+pub const DRAIN_CONFIRM: std::time::Duration = std::time::Duration::from_millis(1200);
+
+/// Drained: no ready order messages and no live worker holding a delivery
+/// (in hand, or possibly in its prefetch buffer).
 pub fn is_drained(queues: &QueueView, workers: &[WorkerView]) -> bool {
     queues.orders_ready == 0 && held_by_workers(workers) == 0
 }

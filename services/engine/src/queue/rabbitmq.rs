@@ -445,6 +445,10 @@ impl RabbitConsumer {
 
 #[async_trait::async_trait]
 impl QueueConsumer for RabbitConsumer {
+    fn waiting(&self) -> Option<std::sync::Arc<std::sync::atomic::AtomicBool>> {
+        Some(self.consumer.waiting())
+    }
+
     async fn next_batch(&mut self) -> Result<Option<Vec<Delivered>>, BackendFailed> {
         let Some(batch) = self.consumer.next_batch().await.map_err(broker_failed)? else {
             return Ok(None);

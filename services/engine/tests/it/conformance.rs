@@ -689,7 +689,13 @@ async fn accept_store_conforms(log: &dyn AcceptStore) {
 /// The admission counter, on any store and ledger: takes by quantity, gives
 /// back once, derives from the ledger, and never overwrites a change it did
 /// not see. Product 1 of `ledger` has 5 units and no orders.
-async fn admission_conforms(store: &dyn AcceptStore, ledger: &dyn Ledger) {
+/// `age_claim` makes a key's pending claim older than
+/// [`admission::PENDING_ALIVE`] on the store's own clock.
+async fn admission_conforms(
+    store: &dyn AcceptStore,
+    ledger: &dyn Ledger,
+    age_claim: impl AsyncFn(&str),
+) {
     let admit = |k: &'static str, units: i64| {
         let record = AcceptRecord::pending(&request(k, units), Utc::now());
         async move { (store.admit(&key(k), &record).await.unwrap(), record) }
@@ -735,12 +741,13 @@ async fn admission_conforms(store: &dyn AcceptStore, ledger: &dyn Ledger) {
     let (_, q_rec) = admit("q", 1).await;
     store.mark_queued(&key("q"), &q_rec).await.unwrap();
     admit("p", 1).await;
-    let long_ago = Utc::now() - chrono::Duration::seconds(60);
-    let dead = AcceptRecord::pending(&request("z", 1), long_ago);
+    // Dead by the store's clock, whatever its record's own time says.
+    let dead = AcceptRecord::pending(&request("z", 1), Utc::now());
     assert!(matches!(
         store.admit(&key("z"), &dead).await.unwrap(),
         Admit::Claimed { left: 0 }
     ));
+    age_claim("z").await;
     assert_eq!(
         admission::derive(store, ledger, pid(1), false)
             .await
@@ -793,7 +800,11 @@ async fn embedded_accept_log_conforms() {
 async fn embedded_admission_conforms() {
     let ledger = MemoryLedger::new();
     ledger.create_missing(&[product(1, 5, None)]).await.unwrap();
-    admission_conforms(&MemoryAcceptLog::new(), &ledger).await;
+    let store = MemoryAcceptLog::new();
+    admission_conforms(&store, &ledger, async |k: &str| {
+        store.age_claim(k, admission::PENDING_ALIVE);
+    })
+    .await;
 }
 
 /// The scratch deployment's Redis, and its PostgreSQL ledger holding
@@ -820,9 +831,21 @@ async fn redis_and_a_ledger(
 async fn redis_and_postgres_admission_conforms() {
     let scratch = Scratch::new(&servers());
     let (redis, pool, ledger) = redis_and_a_ledger(&scratch).await;
+    let ns = scratch.backends.namespace();
+    let age_claim = async |k: &str| {
+        let mut conn = redis.clone();
+        let left = flashsale_engine::accept_log::PENDING_TTL - admission::PENDING_ALIVE;
+        redis::cmd("PEXPIRE")
+            .arg(ns.accept_key(k))
+            .arg(left.as_millis() as u64 - 100)
+            .query_async::<()>(&mut conn)
+            .await
+            .unwrap();
+    };
     admission_conforms(
-        &AcceptLog::new(redis, scratch.backends.namespace()),
+        &AcceptLog::new(redis.clone(), ns.clone()),
         &ledger,
+        age_claim,
     )
     .await;
     pool.close().await;
