@@ -24,8 +24,7 @@ async fn seed_held(env: &TestEnv, id: i64, stock: i32, hold_seconds: i32) {
     .unwrap();
 }
 
-/// `POST /orders/{key}/{action}`: status and body.
-/// Pays or cancels `key` as `buyer` (the body names the buyer, contract v4).
+/// `POST /orders/{key}/{action}`: status and body. Pays or cancels `key` as `buyer` (the body names the buyer, contract v4).
 async fn settle(
     env: &TestEnv,
     api: &str,
@@ -576,6 +575,60 @@ async fn a_stream_outlives_the_idle_timeout_and_one_buyer_holds_few() {
         statuses_streamed(again, Duration::from_secs(5)).await,
         ["expired"]
     );
+    env.assert_invariants().await;
+    env.finish().await;
+}
+
+/// Issue 25, item 10: product rows are locked in one order everywhere, so
+/// the holds sweep (expiring holds over many products) and joint commits
+/// (booking over many products) never deadlock: PostgreSQL's deadlock
+/// count for the database stays where it was.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_checkout_over_many_products_never_deadlocks() {
+    let mut env = common::env().await;
+    for id in 1..=20 {
+        seed_held(&env, id, 200, 1).await;
+    }
+    let deadlocks = || async {
+        env.count("SELECT deadlocks FROM pg_stat_database WHERE datname = current_database()")
+            .await
+    };
+    let before = deadlocks().await;
+    let api = env.start_api().await;
+    env.start_worker().await;
+    env.start_worker().await;
+    // Rounds of buys over all twenty products, a second apart: each
+    // round's holds expire while the next round commits.
+    for round in 0..5 {
+        let answers: Vec<_> = futures_util::stream::iter(0..400)
+            .map(|i| {
+                let (env, api) = (&env, &api);
+                async move {
+                    let body = json!({"userId": format!("r{round}u{i}"), "productId": i % 20 + 1, "quantity": 1});
+                    env.buy(api, Some(&format!("r{round}-{i}")), body).await
+                }
+            })
+            .buffer_unordered(100)
+            .collect()
+            .await;
+        assert!(answers.iter().all(|a| a.status == StatusCode::ACCEPTED));
+        tokio::time::sleep(Duration::from_millis(700)).await;
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while env
+        .count("SELECT count(*) FROM orders WHERE status = 'held'")
+        .await
+        > 0
+        || env.count("SELECT count(*) FROM orders").await < 2000
+    {
+        assert!(Instant::now() < deadline, "holds still open after 30 s");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // A backend reports its deadlocks when it goes idle for long or
+    // exits: the workers go, and their connections with them.
+    env.stop_workers().await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(deadlocks().await - before, 0, "PostgreSQL saw deadlocks");
     env.assert_invariants().await;
     env.finish().await;
 }
