@@ -2,6 +2,7 @@
 //! `Idempotency-Key`, rejects sold-out products without touching the queue,
 //! publishes durably to RabbitMQ and answers `202` only after the confirm.
 
+pub mod booked_keys;
 pub mod catalog;
 pub mod error;
 pub mod gate;

@@ -2,6 +2,7 @@
 //! accept log, the order queue and the ledger — on Redis, RabbitMQ and
 //! PostgreSQL, or embedded in memory for `fsctl demo`.
 
+use crate::booked_keys::BookedKeys;
 use crate::catalog::Catalog;
 use crate::gate::Gate;
 use crate::settling::Settling;
@@ -44,6 +45,8 @@ pub struct Shared {
     pub events: OrderEvents,
     /// The event streams open in this process.
     pub watchers: Arc<Watchers>,
+    /// Whether a key the accept log does not know has a row after all.
+    pub booked: BookedKeys,
     /// Order reads running against the ledger (`API_MAX_READS`).
     pub reads: Arc<tokio::sync::Semaphore>,
     /// Follows the announcements for `watchers`; aborted with the state.
@@ -116,6 +119,7 @@ impl AppState {
             watchers.clone(),
         )));
         let events = OrderEvents::redis(redis.clone(), &namespace);
+        let booked = BookedKeys::start(Arc::new(ledger.clone()));
         Ok(Self(Arc::new(Shared {
             catalog: Catalog::start(ledger.clone(), backends),
             accept_log: Arc::new(AcceptLog::new(redis.clone(), namespace.clone())),
@@ -130,6 +134,7 @@ impl AppState {
             instance,
             events,
             watchers,
+            booked,
             reads: Arc::new(tokio::sync::Semaphore::new(limits.max_reads.max(1))),
             _follower: follower,
             _beat: Some(beat),
@@ -143,6 +148,7 @@ impl AppState {
         access: &Access,
     ) -> anyhow::Result<Self> {
         let ledger: Arc<dyn Ledger> = backends.ledger.clone();
+        let booked = BookedKeys::start(ledger.clone());
         let namespace = Namespace::new("embedded");
         let gate = Gate::new(
             &access.auth,
@@ -170,6 +176,7 @@ impl AppState {
             instance: "embedded".into(),
             events: backends.events.clone(),
             watchers,
+            booked,
             reads: Arc::new(tokio::sync::Semaphore::new(limits.max_reads.max(1))),
             _follower: follower,
             _beat: None,

@@ -282,12 +282,11 @@ async fn booked_before(
     request: &OrderRequest,
     record: &AcceptRecord,
 ) -> Result<Option<Answer>, ApiError> {
-    let row = super::orders::lookup_row(state, key.as_str()).await;
-    let answer = match row {
+    let answer = match state.booked.row(key.as_str()).await {
         Ok(None) => return Ok(None),
         Ok(Some(row)) if row.is_of(request) => Ok(Some(Answer::Repeat(row))),
         Ok(Some(_)) => Err(ApiError::KeyReused),
-        Err(e) => Err(e),
+        Err(e) => Err(ApiError::unavailable("PostgreSQL", e)),
     };
     withdraw(state, key, record).await;
     answer

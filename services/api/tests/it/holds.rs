@@ -589,11 +589,9 @@ async fn a_checkout_over_many_products_never_deadlocks() {
     for id in 1..=20 {
         seed_held(&env, id, 200, 1).await;
     }
-    let deadlocks = || async {
-        env.count("SELECT deadlocks FROM pg_stat_database WHERE datname = current_database()")
-            .await
-    };
-    let before = deadlocks().await;
+    const DEADLOCKS: &str =
+        "SELECT deadlocks FROM pg_stat_database WHERE datname = current_database()";
+    let before = env.count(DEADLOCKS).await;
     let api = env.start_api().await;
     env.start_worker().await;
     env.start_worker().await;
@@ -628,7 +626,11 @@ async fn a_checkout_over_many_products_never_deadlocks() {
     // exits: the workers go, and their connections with them.
     env.stop_workers().await;
     tokio::time::sleep(Duration::from_secs(1)).await;
-    assert_eq!(deadlocks().await - before, 0, "PostgreSQL saw deadlocks");
+    assert_eq!(
+        env.count(DEADLOCKS).await - before,
+        0,
+        "PostgreSQL saw deadlocks"
+    );
     env.assert_invariants().await;
     env.finish().await;
 }

@@ -291,6 +291,14 @@ impl Ledger for MemoryLedger {
         Ok(self.books().orders.get(order_id).cloned())
     }
 
+    async fn orders(&self, keys: &[String]) -> Result<Vec<OrderView>, LedgerError> {
+        let books = self.books();
+        Ok(keys
+            .iter()
+            .filter_map(|k| books.orders.get(k).cloned())
+            .collect())
+    }
+
     /// Memory holds any string: nothing is ever refused as data.
     async fn refused(
         &self,

@@ -212,6 +212,8 @@ pub trait Ledger: Send + Sync {
     /// Whether the ledger answers (for `/health/ready`).
     async fn probe(&self) -> crate::seams::Probe;
     async fn order(&self, order_id: &str) -> Result<Option<OrderView>, LedgerError>;
+    /// The order rows of those of `keys` that have one, in any order.
+    async fn orders(&self, keys: &[String]) -> Result<Vec<OrderView>, LedgerError>;
     /// The product's stock and which of `keys` have an order row, read in
     /// one snapshot (for the admission counter); `None`: unknown product.
     async fn stock_and_booked(

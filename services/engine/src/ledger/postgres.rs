@@ -409,6 +409,22 @@ impl Ledger for StockLedger {
         .map(|r| product_from_row(r).map_err(LedgerError::from))
         .collect()
     }
+    async fn orders(&self, keys: &[String]) -> Result<Vec<OrderView>, LedgerError> {
+        let rows = self
+            .read(
+                sqlx::query(concat!(
+                    "SELECT ",
+                    order_columns!(),
+                    " FROM orders WHERE idempotency_key = ANY($1)"
+                ))
+                .bind(keys),
+            )
+            .await?;
+        rows.iter()
+            .map(|r| order_from_row(r).map_err(LedgerError::from))
+            .collect()
+    }
+
     /// The order row for a key, if the worker has written one.
     async fn order(&self, order_id: &str) -> Result<Option<OrderView>, LedgerError> {
         let rows = self
