@@ -13,8 +13,9 @@ use tokio::sync::{Semaphore, mpsc, oneshot};
 
 /// Keys one query asks about at most.
 const BATCH: usize = 256;
-/// Queries in flight at once (the rest of the pool serves everything else).
-const QUERIES: usize = 4;
+/// Queries in flight at once: while one runs the next asks gather, so
+/// under load a query answers many (the rest of the pool serves the rest).
+const QUERIES: usize = 1;
 /// A look-up gives up after this long.
 pub const LOOKUP_TIMEOUT: Duration = Duration::from_secs(2);
 

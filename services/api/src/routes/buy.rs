@@ -243,12 +243,7 @@ async fn admit(state: &AppState, buy: Buy) -> Result<Answer, ApiError> {
                 // The counter's gauge is the workers' (a per-accept gauge
                 // update cost ~10 % of the accept rate).
                 Admit::Claimed { .. } => {
-                    if supplied
-                        && let Some(answer) = booked_before(state, &key, &request, &record).await?
-                    {
-                        return Ok(answer);
-                    }
-                    return publish_and_record(state, key, &request, &record).await;
+                    return publish_and_record(state, key, supplied, &request, &record).await;
                 }
                 Admit::Taken(earlier) => earlier,
                 Admit::Short { available: 0 } => return Ok(Answer::SoldOut(key)),
@@ -269,27 +264,6 @@ async fn admit(state: &AppState, buy: Buy) -> Result<Answer, ApiError> {
             None => continue,
         }
     }
-}
-
-/// A supplied key the accept log does not know may still have a row in
-/// PostgreSQL: its record expired, or Redis lost its data. The ledger
-/// decides before anything is published (contract v4, "A key is the
-/// truth"): a row with the same body is a repeat, another body `422`; either
-/// way this claim is withdrawn and its units given back.
-async fn booked_before(
-    state: &AppState,
-    key: &IdempotencyKey,
-    request: &OrderRequest,
-    record: &AcceptRecord,
-) -> Result<Option<Answer>, ApiError> {
-    let answer = match state.booked.row(key.as_str()).await {
-        Ok(None) => return Ok(None),
-        Ok(Some(row)) if row.is_of(request) => Ok(Some(Answer::Repeat(row))),
-        Ok(Some(_)) => Err(ApiError::KeyReused),
-        Err(e) => Err(ApiError::unavailable("PostgreSQL", e)),
-    };
-    withdraw(state, key, record).await;
-    answer
 }
 
 /// Withdraws this request's claim, its units back; repeats waiting on it
@@ -349,43 +323,97 @@ async fn settle(
         .map_err(|e| ApiError::unavailable("Redis", e))
 }
 
+/// What the ledger says of a claimed key the client sent.
+enum Ledgered {
+    /// No row: the key is free (or the API made it up: nobody asked).
+    Free,
+    /// The key was booked before the accept log forgot it.
+    Booked(OrderView),
+    /// The ledger did not answer.
+    Unknown(ApiError),
+}
+
 /// Claimed: publish, wait for the confirm, and mark the key queued; or
 /// withdraw the claim when the publish failed.
+///
+/// A key the client sent and the accept log did not know may still have a
+/// row in PostgreSQL (its record expired, or Redis lost its data), so the
+/// ledger is asked too (contract v4, "A key is the truth"), at the same
+/// time as the publish so that it adds no wait. If the key was booked, a
+/// copy just published is a duplicate the worker acks and drops; the answer
+/// is the row (`200`) or `422` for another body, and the claim's units go
+/// back. If the ledger did not answer, the answer is `503`: the claim is
+/// left to expire (the reconciliation then counts the order by its row).
 async fn publish_and_record(
     state: &AppState,
     key: IdempotencyKey,
+    supplied: bool,
     request: &OrderRequest,
     record: &AcceptRecord,
 ) -> Result<Answer, ApiError> {
     let message = OrderMessage::new(&key, request, record.accepted_at);
-    let published = match serde_json::to_vec(&message) {
-        Ok(payload) => state
-            .queue
-            .publish(request.product_id.get(), key.as_str(), &payload)
-            .await
-            .map_err(|e| ApiError::unavailable("RabbitMQ", e)),
-        Err(e) => Err(ApiError::unavailable(
-            "API",
-            format!("cannot encode the order: {e}"),
-        )),
+    let publishing = async {
+        match serde_json::to_vec(&message) {
+            Ok(payload) => state
+                .queue
+                .publish(request.product_id.get(), key.as_str(), &payload)
+                .await
+                .map_err(|e| ApiError::unavailable("RabbitMQ", e)),
+            Err(e) => Err(ApiError::unavailable(
+                "API",
+                format!("cannot encode the order: {e}"),
+            )),
+        }
     };
-    if let Err(e) = published {
-        withdraw(state, &key, record).await;
-        return Err(e);
-    }
-    let queued = AcceptRecord {
-        state: AcceptState::Queued,
-        ..record.clone()
+    let ledgered = async {
+        if !supplied {
+            return Ledgered::Free;
+        }
+        match state.booked.row(key.as_str()).await {
+            Ok(None) => Ledgered::Free,
+            Ok(Some(row)) => Ledgered::Booked(row),
+            Err(e) => Ledgered::Unknown(ApiError::unavailable("PostgreSQL", e)),
+        }
     };
-    match state.accept_log.mark_queued(&key, record).await {
-        Ok(true) => {}
-        // The order is in the queue all the same: the worker books it once.
-        Ok(false) => tracing::warn!(order = %key, "accepted after its claim expired"),
-        // A repeat after the claim expires is published again and booked once.
-        Err(e) => tracing::warn!(order = %key, error = %e, "accepted, but not recorded in Redis"),
+    let (published, ledgered) = tokio::join!(publishing, ledgered);
+    match (published, ledgered) {
+        (_, Ledgered::Booked(row)) => {
+            withdraw(state, &key, record).await;
+            if row.is_of(request) {
+                Ok(Answer::Repeat(row))
+            } else {
+                Err(ApiError::KeyReused)
+            }
+        }
+        (Err(e), _) => {
+            withdraw(state, &key, record).await;
+            Err(e)
+        }
+        (Ok(()), Ledgered::Unknown(e)) => {
+            state.settling.settle(
+                key.as_str(),
+                Err("the ledger did not answer for this key".into()),
+            );
+            Err(e)
+        }
+        (Ok(()), Ledgered::Free) => {
+            let queued = AcceptRecord {
+                state: AcceptState::Queued,
+                ..record.clone()
+            };
+            match state.accept_log.mark_queued(&key, record).await {
+                Ok(true) => {}
+                // The order is in the queue all the same: the worker books it once.
+                Ok(false) => tracing::warn!(order = %key, "accepted after its claim expired"),
+                // A repeat after the claim expires is published again and booked once.
+                Err(e) => {
+                    tracing::warn!(order = %key, error = %e, "accepted, but not recorded in Redis");
+                }
+            }
+            state.settling.settle(key.as_str(), Ok(Some(queued)));
+            Ok(Answer::Accepted(key))
+        }
     }
-    state.settling.settle(key.as_str(), Ok(Some(queued)));
-    Ok(Answer::Accepted(key))
 }
 
 /// A repeat of an accepted key: the order as `GET /orders/{id}` shows it.
