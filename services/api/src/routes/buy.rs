@@ -12,7 +12,7 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use axum::{Json, Router};
-use chrono::Utc;
+use chrono::{SubsecRound, Utc};
 use flashsale_engine::accept_log::{AcceptRecord, AcceptState, Admit};
 use flashsale_engine::admission::{self, Derived, PENDING_ALIVE};
 use flashsale_engine::domain::InvalidField;
@@ -214,7 +214,10 @@ async fn admit(state: &AppState, buy: Buy) -> Result<Answer, ApiError> {
         request,
         sold_out,
     } = buy;
-    let record = AcceptRecord::pending(&request, Utc::now()).claimed_by(&state.instance);
+    // Microseconds, as PostgreSQL keeps it: the row of this very publish
+    // carries the same time (see `publish_and_record`).
+    let record =
+        AcceptRecord::pending(&request, Utc::now().trunc_subsecs(6)).claimed_by(&state.instance);
     let redis_down = |e: BackendFailed| ApiError::unavailable("Redis", e);
     let mut derivations = 0;
     loop {
@@ -371,6 +374,10 @@ async fn publish_and_record(
         }
         match state.booked.row(key.as_str()).await {
             Ok(None) => Ledgered::Free,
+            // This very publish, booked already by a quick worker.
+            Ok(Some(row)) if row.is_of(request) && row.accepted_at == message.accepted_at => {
+                Ledgered::Free
+            }
             Ok(Some(row)) => Ledgered::Booked(row),
             Err(e) => Ledgered::Unknown(ApiError::unavailable("PostgreSQL", e)),
         }
