@@ -141,6 +141,9 @@ pub struct OrderBook {
     /// Order changes for the APIs' event streams.
     events: OrderEvents,
     stats: Arc<WorkerStats>,
+    /// The duplicates of the batch being booked (key already booked): the
+    /// ones whose row has another body are dead-lettered, not dropped.
+    duplicates: std::sync::Mutex<Vec<(QueuedOrder, u64)>>,
 }
 
 const MAX_BACKOFF: Duration = Duration::from_secs(2);
@@ -164,6 +167,7 @@ impl OrderBook {
             feed,
             events,
             stats,
+            duplicates: std::sync::Mutex::default(),
         }
     }
 
@@ -263,10 +267,62 @@ impl OrderBook {
                     .await?;
             }
         }
+        for tag in self.reused_keys(shutdown).await? {
+            if let Some(delivery) = held.remove(&tag) {
+                let reason = "idempotency_key_reused: the key's order has another body";
+                self.dead_letter(consumer, &delivery, reason, "key_reused")
+                    .await?;
+            }
+        }
         Ok(Committed {
             last_tag: if held.is_empty() { None } else { last_tag },
             count: held.len(),
         })
+    }
+
+    /// The batch's duplicates whose key was booked with another body: an
+    /// order accepted twice under one key after Redis forgot the first (the
+    /// API could not know). Dropping the second would lose an accepted
+    /// order without a trace; it goes to the DLQ instead (invariant 4).
+    async fn reused_keys(&self, shutdown: &CancellationToken) -> Result<Vec<u64>, BookError> {
+        let duplicates =
+            std::mem::take(&mut *self.duplicates.lock().unwrap_or_else(|p| p.into_inner()));
+        if duplicates.is_empty() {
+            return Ok(Vec::new());
+        }
+        let keys: Vec<String> = duplicates
+            .iter()
+            .map(|(o, _)| o.order_id.as_str().to_owned())
+            .collect();
+        let mut backoff = Duration::from_millis(50);
+        let rows = loop {
+            match self.ledger.orders(&keys).await {
+                Ok(rows) => break rows,
+                Err(e) => {
+                    if shutdown.is_cancelled() {
+                        return Err(BookError::Abandoned(format!(
+                            "reading the duplicates' rows: {e}"
+                        )));
+                    }
+                    tracing::warn!(error = %e, "cannot read the duplicates' rows; retrying");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(MAX_BACKOFF);
+                }
+            }
+        };
+        let rows: HashMap<&str, &flashsale_engine::OrderView> =
+            rows.iter().map(|r| (r.order_id.as_str(), r)).collect();
+        Ok(duplicates
+            .iter()
+            .filter(|(order, _)| {
+                rows.get(order.order_id.as_str()).is_some_and(|row| {
+                    row.user_id != order.user_id.as_str()
+                        || row.product_id != order.product_id.get()
+                        || row.quantity != i64::from(order.quantity.get())
+                })
+            })
+            .map(|(_, tag)| *tag)
+            .collect())
     }
 
     async fn dead_letter(
@@ -428,6 +484,16 @@ impl OrderBook {
     /// change within 250 ms.
     async fn after_commit(&self, group: &ProductGroup, held: &HeldLock, receipt: &GroupReceipt) {
         self.record(group, receipt);
+        {
+            let mut duplicates = self.duplicates.lock().unwrap_or_else(|p| p.into_inner());
+            for ((order, tag), outcome) in
+                group.orders.iter().zip(&group.tags).zip(&receipt.outcomes)
+            {
+                if *outcome == OrderOutcome::Duplicate {
+                    duplicates.push((order.clone(), *tag));
+                }
+            }
+        }
         let announce = async {
             if let (Some(feed), Some(0)) = (&self.feed, receipt.stock_after) {
                 feed.announce(group.product.get(), 0).await;

@@ -262,7 +262,16 @@ async fn admit(state: &AppState, buy: Buy) -> Result<Answer, ApiError> {
             Some(accepted) if accepted.same_body(&request) => {
                 return repeat(state, &key, &accepted).await;
             }
-            Some(_) => return Err(ApiError::KeyReused),
+            // The log says another body; the key's row, if it has one, is
+            // the truth (two bodies may have been accepted under one key
+            // after Redis forgot the first: the worker booked one of them).
+            Some(_) => {
+                return match state.booked.row(key.as_str()).await {
+                    Ok(Some(row)) if row.is_of(&request) => Ok(Answer::Repeat(row)),
+                    Ok(_) => Err(ApiError::KeyReused),
+                    Err(e) => Err(ApiError::unavailable("PostgreSQL", e)),
+                };
+            }
             // The first request with this key failed and withdrew: start afresh.
             None => continue,
         }

@@ -43,6 +43,14 @@ impl MemoryAcceptLog {
 }
 
 impl MemoryAcceptLog {
+    /// Forgets every record, counter and admitted order: what Redis losing
+    /// its data looks like (the simulator's fault).
+    pub fn forget_everything(&self) {
+        let mut s = self.state();
+        s.records.clear();
+        s.tokens.clear();
+    }
+
     /// Makes the key's pending claim `by` older (its expiry that much
     /// nearer): for tests of dead claims.
     pub fn age_claim(&self, key: &str, by: Duration) {

@@ -35,6 +35,14 @@ impl MemoryLocks {
         }
     }
 
+    /// Forgets every lock and fence counter: what Redis losing its data
+    /// looks like (the simulator's fault).
+    pub fn forget_everything(&self) {
+        let mut t = self.table();
+        t.held.clear();
+        t.fences.clear();
+    }
+
     /// The same lock table under another holder's name.
     pub fn holder(&self, holder: impl Into<String>) -> Self {
         Self {

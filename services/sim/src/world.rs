@@ -1,0 +1,355 @@
+//! One seed's world: the deployment it draws, the buyers and the faults it
+//! schedules, and the phases: faults, heal, converge.
+
+use crate::check::{self, Answer, Violation};
+use crate::rng::{SimRng, Trace};
+use crate::{CONVERGE_WITHIN, Outcome};
+use axum::Router;
+use axum::body::Body;
+use axum::http::{Request, StatusCode};
+use flashsale_api::routes;
+use flashsale_api::state::AppState;
+use flashsale_api::{Access, HttpLimits};
+use flashsale_engine::accept_log::AcceptStore;
+use flashsale_engine::embedded::EmbeddedBackends;
+use flashsale_engine::ledger::{Ledger, NewProduct};
+use flashsale_worker::Worker;
+use std::fmt;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tower::ServiceExt;
+
+/// What a seed draws: the deployment, the buyers and the faults.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Options {
+    pub apis: usize,
+    pub workers: usize,
+    /// `(id, stock, per_user_limit)`.
+    pub products: Vec<(i64, i32, Option<i32>)>,
+    pub buyers: usize,
+    /// Percent of buys that reuse an earlier buy's key (same or other body).
+    pub repeats: u64,
+    /// Percent of buys whose client hangs up before the answer.
+    pub hang_ups: u64,
+    /// Percent of `503`s retried with the same key.
+    pub retries: u64,
+    /// A worker is killed mid-sale (and another started when healing).
+    pub kill_worker: bool,
+    /// Redis loses everything mid-sale: accept log, counters, locks, fences.
+    pub redis_loss: bool,
+    /// Deliveries a worker holds (small: batches split across workers).
+    pub prefetch: u16,
+}
+
+impl Options {
+    pub fn draw(seed: u64) -> Self {
+        let mut r = SimRng::new(seed);
+        let products = (1..=r.between(1, 3) as i64)
+            .map(|id| {
+                let stock = r.between(3, 40) as i32;
+                let limit = r.chance(0.3).then(|| r.between(1, 3) as i32);
+                (id, stock, limit)
+            })
+            .collect();
+        Self {
+            apis: r.between(1, 3) as usize,
+            workers: r.between(1, 3) as usize,
+            products,
+            buyers: r.between(10, 60) as usize,
+            repeats: r.between(0, 30),
+            hang_ups: if r.chance(0.5) { r.between(0, 30) } else { 0 },
+            retries: r.between(0, 100),
+            kill_worker: r.chance(0.5),
+            redis_loss: r.chance(0.25),
+            prefetch: r.between(1, 20) as u16,
+        }
+    }
+}
+
+impl fmt::Display for Options {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "apis {}, workers {}, products {:?}, buyers {}, repeats {}%, hang-ups {}%, retries {}%, kill worker {}, redis loss {}, prefetch {}",
+            self.apis,
+            self.workers,
+            self.products,
+            self.buyers,
+            self.repeats,
+            self.hang_ups,
+            self.retries,
+            self.kill_worker,
+            self.redis_loss,
+            self.prefetch
+        )
+    }
+}
+
+/// The events of the run, in the order they happened: what the trace hashes
+/// and a failure's report shows the end of.
+#[derive(Clone, Default)]
+pub(crate) struct Events(Arc<Mutex<(Trace, Vec<String>)>>);
+
+impl Events {
+    pub(crate) fn add(&self, event: String) {
+        let mut e = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        e.0.add(&event);
+        e.1.push(event);
+    }
+
+    fn finish(&self) -> (u64, Vec<String>) {
+        let e = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        (e.0.value(), e.1.clone())
+    }
+}
+
+/// One buy a buyer makes.
+#[derive(Debug, Clone)]
+struct Buy {
+    key: String,
+    user: String,
+    product: i64,
+    quantity: i64,
+    /// Sent this long after the sale opens.
+    at: Duration,
+    /// The client hangs up this long after sending.
+    hang_up: Option<Duration>,
+    retry: bool,
+}
+
+impl Buy {
+    fn body(&self) -> String {
+        format!(
+            r#"{{"userId":"{}","productId":{},"quantity":{}}}"#,
+            self.user, self.product, self.quantity
+        )
+    }
+}
+
+fn plan_buys(options: &Options, r: &mut SimRng) -> Vec<Buy> {
+    let mut buys: Vec<Buy> = Vec::with_capacity(options.buyers);
+    for i in 0..options.buyers {
+        let (product, _, _) =
+            options.products[r.between(0, options.products.len() as u64 - 1) as usize];
+        let mut buy = Buy {
+            key: format!("k{i}"),
+            user: format!("u{}", r.between(0, options.buyers as u64 / 2)),
+            product,
+            quantity: r.between(1, 2) as i64,
+            at: Duration::from_millis(r.between(0, 3000)),
+            hang_up: r
+                .chance(options.hang_ups as f64 / 100.0)
+                .then(|| Duration::from_micros(r.between(0, 3000))),
+            retry: r.chance(options.retries as f64 / 100.0),
+        };
+        if !buys.is_empty() && r.chance(options.repeats as f64 / 100.0) {
+            let earlier = &buys[r.between(0, buys.len() as u64 - 1) as usize];
+            buy.key = earlier.key.clone();
+            // Half the repeats are the same request again, half reuse the key.
+            if r.chance(0.5) {
+                buy.user = earlier.user.clone();
+                buy.product = earlier.product;
+                buy.quantity = earlier.quantity;
+            }
+        }
+        buys.push(buy);
+    }
+    buys
+}
+
+/// Sends the buy (retrying a `503` when it does); its answer, `None` when
+/// the client hung up.
+async fn send(api: Router, buy: Buy, events: Events) -> Answer {
+    tokio::time::sleep(buy.at).await;
+    for attempt in 0..4 {
+        let request = Request::post("/buy")
+            .header("content-type", "application/json")
+            .header("idempotency-key", &buy.key)
+            .body(Body::from(buy.body()))
+            .unwrap_or_default();
+        let answering = async {
+            let response = api.clone().oneshot(request).await.ok()?;
+            let status = response.status();
+            let bytes = axum::body::to_bytes(response.into_body(), 1 << 16)
+                .await
+                .ok()?;
+            let body: serde_json::Value = serde_json::from_slice(&bytes).unwrap_or_default();
+            Some((status, body))
+        };
+        let answered = match buy.hang_up {
+            Some(after) => tokio::time::timeout(after, answering).await.ok().flatten(),
+            None => answering.await,
+        };
+        let Some((status, body)) = answered else {
+            events.add(format!("hang-up {} {}", buy.key, buy.body()));
+            return Answer::hung_up(&buy.key, &buy.user, buy.product, buy.quantity);
+        };
+        events.add(format!(
+            "answer {} {} {}",
+            buy.key,
+            status.as_u16(),
+            buy.body()
+        ));
+        if status == StatusCode::SERVICE_UNAVAILABLE && buy.retry && attempt < 3 {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            continue;
+        }
+        return Answer::new(&buy.key, &buy.user, buy.product, buy.quantity, status, body);
+    }
+    unreachable!("the last attempt returns")
+}
+
+/// A worker running on a task of the world, killed by aborting it.
+struct SimWorker {
+    stop: CancellationToken,
+    task: JoinHandle<anyhow::Result<()>>,
+}
+
+fn start_worker(id: &str, backends: &EmbeddedBackends, prefetch: u16) -> SimWorker {
+    let stop = CancellationToken::new();
+    let worker = Worker::embedded(id, backends, prefetch);
+    let task = tokio::spawn(worker.run(stop.clone()));
+    SimWorker { stop, task }
+}
+
+pub(crate) async fn run(seed: u64) -> Outcome {
+    let options = Options::draw(seed);
+    let events = Events::default();
+    let result = sale(seed, &options, &events).await;
+    let (trace, events) = events.finish();
+    Outcome {
+        seed,
+        options,
+        trace,
+        violation: result.err(),
+        events,
+    }
+}
+
+async fn sale(seed: u64, options: &Options, events: &Events) -> Result<(), Violation> {
+    let mut r = SimRng::new(seed.rotate_left(29) ^ 0xA5A5);
+    let backends = EmbeddedBackends::default();
+    let products: Vec<NewProduct> = options
+        .products
+        .iter()
+        .map(|(id, stock, limit)| NewProduct {
+            id: *id,
+            name: format!("p{id}"),
+            stock: *stock,
+            max_per_order: 10,
+            per_user_limit: *limit,
+            hold_seconds: None,
+        })
+        .collect();
+    backends
+        .ledger
+        .create_missing(&products)
+        .await
+        .map_err(|e| Violation::new("setup", e.to_string()))?;
+    for (id, stock, _) in &options.products {
+        backends
+            .accept_log
+            .reset(*id, i64::from(*stock))
+            .await
+            .map_err(|e| Violation::new("setup", e.to_string()))?;
+    }
+    let mut apis = Vec::new();
+    for _ in 0..options.apis {
+        let state = AppState::embedded(&backends, &HttpLimits::default(), &Access::default())
+            .map_err(|e| Violation::new("setup", e.to_string()))?;
+        apis.push(routes::router(state));
+    }
+    let mut workers: Vec<SimWorker> = (0..options.workers)
+        .map(|i| start_worker(&format!("w{i}"), &backends, options.prefetch))
+        .collect();
+
+    // Faults: the buyers, and what the seed drew against them.
+    let buys = plan_buys(options, &mut r);
+    let buyers: Vec<JoinHandle<Answer>> = buys
+        .into_iter()
+        .enumerate()
+        .map(|(i, buy)| tokio::spawn(send(apis[i % apis.len()].clone(), buy, events.clone())))
+        .collect();
+    if options.kill_worker {
+        tokio::time::sleep(Duration::from_millis(r.between(0, 3000))).await;
+        let victim = workers.remove(0);
+        victim.task.abort();
+        events.add("fault: worker w0 killed".into());
+    }
+    if options.redis_loss {
+        tokio::time::sleep(Duration::from_millis(r.between(0, 2000))).await;
+        backends.accept_log.forget_everything();
+        backends.locks.forget_everything();
+        events.add("fault: Redis lost everything".into());
+    }
+    let mut answers = Vec::with_capacity(buyers.len());
+    for buyer in buyers {
+        answers.push(
+            buyer
+                .await
+                .map_err(|e| Violation::new("buyer", format!("a buyer task failed: {e}")))?,
+        );
+    }
+
+    // Heal: every worker the seed drew runs again.
+    while workers.len() < options.workers {
+        let id = format!("w-healed-{}", workers.len());
+        workers.push(start_worker(&id, &backends, options.prefetch));
+        events.add(format!("heal: {id} started"));
+    }
+
+    // Converge: the queue drains, every admitted order settles, every
+    // counter comes back to its product's stock.
+    let started = tokio::time::Instant::now();
+    loop {
+        if converged(&backends, options).await {
+            break;
+        }
+        if started.elapsed() > CONVERGE_WITHIN {
+            let (ready, held) = backends.queue.depth();
+            return Err(Violation::new(
+                "liveness",
+                format!(
+                    "not converged {CONVERGE_WITHIN:?} after healing: {ready} ready, {held} held"
+                ),
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    for w in &workers {
+        w.stop.cancel();
+    }
+    for w in workers {
+        let _ = w.task.await;
+    }
+    check::books(&backends, &answers, events).await
+}
+
+/// Drained, settled and reconciled.
+async fn converged(backends: &EmbeddedBackends, options: &Options) -> bool {
+    if backends.queue.depth() != (0, 0) {
+        return false;
+    }
+    for (id, _, _) in &options.products {
+        let Ok(admission) = backends.accept_log.admission(*id).await else {
+            return false;
+        };
+        let Ok(Some(product)) = backends
+            .ledger
+            .product(flashsale_engine::ProductId::new(*id).unwrap_or_else(|_| unreachable!()))
+            .await
+        else {
+            return false;
+        };
+        if !admission.admitted.is_empty()
+            || admission
+                .tokens
+                .is_some_and(|t| t != i64::from(product.stock))
+        {
+            return false;
+        }
+    }
+    true
+}
