@@ -10,7 +10,9 @@ COPY services/worker/Cargo.toml services/worker/
 COPY services/testkit/Cargo.toml services/testkit/
 COPY cli/Cargo.toml cli/
 COPY bench/Cargo.toml bench/
-RUN for d in services/engine services/api services/worker services/testkit cli bench; do \
+COPY services/sim/Cargo.toml services/sim/
+COPY .cargo .cargo
+RUN for d in services/engine services/api services/worker services/testkit services/sim cli bench; do \
       mkdir -p $d/src && echo 'fn main() {}' > $d/src/main.rs && touch $d/src/lib.rs; \
     done \
  && mkdir -p migrations \
