@@ -147,6 +147,17 @@ impl AppState {
         limits: &HttpLimits,
         access: &Access,
     ) -> anyhow::Result<Self> {
+        Self::embedded_on(backends, Arc::new(backends.queue.clone()), limits, access)
+    }
+
+    /// The same, publishing through `queue` (a wrapper that injects faults:
+    /// the simulator's).
+    pub fn embedded_on(
+        backends: &EmbeddedBackends,
+        queue: Arc<dyn OrderQueue>,
+        limits: &HttpLimits,
+        access: &Access,
+    ) -> anyhow::Result<Self> {
         let ledger: Arc<dyn Ledger> = backends.ledger.clone();
         let booked = BookedKeys::start(ledger.clone());
         let namespace = Namespace::new("embedded");
@@ -165,7 +176,7 @@ impl AppState {
             // In memory a reload costs next to nothing: keep the cache close.
             catalog: Catalog::start_on(ledger.clone(), std::time::Duration::from_millis(5)),
             accept_log: backends.accept_log.clone(),
-            queue: Arc::new(backends.queue.clone()),
+            queue,
             ledger,
             namespace,
             metrics: metrics::install(),

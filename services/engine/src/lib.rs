@@ -18,6 +18,7 @@ pub mod identity;
 pub mod ledger;
 pub mod locks;
 pub mod metrics;
+pub mod mutants;
 pub mod order_events;
 pub mod postgres;
 pub mod queue;

@@ -10,6 +10,7 @@
 //! the order it came and of the final books) is the same.
 
 mod check;
+mod faults;
 mod rng;
 mod world;
 

@@ -2,6 +2,7 @@
 //! schedules, and the phases: faults, heal, converge.
 
 use crate::check::{self, Answer, Violation};
+use crate::faults::{Delays, SlowQueue, Trap};
 use crate::rng::{SimRng, Trace};
 use crate::{CONVERGE_WITHIN, Outcome};
 use axum::Router;
@@ -41,6 +42,8 @@ pub struct Options {
     pub redis_loss: bool,
     /// Deliveries a worker holds (small: batches split across workers).
     pub prefetch: u16,
+    /// The longest pause before and after each queue call (µs; 0: none).
+    pub delay_micros: u64,
 }
 
 impl Options {
@@ -62,8 +65,9 @@ impl Options {
             hang_ups: if r.chance(0.5) { r.between(0, 30) } else { 0 },
             retries: r.between(0, 100),
             kill_worker: r.chance(0.5),
-            redis_loss: r.chance(0.25),
+            redis_loss: r.chance(0.4),
             prefetch: r.between(1, 20) as u16,
+            delay_micros: if r.chance(0.7) { r.between(1, 3000) } else { 0 },
         }
     }
 }
@@ -72,7 +76,7 @@ impl fmt::Display for Options {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "apis {}, workers {}, products {:?}, buyers {}, repeats {}%, hang-ups {}%, retries {}%, kill worker {}, redis loss {}, prefetch {}",
+            "apis {}, workers {}, products {:?}, buyers {}, repeats {}%, hang-ups {}%, retries {}%, kill worker {}, redis loss {}, prefetch {}, delays up to {} µs",
             self.apis,
             self.workers,
             self.products,
@@ -82,7 +86,8 @@ impl fmt::Display for Options {
             self.retries,
             self.kill_worker,
             self.redis_loss,
-            self.prefetch
+            self.prefetch,
+            self.delay_micros
         )
     }
 }
@@ -205,13 +210,20 @@ async fn send(api: Router, buy: Buy, events: Events) -> Answer {
 struct SimWorker {
     stop: CancellationToken,
     task: JoinHandle<anyhow::Result<()>>,
+    stats: Arc<flashsale_engine::heartbeat::WorkerStats>,
 }
 
-fn start_worker(id: &str, backends: &EmbeddedBackends, prefetch: u16) -> SimWorker {
+fn start_worker(
+    id: &str,
+    backends: &EmbeddedBackends,
+    queue: &Arc<SlowQueue>,
+    prefetch: u16,
+) -> SimWorker {
     let stop = CancellationToken::new();
-    let worker = Worker::embedded(id, backends, prefetch);
+    let worker = Worker::embedded_on(id, backends, queue.clone(), prefetch);
+    let stats = worker.stats();
     let task = tokio::spawn(worker.run(stop.clone()));
-    SimWorker { stop, task }
+    SimWorker { stop, task, stats }
 }
 
 pub(crate) async fn run(seed: u64) -> Outcome {
@@ -255,34 +267,95 @@ async fn sale(seed: u64, options: &Options, events: &Events) -> Result<(), Viola
             .await
             .map_err(|e| Violation::new("setup", e.to_string()))?;
     }
+    let delays = Delays::new(seed ^ 0x51_0E, Duration::from_micros(options.delay_micros));
+    let queue = Arc::new(SlowQueue {
+        inner: Arc::new(backends.queue.clone()),
+        delays: delays.clone(),
+        trap: None,
+    });
+    // The victim (worker 0, when the seed kills one) crashes at its first
+    // ack, before or after its effect.
+    let trap = options.kill_worker.then(|| Trap::armed(r.chance(0.5)));
+    let victim_queue = Arc::new(SlowQueue {
+        inner: Arc::new(backends.queue.clone()),
+        delays,
+        trap: trap.clone(),
+    });
     let mut apis = Vec::new();
     for _ in 0..options.apis {
-        let state = AppState::embedded(&backends, &HttpLimits::default(), &Access::default())
-            .map_err(|e| Violation::new("setup", e.to_string()))?;
+        let state = AppState::embedded_on(
+            &backends,
+            queue.clone(),
+            &HttpLimits::default(),
+            &Access::default(),
+        )
+        .map_err(|e| Violation::new("setup", e.to_string()))?;
         apis.push(routes::router(state));
     }
     let mut workers: Vec<SimWorker> = (0..options.workers)
-        .map(|i| start_worker(&format!("w{i}"), &backends, options.prefetch))
+        .map(|i| {
+            let through = if i == 0 { &victim_queue } else { &queue };
+            start_worker(&format!("w{i}"), &backends, through, options.prefetch)
+        })
         .collect();
 
     // Faults: the buyers, and what the seed drew against them.
     let buys = plan_buys(options, &mut r);
-    let buyers: Vec<JoinHandle<Answer>> = buys
-        .into_iter()
+    let sale_started = tokio::time::Instant::now();
+    let mut buyers: Vec<JoinHandle<Answer>> = buys
+        .iter()
+        .cloned()
         .enumerate()
         .map(|(i, buy)| tokio::spawn(send(apis[i % apis.len()].clone(), buy, events.clone())))
         .collect();
-    if options.kill_worker {
-        tokio::time::sleep(Duration::from_millis(r.between(0, 3000))).await;
+    if let Some(trap) = &trap {
+        // At its first ack, or at the latest 3 s in.
+        let sprung = tokio::time::timeout(Duration::from_secs(3), trap.sprung.notified()).await;
         let victim = workers.remove(0);
         victim.task.abort();
-        events.add("fault: worker w0 killed".into());
+        let at = if sprung.is_ok() {
+            "at its ack"
+        } else {
+            "after 3 s"
+        };
+        events.add(format!("fault: worker w0 killed {at}"));
     }
     if options.redis_loss {
         tokio::time::sleep(Duration::from_millis(r.between(0, 2000))).await;
         backends.accept_log.forget_everything();
         backends.locks.forget_everything();
         events.add("fault: Redis lost everything".into());
+        // Clients come back with keys they used before: a key reused for
+        // another body, then its first body sent again.
+        // Most often a key sent just before the loss, whose order may be
+        // queued still.
+        let now = sale_started.elapsed();
+        let recent: Vec<&Buy> = buys
+            .iter()
+            .filter(|b| b.at <= now && now - b.at < Duration::from_millis(300))
+            .collect();
+        for n in 0..r.between(1, 3) {
+            let first = if !recent.is_empty() && r.chance(0.7) {
+                recent[r.between(0, recent.len() as u64 - 1) as usize].clone()
+            } else {
+                buys[r.between(0, buys.len() as u64 - 1) as usize].clone()
+            };
+            let other = Buy {
+                user: format!("{}-again", first.user),
+                at: Duration::from_millis(r.between(0, 20)),
+                hang_up: None,
+                ..first.clone()
+            };
+            let again = Buy {
+                at: other.at + Duration::from_millis(r.between(20, 1500)),
+                hang_up: None,
+                ..first
+            };
+            for (i, buy) in [other, again].into_iter().enumerate() {
+                let api = apis[(n as usize + i) % apis.len()].clone();
+                buyers.push(tokio::spawn(send(api, buy, events.clone())));
+            }
+        }
     }
     let mut answers = Vec::with_capacity(buyers.len());
     for buyer in buyers {
@@ -293,10 +366,21 @@ async fn sale(seed: u64, options: &Options, events: &Events) -> Result<(), Viola
         );
     }
 
+    // A buy's claim ends with the buy (marked queued, or withdrawn), also
+    // when its client hung up: a second after the last answer, none pends.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let pending = backends.accept_log.pending();
+    if !pending.is_empty() {
+        return Err(Violation::new(
+            "liveness",
+            format!("claims left pending a second after the last answer: {pending:?}"),
+        ));
+    }
+
     // Heal: every worker the seed drew runs again.
     while workers.len() < options.workers {
         let id = format!("w-healed-{}", workers.len());
-        workers.push(start_worker(&id, &backends, options.prefetch));
+        workers.push(start_worker(&id, &backends, &queue, options.prefetch));
         events.add(format!("heal: {id} started"));
     }
 
@@ -312,7 +396,24 @@ async fn sale(seed: u64, options: &Options, events: &Events) -> Result<(), Viola
             return Err(Violation::new(
                 "liveness",
                 format!(
-                    "not converged {CONVERGE_WITHIN:?} after healing: {ready} ready, {held} held"
+                    "not converged {CONVERGE_WITHIN:?} after healing: {ready} ready, {held} held by {} consumers; workers {:?}; locks {:?}",
+                    backends.queue.view().orders_consumers,
+                    workers
+                        .iter()
+                        .map(|w| format!(
+                            "{}: inflight {}, processed {}, finished {}",
+                            w.stats.id,
+                            w.stats.inflight(),
+                            w.stats.processed.load(std::sync::atomic::Ordering::Relaxed),
+                            w.task.is_finished()
+                        ))
+                        .collect::<Vec<_>>(),
+                    backends
+                        .locks
+                        .held()
+                        .iter()
+                        .map(|l| format!("{}:{}", l.product_id, l.holder))
+                        .collect::<Vec<_>>()
                 ),
             ));
         }

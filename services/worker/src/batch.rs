@@ -22,6 +22,7 @@ use flashsale_engine::locks::{HeldLock, ProductLocks};
 use flashsale_engine::metrics::{
     ADMISSION_TOKENS, BATCH_SIZE, LOCK_WAIT, ORDER_LATENCY, ORDERS_PROCESSED, STOCK_LEVEL,
 };
+use flashsale_engine::mutants::{self, Mutant};
 use flashsale_engine::order_events::OrderEvents;
 use flashsale_engine::queue::{Delivered, QueueConsumer};
 use flashsale_engine::seams::BackendFailed;
@@ -223,6 +224,11 @@ impl OrderBook {
         let held = deliveries.len();
         self.stats.hold(held);
         let result = async {
+            if mutants::active(Mutant::AckBeforeCommit)
+                && let Some(last) = deliveries.iter().map(|d| d.tag).max()
+            {
+                consumer.ack_through(last).await?;
+            }
             let committed = self.commit(consumer, deliveries, shutdown).await?;
             committed.ack(consumer).await?;
             Ok(())
@@ -267,7 +273,11 @@ impl OrderBook {
                     .await?;
             }
         }
-        for tag in self.reused_keys(shutdown).await? {
+        let reused = self.reused_keys(shutdown).await?;
+        for tag in reused
+            .into_iter()
+            .filter(|_| !mutants::active(Mutant::DuplicateDropped))
+        {
             if let Some(delivery) = held.remove(&tag) {
                 let reason = "idempotency_key_reused: the key's order has another body";
                 self.dead_letter(consumer, &delivery, reason, "key_reused")

@@ -17,6 +17,7 @@ use flashsale_engine::accept_log::{AcceptRecord, AcceptState, Admit};
 use flashsale_engine::admission::{self, Derived, PENDING_ALIVE};
 use flashsale_engine::domain::InvalidField;
 use flashsale_engine::metrics::ORDER_REQUESTS;
+use flashsale_engine::mutants::{self, Mutant};
 use flashsale_engine::seams::BackendFailed;
 use flashsale_engine::{
     IdempotencyKey, OrderBody, OrderMessage, OrderRequest, OrderView, ProductId,
@@ -83,6 +84,11 @@ async fn buy(State(state): State<AppState>, request: Request) -> Response {
         // From the first take of units on, the buy runs to its end (published
         // and marked, or its units given back) in a task of its own: a client
         // that hangs up drops only the wait for the answer.
+        Ok(buy) if mutants::active(Mutant::HangUpLeak) => {
+            let answer = admit(&state, buy).await;
+            count(&answer);
+            answer
+        }
         Ok(buy) => {
             let state = state.clone();
             let admitting = tokio::spawn(async move {

@@ -51,6 +51,19 @@ impl MemoryAcceptLog {
         s.tokens.clear();
     }
 
+    /// The keys whose claim is still pending (not marked queued).
+    pub fn pending(&self) -> Vec<String> {
+        let mut keys: Vec<String> = self
+            .state()
+            .records
+            .iter()
+            .filter(|(_, (r, _))| r.state == AcceptState::Pending)
+            .map(|(k, _)| k.clone())
+            .collect();
+        keys.sort();
+        keys
+    }
+
     /// Makes the key's pending claim `by` older (its expiry that much
     /// nearer): for tests of dead claims.
     pub fn age_claim(&self, key: &str, by: Duration) {
