@@ -922,3 +922,56 @@ async fn a_silent_postgres_does_not_use_up_the_apis_connections() {
     );
     env.finish().await;
 }
+
+/// Issue 25, item 7: order reads are bounded (`API_MAX_READS`): while the
+/// reads in progress wait on a PostgreSQL that went silent, another read is
+/// answered `503` within a moment instead of queueing for the pool that
+/// pays and cancels need.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn order_reads_beyond_the_cap_are_shed_at_once() {
+    let mut env = common::env().await;
+    env.seed(1, 10, None).await;
+    let forwarder = Forwarder::start(common::postgres_target()).await;
+    let mut config = flashsale_api::ApiConfig::new(env.backends(), "127.0.0.1:0");
+    config.backends.database_url = flashsale_engine::scratch::with_database(
+        &format!("postgres://postgres@{}", forwarder.addr),
+        &env.scratch.database,
+    );
+    config.limits.max_reads = 2;
+    let api = env.start_api_config(config, true).await;
+    forwarder.go_silent();
+    // Two reads take the two slots and wait on the silent ledger.
+    let slow: Vec<_> = (0..2)
+        .map(|i| {
+            let (http, api) = (env.http.clone(), api.clone());
+            tokio::spawn(async move {
+                http.get(format!("{api}/orders/slow-{i}"))
+                    .send()
+                    .await
+                    .unwrap()
+                    .status()
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let started = std::time::Instant::now();
+    let shed = env
+        .http
+        .get(format!("{api}/orders/third"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(shed.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert!(shed.headers().contains_key("retry-after"));
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "the third read waited {:?}",
+        started.elapsed()
+    );
+    for s in slow {
+        // They time out on their own (503), never hang.
+        assert_eq!(s.await.unwrap(), StatusCode::SERVICE_UNAVAILABLE);
+    }
+    forwarder.restore();
+    env.finish().await;
+}
