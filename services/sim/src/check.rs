@@ -139,12 +139,14 @@ pub async fn books(
             // key's row, or is a dead letter (a second body accepted under
             // one key after Redis forgot the first goes to the DLQ).
             Some(200 | 202) => row.is_some_and(|r| answer.matches(r)) || dead.contains(&answer.key),
-            // The key was answered 202 (or 200) for another body: its row
-            // says so, or (after Redis lost the first record while its
-            // order was queued, so that two bodies were accepted under one
-            // key) another answer did.
+            // The key was accepted for another body: its row says so, or
+            // (after Redis lost the first record while its order was
+            // queued, so that two bodies were accepted under one key)
+            // another answer did, or the second body's order is in the DLQ
+            // (its client may have hung up before hearing 202).
             Some(422) => {
                 row.is_some_and(|r| !answer.matches(r))
+                    || dead.contains(&answer.key)
                     || answers.iter().any(|other| {
                         other.key == answer.key
                             && matches!(other.status.map(|s| s.as_u16()), Some(200 | 202))
