@@ -192,13 +192,11 @@ pub async fn publish_confirmed(
     payload: &[u8],
     headers: Option<FieldTable>,
 ) -> Result<(), PublishError> {
-    let props = message_properties(message_id, headers);
-    publish_until(
+    publish_with(
         channel,
         queue,
         payload,
-        props,
-        Instant::now() + CONFIRM_TIMEOUT,
+        message_properties(message_id, headers),
     )
     .await
 }
