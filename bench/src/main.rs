@@ -1,6 +1,7 @@
 //! `flashsale-bench`: the measurements behind docs/performance.md's
 //! table that `fsctl` does not make, driven by `bench/run` (the load itself
 //! comes from `fsctl storm`).
+#![allow(clippy::disallowed_methods)]
 
 use clap::{Parser, Subcommand};
 use flashsale_engine::queue::rabbitmq as broker;

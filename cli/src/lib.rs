@@ -1,5 +1,6 @@
 //! `fsctl`: the operator's tool. `migrate`, `seed`, `storm`, `verify`,
 //! `inspect`, `top`, `demo`, `up`, `doctor` and `completions`.
+#![allow(clippy::disallowed_methods)]
 
 pub mod backends;
 pub mod demo;

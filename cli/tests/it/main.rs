@@ -1,7 +1,7 @@
 //! fsctl's tests, one binary: each command as an operator runs it, against
 //! the real services (or, for the demo and the scripted storms, against
 //! nothing installed at all). Shared helpers live here.
-#![allow(clippy::unwrap_used)]
+#![allow(clippy::unwrap_used, clippy::disallowed_methods)]
 
 mod admin;
 mod demo;

@@ -37,7 +37,7 @@ impl WorkerStats {
         Self {
             id,
             metrics_addr,
-            started_at: Utc::now(),
+            started_at: crate::clock::now(),
             processed: AtomicU64::new(0),
             inflight: AtomicU64::new(0),
             product: AtomicI64::new(0),
@@ -118,7 +118,7 @@ impl WorkerStats {
                 },
             ),
             ("metricsAddr", self.metrics_addr.clone()),
-            ("beatAt", Utc::now().timestamp_millis().to_string()),
+            ("beatAt", crate::clock::now().timestamp_millis().to_string()),
         ]
     }
 }
@@ -168,7 +168,7 @@ pub struct WorkerView {
 /// Every worker with a heartbeat, oldest id first.
 pub async fn workers(redis: &Redis, ns: &Namespace) -> redis::RedisResult<Vec<WorkerView>> {
     let mut conn = redis.clone();
-    let now_ms = Utc::now().timestamp_millis();
+    let now_ms = crate::clock::now().timestamp_millis();
     let mut out = Vec::new();
     for key in crate::redis_conn::scan(redis, &ns.worker_key("*")).await? {
         let beat: HashMap<String, String> =

@@ -149,9 +149,7 @@ impl Remembered {
 const REMEMBERED_TOKENS: usize = 50_000;
 
 fn unix_now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
+    crate::clock::unix_seconds()
 }
 
 impl std::fmt::Debug for Verifier {
@@ -337,9 +335,7 @@ impl Signer {
 
     /// A token for `sub`, valid from now for the signer's lifetime.
     pub fn sign(&self, sub: &str) -> anyhow::Result<String> {
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs());
+        let now = unix_now();
         let claims = Claims {
             sub,
             iat: now,
@@ -422,10 +418,7 @@ mod tests {
         assert_eq!(v.buyer(Some(&bearer(&foreign))), Err(Unauthorized::Invalid));
         let mut old = Signer::hs256(&Secret::new("s3cret"));
         old.ttl = Duration::ZERO;
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .expect("clock")
-            .as_secs();
+        let now = unix_now();
         let claims = Claims {
             sub: "alice",
             iat: now - 600,

@@ -9,6 +9,7 @@
 pub mod accept_log;
 pub mod admission;
 pub mod audit;
+pub mod clock;
 pub mod config;
 pub mod domain;
 pub mod embedded;

@@ -17,6 +17,10 @@ pub enum Mutant {
     /// The worker acks a duplicate whose key's row has another body (before
     /// the simulator found it): a `202` gone without a trace.
     DuplicateDropped,
+    /// The holds sweep without its status check (the embedded ledger's):
+    /// an order paid, cancelled or expired already is expired again, its
+    /// units back twice.
+    SweepIgnoresStatus,
 }
 
 #[cfg(feature = "mutants")]

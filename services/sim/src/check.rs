@@ -42,6 +42,8 @@ pub struct Answer {
     quantity: i64,
     status: Option<StatusCode>,
     body: serde_json::Value,
+    /// The pay or cancel that followed: action, answer, the order's status in it.
+    pub ended: Option<(&'static str, StatusCode, String)>,
 }
 
 impl Answer {
@@ -60,6 +62,7 @@ impl Answer {
             quantity,
             status: Some(status),
             body,
+            ended: None,
         }
     }
 
@@ -71,6 +74,7 @@ impl Answer {
             quantity,
             status: None,
             body: serde_json::Value::Null,
+            ended: None,
         }
     }
 
@@ -159,6 +163,34 @@ pub async fn books(
             Some(400 | 404 | 409 | 429 | 503) | None => true,
             Some(_) => false,
         };
+        // A pay or cancel answered 200 is the order's final status; a
+        // `409 not_held` named a status other than held.
+        let ended_truthfully = match &answer.ended {
+            Some((action, StatusCode::OK, said)) => {
+                let final_status = if *action == "pay" {
+                    "paid"
+                } else {
+                    "cancelled"
+                };
+                said == final_status && row.is_some_and(|r| r.status.as_str() == final_status)
+            }
+            Some((_, StatusCode::CONFLICT, said)) => said != "held",
+            Some((_, status, _)) => {
+                [StatusCode::NOT_FOUND, StatusCode::SERVICE_UNAVAILABLE].contains(status)
+            }
+            None => true,
+        };
+        if !ended_truthfully {
+            return Err(Violation::new(
+                "hold",
+                format!(
+                    "{}, then {:?}, but the books say {}",
+                    answer.describe(),
+                    answer.ended,
+                    row.map_or("no row".to_owned(), |r| r.status.as_str().to_owned())
+                ),
+            ));
+        }
         if !truthful {
             return Err(Violation::new(
                 "answer",

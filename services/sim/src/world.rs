@@ -29,6 +29,11 @@ pub struct Options {
     pub workers: usize,
     /// `(id, stock, per_user_limit)`.
     pub products: Vec<(i64, i32, Option<i32>)>,
+    /// Products whose booked orders are held this many seconds for payment.
+    pub holds: Vec<(i64, i32)>,
+    /// Percent of held buys whose buyer pays (the others cancel or let it
+    /// expire, half and half).
+    pub pays: u64,
     pub buyers: usize,
     /// Percent of buys that reuse an earlier buy's key (same or other body).
     pub repeats: u64,
@@ -49,14 +54,17 @@ pub struct Options {
 impl Options {
     pub fn draw(seed: u64) -> Self {
         let mut r = SimRng::new(seed);
-        let products = (1..=r.between(1, 3) as i64)
+        let products: Vec<(i64, i32, Option<i32>)> = (1..=r.between(1, 3) as i64)
             .map(|id| {
                 let stock = r.between(3, 40) as i32;
                 let limit = r.chance(0.3).then(|| r.between(1, 3) as i32);
                 (id, stock, limit)
             })
             .collect();
+        let holds = products_held(&products, &mut r);
         Self {
+            holds,
+            pays: r.between(0, 100),
             apis: r.between(1, 3) as usize,
             workers: r.between(1, 3) as usize,
             products,
@@ -72,14 +80,24 @@ impl Options {
     }
 }
 
+/// Each product is held (1–5 s) with probability 0.3.
+fn products_held(products: &[(i64, i32, Option<i32>)], r: &mut SimRng) -> Vec<(i64, i32)> {
+    products
+        .iter()
+        .filter_map(|(id, _, _)| r.chance(0.3).then(|| (*id, r.between(1, 5) as i32)))
+        .collect()
+}
+
 impl fmt::Display for Options {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "apis {}, workers {}, products {:?}, buyers {}, repeats {}%, hang-ups {}%, retries {}%, kill worker {}, redis loss {}, prefetch {}, delays up to {} µs",
+            "apis {}, workers {}, products {:?}, held {:?}, pays {}%, buyers {}, repeats {}%, hang-ups {}%, retries {}%, kill worker {}, redis loss {}, prefetch {}, delays up to {} µs",
             self.apis,
             self.workers,
             self.products,
+            self.holds,
+            self.pays,
             self.buyers,
             self.repeats,
             self.hang_ups,
@@ -122,6 +140,8 @@ struct Buy {
     /// The client hangs up this long after sending.
     hang_up: Option<Duration>,
     retry: bool,
+    /// After a `202`, the buyer pays or cancels this long later.
+    ends: Option<(&'static str, Duration)>,
 }
 
 impl Buy {
@@ -148,7 +168,18 @@ fn plan_buys(options: &Options, r: &mut SimRng) -> Vec<Buy> {
                 .chance(options.hang_ups as f64 / 100.0)
                 .then(|| Duration::from_micros(r.between(0, 3000))),
             retry: r.chance(options.retries as f64 / 100.0),
+            ends: None,
         };
+        if options.holds.iter().any(|(p, _)| *p == product) {
+            let delay = Duration::from_millis(r.between(100, 6000));
+            buy.ends = if r.chance(options.pays as f64 / 100.0) {
+                Some(("pay", delay))
+            } else if r.chance(0.5) {
+                Some(("cancel", delay))
+            } else {
+                None
+            };
+        }
         if !buys.is_empty() && r.chance(options.repeats as f64 / 100.0) {
             let earlier = &buys[r.between(0, buys.len() as u64 - 1) as usize];
             buy.key = earlier.key.clone();
@@ -201,9 +232,39 @@ async fn send(api: Router, buy: Buy, events: Events) -> Answer {
             tokio::time::sleep(Duration::from_millis(200)).await;
             continue;
         }
-        return Answer::new(&buy.key, &buy.user, buy.product, buy.quantity, status, body);
+        let mut answer = Answer::new(&buy.key, &buy.user, buy.product, buy.quantity, status, body);
+        if let (StatusCode::ACCEPTED, Some((action, after))) = (status, buy.ends) {
+            tokio::time::sleep(after).await;
+            let ended = end_hold(&api, &buy, action).await;
+            events.add(format!(
+                "{action} {} {}",
+                buy.key,
+                ended.as_ref().map_or(0, |(s, _)| s.as_u16())
+            ));
+            answer.ended = ended.map(|(s, status)| (action, s, status));
+        }
+        return answer;
     }
     unreachable!("the last attempt returns")
+}
+
+/// Pays or cancels the buy's order as its buyer: the answer's status and
+/// the order's status in it.
+async fn end_hold(api: &Router, buy: &Buy, action: &str) -> Option<(StatusCode, String)> {
+    let request = Request::post(format!("/orders/{}/{action}", buy.key))
+        .header("content-type", "application/json")
+        .body(Body::from(format!(r#"{{"userId":"{}"}}"#, buy.user)))
+        .unwrap_or_default();
+    let response = api.clone().oneshot(request).await.ok()?;
+    let status = response.status();
+    let bytes = axum::body::to_bytes(response.into_body(), 1 << 16)
+        .await
+        .ok()?;
+    let body: serde_json::Value = serde_json::from_slice(&bytes).unwrap_or_default();
+    Some((
+        status,
+        body["status"].as_str().unwrap_or_default().to_owned(),
+    ))
 }
 
 /// A worker running on a task of the world, killed by aborting it.
@@ -226,10 +287,15 @@ fn start_worker(
     SimWorker { stop, task, stats }
 }
 
+/// Where every seed's simulated clock starts.
+const EPOCH_SECONDS: i64 = 1_798_761_600; // 2027-01-01T00:00:00Z
+
 pub(crate) async fn run(seed: u64) -> Outcome {
     let options = Options::draw(seed);
     let events = Events::default();
+    flashsale_engine::clock::simulate(chrono::DateTime::from_timestamp(EPOCH_SECONDS, 0));
     let result = sale(seed, &options, &events).await;
+    flashsale_engine::clock::simulate(None);
     let (trace, events) = events.finish();
     Outcome {
         seed,
@@ -252,7 +318,11 @@ async fn sale(seed: u64, options: &Options, events: &Events) -> Result<(), Viola
             stock: *stock,
             max_per_order: 10,
             per_user_limit: *limit,
-            hold_seconds: None,
+            hold_seconds: options
+                .holds
+                .iter()
+                .find(|(p, _)| p == id)
+                .map(|(_, seconds)| *seconds),
         })
         .collect();
     backends
@@ -428,9 +498,16 @@ async fn sale(seed: u64, options: &Options, events: &Events) -> Result<(), Viola
     check::books(&backends, &answers, events).await
 }
 
-/// Drained, settled and reconciled.
+/// Drained, settled, reconciled, and every hold ended.
 async fn converged(backends: &EmbeddedBackends, options: &Options) -> bool {
     if backends.queue.depth() != (0, 0) {
+        return false;
+    }
+    let (_, orders) = backends.ledger.snapshot();
+    if orders
+        .iter()
+        .any(|o| o.status == flashsale_engine::OrderStatus::Held)
+    {
         return false;
     }
     for (id, _, _) in &options.products {

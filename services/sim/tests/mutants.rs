@@ -41,3 +41,8 @@ fn an_ack_before_the_commit_is_found() {
 fn a_second_body_dropped_as_a_duplicate_is_found() {
     assert_found(Mutant::DuplicateDropped);
 }
+
+#[test]
+fn a_holds_sweep_without_its_status_check_is_found() {
+    assert_found(Mutant::SweepIgnoresStatus);
+}

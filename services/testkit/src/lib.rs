@@ -1,7 +1,11 @@
 //! Test support: each test runs in a scratch database and namespace of its
 //! own on the real PostgreSQL, Redis and RabbitMQ, with the API and workers
 //! in-process. A service that does not answer fails the test, naming it.
-#![allow(clippy::unwrap_used, clippy::missing_panics_doc)]
+#![allow(
+    clippy::unwrap_used,
+    clippy::missing_panics_doc,
+    clippy::disallowed_methods
+)]
 
 use flashsale_api::{ApiConfig, Application, RunningApi};
 use flashsale_engine::queue::rabbitmq as broker;

@@ -10,7 +10,6 @@
 //! fault, every call under a deadline) keeps the deliveries and is retried
 //! with backoff. No input can stop the worker from consuming.
 
-use chrono::Utc;
 use flashsale_engine::accept_log::AcceptStore;
 use flashsale_engine::domain::{QueuedOrder, RejectReason};
 use flashsale_engine::heartbeat::WorkerStats;
@@ -646,7 +645,7 @@ impl OrderBook {
 
     fn record(&self, group: &ProductGroup, receipt: &GroupReceipt) {
         metrics::histogram!(BATCH_SIZE).record(group.orders.len() as f64);
-        let now = Utc::now();
+        let now = flashsale_engine::clock::now();
         for (order, outcome) in group.orders.iter().zip(&receipt.outcomes) {
             let (status, reason) = match outcome {
                 OrderOutcome::Confirmed => ("confirmed", ""),

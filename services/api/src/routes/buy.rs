@@ -12,9 +12,10 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use axum::{Json, Router};
-use chrono::{SubsecRound, Utc};
+use chrono::SubsecRound;
 use flashsale_engine::accept_log::{AcceptRecord, AcceptState, Admit};
 use flashsale_engine::admission::{self, Derived, PENDING_ALIVE};
+use flashsale_engine::clock;
 use flashsale_engine::domain::InvalidField;
 use flashsale_engine::metrics::ORDER_REQUESTS;
 use flashsale_engine::mutants::{self, Mutant};
@@ -223,7 +224,7 @@ async fn admit(state: &AppState, buy: Buy) -> Result<Answer, ApiError> {
     // Microseconds, as PostgreSQL keeps it: the row of this very publish
     // carries the same time (see `publish_and_record`).
     let record =
-        AcceptRecord::pending(&request, Utc::now().trunc_subsecs(6)).claimed_by(&state.instance);
+        AcceptRecord::pending(&request, clock::now().trunc_subsecs(6)).claimed_by(&state.instance);
     let redis_down = |e: BackendFailed| ApiError::unavailable("Redis", e);
     let mut derivations = 0;
     loop {

@@ -7,7 +7,7 @@
 //! SIGKILL: first the RabbitMQ node leading a partition, then a Redis
 //! master. Every `202` must end as exactly one order row, the books must
 //! balance, and the sale must go on.
-#![allow(clippy::unwrap_used)]
+#![allow(clippy::unwrap_used, clippy::disallowed_methods)]
 
 use flashsale_engine::BackendUrls;
 use flashsale_engine::redis_conn;

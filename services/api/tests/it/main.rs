@@ -2,7 +2,7 @@
 //! test binary: the order path (`orders`), admission by stock tokens
 //! (`admission`), faults of every backend and of
 //! hostile input (`faults`), and the binary as an operator runs it (`process`).
-#![allow(clippy::unwrap_used)]
+#![allow(clippy::unwrap_used, clippy::disallowed_methods)]
 
 mod admission;
 mod faults;

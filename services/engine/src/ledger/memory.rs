@@ -90,7 +90,7 @@ impl MemoryLedger {
         let books = self.books();
         let mut totals = Vec::with_capacity(books.products.len());
         let mut over_limit = Vec::new();
-        let now = Utc::now();
+        let now = crate::clock::now();
         let overdue_holds = books
             .orders
             .values()
@@ -222,7 +222,7 @@ impl Ledger for MemoryLedger {
             stock_left,
             ..
         } = decide(orders, &booked, &mut held, stock, per_user_limit);
-        let now = Utc::now();
+        let now = crate::clock::now();
         let held_until = hold.map(|s| now + chrono::Duration::seconds(i64::from(s)));
         for (order, outcome) in orders.iter().zip(&outcomes) {
             let (status, reason, held_until) = match outcome {
@@ -312,7 +312,7 @@ impl Ledger for MemoryLedger {
         action: HoldAction,
     ) -> Result<HoldSettlement, LedgerError> {
         let mut books = self.books();
-        let now = Utc::now();
+        let now = crate::clock::now();
         let Some(order) = books.orders.get_mut(order_id) else {
             return Ok(HoldSettlement::Unknown);
         };
@@ -354,11 +354,14 @@ impl Ledger for MemoryLedger {
 
     async fn expire_holds(&self, limit: usize) -> Result<Vec<ExpiredHolds>, LedgerError> {
         let mut books = self.books();
-        let now = Utc::now();
+        let now = crate::clock::now();
         let mut due: Vec<(chrono::DateTime<Utc>, String)> = books
             .orders
             .values()
-            .filter(|o| o.status == OrderStatus::Held)
+            .filter(|o| {
+                o.status == OrderStatus::Held
+                    || crate::mutants::active(crate::mutants::Mutant::SweepIgnoresStatus)
+            })
             .filter_map(|o| {
                 o.held_until
                     .filter(|u| *u <= now)
@@ -394,7 +397,7 @@ impl Ledger for MemoryLedger {
     }
 
     async fn held_units(&self) -> Result<Vec<HeldUnits>, LedgerError> {
-        let now = Utc::now();
+        let now = crate::clock::now();
         let mut held: BTreeMap<i64, HeldUnits> = BTreeMap::new();
         for o in self
             .books()
