@@ -82,10 +82,13 @@ impl Options {
 
 /// Each product is held (1–5 s) with probability 0.3.
 fn products_held(products: &[(i64, i32, Option<i32>)], r: &mut SimRng) -> Vec<(i64, i32)> {
-    products
-        .iter()
-        .filter_map(|(id, _, _)| r.chance(0.3).then(|| (*id, r.between(1, 5) as i32)))
-        .collect()
+    let mut held = Vec::new();
+    for (id, _, _) in products {
+        if r.chance(0.3) {
+            held.push((*id, r.between(1, 5) as i32));
+        }
+    }
+    held
 }
 
 impl fmt::Display for Options {
