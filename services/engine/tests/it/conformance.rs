@@ -315,7 +315,19 @@ async fn joint_apply_conforms(l: &dyn Ledger) {
 /// The lock's exclusivity, lease and fencing, on any implementation;
 /// `a` and `b` are two holders of the same lock table.
 async fn locks_conform(a: &dyn ProductLocks, b: &dyn ProductLocks, short_a: &dyn ProductLocks) {
-    let held = a.try_acquire(pid(1)).await.unwrap().expect("free lock");
+    let lost = a.try_acquire(pid(1)).await.unwrap().expect("free lock");
+    // An acquire whose reply was lost, run again by the same holder: it
+    // takes its own lock back with a fresh token, and the lock is not
+    // stuck for the lease.
+    let held = a.try_acquire(pid(1)).await.unwrap().expect("its own lock");
+    assert!(
+        held.token > lost.token,
+        "a fresh token for a new transaction"
+    );
+    assert!(
+        !a.release(&lost).await.unwrap(),
+        "the old token no longer holds"
+    );
     assert!(b.try_acquire(pid(1)).await.unwrap().is_none(), "held by a");
     assert!(a.release(&held).await.unwrap());
     assert!(!a.release(&held).await.unwrap(), "released once");
@@ -711,6 +723,20 @@ async fn admission_conforms(
     assert_eq!(store.tokens(&[1, 2]).await.unwrap(), vec![Some(3), None]);
     let (a, a_rec) = admit("a", 2).await;
     assert_eq!(a, Admit::Claimed { left: 1 });
+    // The same admission run again (a client re-sending after a lost
+    // reply): claimed, and nothing more taken.
+    assert_eq!(
+        store.admit(&key("a"), &a_rec).await.unwrap(),
+        Admit::Claimed { left: 1 }
+    );
+    assert_eq!(tokens().await, Some(1), "a re-run took nothing");
+    // Marked queued only while the record is this claim's, and safe twice.
+    let other = AcceptRecord::pending(&request("a", 2), Utc::now());
+    assert!(!store.mark_queued(&key("a"), &other).await.unwrap());
+    assert_eq!(
+        store.get("a").await.unwrap().map(|r| r.state),
+        Some(AcceptState::Pending)
+    );
     assert_eq!(admit("b", 2).await.0, Admit::Short { available: 1 });
     assert_eq!(
         store.get("b").await.unwrap(),
