@@ -208,15 +208,7 @@ async fn send(api: Router, buy: Buy, events: Events) -> Answer {
             .header("idempotency-key", &buy.key)
             .body(Body::from(buy.body()))
             .unwrap_or_default();
-        let answering = async {
-            let response = api.clone().oneshot(request).await.ok()?;
-            let status = response.status();
-            let bytes = axum::body::to_bytes(response.into_body(), 1 << 16)
-                .await
-                .ok()?;
-            let body: serde_json::Value = serde_json::from_slice(&bytes).unwrap_or_default();
-            Some((status, body))
-        };
+        let answering = call(&api, request);
         let answered = match buy.hang_up {
             Some(after) => tokio::time::timeout(after, answering).await.ok().flatten(),
             None => answering.await,
@@ -258,16 +250,21 @@ async fn end_hold(api: &Router, buy: &Buy, action: &str) -> Option<(StatusCode, 
         .header("content-type", "application/json")
         .body(Body::from(format!(r#"{{"userId":"{}"}}"#, buy.user)))
         .unwrap_or_default();
+    let (status, body) = call(api, request).await?;
+    Some((
+        status,
+        body["status"].as_str().unwrap_or_default().to_owned(),
+    ))
+}
+
+/// One request to an API: its status and JSON body.
+async fn call(api: &Router, request: Request<Body>) -> Option<(StatusCode, serde_json::Value)> {
     let response = api.clone().oneshot(request).await.ok()?;
     let status = response.status();
     let bytes = axum::body::to_bytes(response.into_body(), 1 << 16)
         .await
         .ok()?;
-    let body: serde_json::Value = serde_json::from_slice(&bytes).unwrap_or_default();
-    Some((
-        status,
-        body["status"].as_str().unwrap_or_default().to_owned(),
-    ))
+    Some((status, serde_json::from_slice(&bytes).unwrap_or_default()))
 }
 
 /// A worker running on a task of the world, killed by aborting it.
