@@ -359,9 +359,10 @@ enum Ledgered {
 /// row in PostgreSQL (its record expired, or Redis lost its data), so the
 /// ledger is asked too (contract v4, "A key is the truth"), at the same
 /// time as the publish so that it adds no wait. If the key was booked, a
-/// copy just published is a duplicate the worker acks and drops; the answer
-/// is the row (`200`) or `422` for another body, and the claim's units go
-/// back. If the ledger did not answer, the answer is `503`: the claim is
+/// copy just published is a duplicate: the worker acks it when its body is
+/// the row's, and dead-letters it (`idempotency_key_reused`) when not; the
+/// answer is the row (`200`) or `422` for another body, and the claim's
+/// units go back. If the ledger did not answer, the answer is `503`: the claim is
 /// left to expire (the reconciliation then counts the order by its row).
 async fn publish_and_record(
     state: &AppState,
