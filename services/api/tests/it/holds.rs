@@ -634,3 +634,47 @@ async fn a_checkout_over_many_products_never_deadlocks() {
     env.assert_invariants().await;
     env.finish().await;
 }
+
+/// Issue 25, item 9: a cancel that waits 2.5 s for a row lock (under the
+/// ledger's 3 s lock timeout) is answered with its outcome, not `503`, and
+/// its units are back for the next buyer at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_slow_cancel_is_answered_with_its_outcome_and_its_units_sell_again() {
+    let mut env = common::env().await;
+    seed_held(&env, 1, 1, 300).await;
+    let api = env.start_api().await;
+    env.start_worker().await;
+    let held = buy_held(&env, &api, 1, "carol").await;
+    let mut blocker = env.pool.begin().await.unwrap();
+    sqlx::query("SELECT id FROM products WHERE id = 1 FOR UPDATE")
+        .execute(&mut *blocker)
+        .await
+        .unwrap();
+    let release = async {
+        tokio::time::sleep(Duration::from_millis(2500)).await;
+        blocker.commit().await.unwrap();
+    };
+    let started = Instant::now();
+    let ((status, body), ()) = tokio::join!(settle(&env, &api, &held, "cancel", "carol"), release);
+    assert!(
+        started.elapsed() >= Duration::from_millis(2400),
+        "the cancel did not wait for the lock"
+    );
+    assert_eq!(
+        (status, &body["status"]),
+        (StatusCode::OK, &json!("cancelled")),
+        "{body}"
+    );
+    assert_eq!(status_of(&env, &held).await, "cancelled");
+    let next = env
+        .buy(
+            &api,
+            None,
+            json!({"userId": "dave", "productId": 1, "quantity": 1}),
+        )
+        .await;
+    assert_eq!(next.status, StatusCode::ACCEPTED, "{}", next.body);
+    env.wait_for_rows(std::slice::from_ref(&next.key)).await;
+    env.assert_invariants().await;
+    env.finish().await;
+}

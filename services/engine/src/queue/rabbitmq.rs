@@ -36,6 +36,10 @@ pub enum BrokerError {
     Unreachable { url: String, reason: String },
     #[error("RabbitMQ: {0}")]
     Channel(#[from] lapin::Error),
+    #[error(
+        "RabbitMQ did not report on queue {queue} within {waited:?} (a partition without a leader?)"
+    )]
+    Silent { queue: String, waited: Duration },
 }
 
 /// Why a publish is not known to be accepted: always answered `503`, always
@@ -542,25 +546,46 @@ pub struct PartitionView {
     pub consumers: u64,
 }
 
+/// How long [`queues`] waits for RabbitMQ to report on one queue: a
+/// partition whose quorum has no leader does not answer, and "drained"
+/// must not be decided without it.
+pub const QUEUE_LOOK_TIMEOUT: Duration = Duration::from_secs(3);
+
 /// Each order queue's and the DLQ's ready messages and consumers, on a
 /// connection of its own. The queues are declared first (with the fixed
 /// arguments, so a missing one is created rather than failing the look).
+/// A queue RabbitMQ does not report on within [`QUEUE_LOOK_TIMEOUT`] is an
+/// error, never a queue taken as empty.
 pub async fn queues(amqp_url: &str, ns: &Namespace) -> Result<QueueView, BrokerError> {
     let conn = connect(amqp_url, "fsctl").await?;
+    let look = |queue: String, channel: Channel| async move {
+        tokio::time::timeout(QUEUE_LOOK_TIMEOUT, queue_stats(&channel, &queue))
+            .await
+            .map_err(|_| BrokerError::Silent {
+                queue,
+                waited: QUEUE_LOOK_TIMEOUT,
+            })?
+            .map_err(BrokerError::from)
+    };
     let result = async {
         let channel = conn.create_channel().await?;
-        declare_queues(&channel, ns).await?;
+        tokio::time::timeout(QUEUE_LOOK_TIMEOUT, declare_queues(&channel, ns))
+            .await
+            .map_err(|_| BrokerError::Silent {
+                queue: ns.order_queues().join(", "),
+                waited: QUEUE_LOOK_TIMEOUT,
+            })??;
         let mut partitions = Vec::new();
         for queue in ns.order_queues() {
-            let (ready, consumers) = queue_stats(&channel, &queue).await?;
+            let (ready, consumers) = look(queue.clone(), channel.clone()).await?;
             partitions.push(PartitionView {
                 queue,
                 ready: ready.into(),
                 consumers: consumers.into(),
             });
         }
-        let (dlq_ready, dlq_consumers) = queue_stats(&channel, &ns.dead_letter_queue()).await?;
-        Ok::<_, lapin::Error>(QueueView {
+        let (dlq_ready, dlq_consumers) = look(ns.dead_letter_queue(), channel.clone()).await?;
+        Ok::<_, BrokerError>(QueueView {
             orders_ready: partitions.iter().map(|p| p.ready).sum(),
             orders_consumers: partitions.iter().map(|p| p.consumers).min().unwrap_or(0),
             dlq_ready: dlq_ready.into(),
@@ -569,8 +594,8 @@ pub async fn queues(amqp_url: &str, ns: &Namespace) -> Result<QueueView, BrokerE
         })
     }
     .await;
-    let _ = conn.close(200, "done".into()).await;
-    Ok(result?)
+    let _ = tokio::time::timeout(QUEUE_LOOK_TIMEOUT, conn.close(200, "done".into())).await;
+    result
 }
 
 #[cfg(test)]

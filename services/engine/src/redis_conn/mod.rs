@@ -6,18 +6,26 @@
 //! `MGET`/`DEL`/`KEYS` over the masters). Either way the rest of the engine
 //! sees one [`Redis`] connection.
 //!
-//! A cluster connection is also watched from outside: under load the
-//! crate's client was seen to stay broken after a master failover for
-//! minutes (every call timing out, also to the surviving masters), while a
-//! fresh client from the seeds worked at once. So when calls have kept
-//! failing for [`REBUILD_AFTER`], a new cluster client is built from the
-//! seeds in the background and replaces the old one ([`ClusterHandle`]).
+//! Under load the crate's cluster client was seen to recover from a master
+//! failover as one state machine: every call timed out for seconds, also
+//! those to the surviving masters, and at times it stayed broken for
+//! minutes while a fresh client from the seeds worked at once. So on a
+//! cluster:
+//! - the order path's commands (one slot each) go on our own connection
+//!   to the master of their slot ([`slots`]): a failed master stalls only
+//!   the calls whose keys hash to it;
+//! - the crate's client runs the rest, and when its calls have kept
+//!   failing for [`REBUILD_AFTER`], a new one is built from the seeds in
+//!   the background and replaces it ([`ClusterHandle`]).
+
+pub mod slots;
 
 use crate::config::mask_url;
 use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
 use redis::cluster_async::ClusterConnection;
 use redis::cluster_routing::{RoutingInfo, SingleNodeRoutingInfo};
 use redis::{Cmd, Pipeline, RedisFuture, Value};
+use slots::{Routed, SlotRouter};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
@@ -58,6 +66,7 @@ const REBUILD_MIN_FAILURES: u64 = 10;
 pub struct ClusterHandle(std::sync::Arc<ClusterShared>);
 
 struct ClusterShared {
+    router: std::sync::Arc<SlotRouter>,
     seeds: Vec<String>,
     current: std::sync::RwLock<ClusterConnection>,
     born: std::time::Instant,
@@ -70,15 +79,16 @@ struct ClusterShared {
 }
 
 impl ClusterHandle {
-    fn new(seeds: &[&str], connection: ClusterConnection) -> Self {
-        Self(std::sync::Arc::new(ClusterShared {
+    fn new(seeds: &[&str], connection: ClusterConnection) -> redis::RedisResult<Self> {
+        Ok(Self(std::sync::Arc::new(ClusterShared {
+            router: std::sync::Arc::new(SlotRouter::new(seeds)?),
             seeds: seeds.iter().map(|s| (*s).to_owned()).collect(),
             current: std::sync::RwLock::new(connection),
             born: std::time::Instant::now(),
             last_answer_ms: AtomicU64::new(0),
             calls_since_answer: AtomicU64::new(0),
             rebuilding: AtomicBool::new(false),
-        }))
+        })))
     }
 
     fn now_ms(&self) -> u64 {
@@ -159,8 +169,11 @@ impl ConnectionLike for Redis {
             Self::Standalone(c) => c.req_packed_command(cmd),
             Self::Cluster(handle) => {
                 let handle = handle.clone();
-                handle.starting();
                 Box::pin(async move {
+                    if let Routed::Answer(result) = handle.0.router.command(cmd).await {
+                        return result;
+                    }
+                    handle.starting();
                     let result = handle.connection().req_packed_command(cmd).await;
                     if from_redis(&result) {
                         handle.answered();
@@ -181,8 +194,12 @@ impl ConnectionLike for Redis {
             Self::Standalone(c) => c.req_packed_commands(cmd, offset, count),
             Self::Cluster(handle) => {
                 let handle = handle.clone();
-                handle.starting();
                 Box::pin(async move {
+                    let routed = handle.0.router.pipeline(cmd, offset, count).await;
+                    if let Routed::Answer(result) = routed {
+                        return result;
+                    }
+                    handle.starting();
                     let result = handle
                         .connection()
                         .req_packed_commands(cmd, offset, count)
@@ -256,7 +273,7 @@ pub async fn connect(url: &str) -> Result<Redis, RedisUnreachable> {
         if nodes.len() > 1 {
             let client = cluster_client(&nodes)?;
             let connection = client.get_async_connection().await?;
-            Ok(Redis::Cluster(ClusterHandle::new(&nodes, connection)))
+            Ok(Redis::Cluster(ClusterHandle::new(&nodes, connection)?))
         } else {
             let client = client(url)?;
             Ok(Redis::Standalone(
@@ -287,7 +304,9 @@ pub fn connect_lazy(url: &str) -> Result<Redis, RedisUnreachable> {
             .set_connection_timeout(REDIS_TIMEOUT)
             .set_response_timeout(REDIS_TIMEOUT);
         let connection = client.get_pending_async_connection_with_config(config);
-        return Ok(Redis::Cluster(ClusterHandle::new(&nodes, connection)));
+        return ClusterHandle::new(&nodes, connection)
+            .map(Redis::Cluster)
+            .map_err(fail);
     }
     let client = client(url).map_err(fail)?;
     ConnectionManager::new_lazy_with_config(client, manager_config())
