@@ -21,6 +21,11 @@ pub enum Mutant {
     /// an order paid, cancelled or expired already is expired again, its
     /// units back twice.
     SweepIgnoresStatus,
+    /// A consumer of several partitions on one channel acks `multiple`
+    /// through its newest tag (before c7e9d7c): a lower tag still waiting
+    /// unseen in another partition's buffer is settled unprocessed and
+    /// lost when the channel goes (found by a benchmark: 301 of 20,000).
+    AckPastUnseen,
 }
 
 #[cfg(feature = "mutants")]

@@ -96,6 +96,7 @@ impl Answer {
 /// Checks the converged books against the invariants and every answer.
 pub async fn books(
     backends: &EmbeddedBackends,
+    queue: &dyn OrderQueue,
     answers: &[Answer],
     events: &Events,
 ) -> Result<(), Violation> {
@@ -116,8 +117,7 @@ pub async fn books(
     for p in &sorted {
         events.add(format!("product {} stock {}", p.id, p.stock));
     }
-    let dead: HashSet<String> = backends
-        .queue
+    let dead: HashSet<String> = queue
         .dead_letters()
         .await
         .map_err(|e| Violation::new("setup", e.to_string()))?

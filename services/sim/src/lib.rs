@@ -9,11 +9,13 @@
 //! always takes the same schedule: its trace (a hash of every answer in
 //! the order it came and of the final books) is the same.
 
+mod broker;
 mod check;
 mod faults;
 mod rng;
 mod world;
 
+pub use broker::BrokerOptions;
 pub use check::Violation;
 pub use rng::SimRng;
 pub use world::Options;

@@ -1,6 +1,7 @@
 //! One seed's world: the deployment it draws, the buyers and the faults it
 //! schedules, and the phases: faults, heal, converge.
 
+use crate::broker::{Broker, BrokerOptions};
 use crate::check::{self, Answer, Violation};
 use crate::faults::{Delays, SlowQueue, Trap};
 use crate::rng::{SimRng, Trace};
@@ -14,6 +15,7 @@ use flashsale_api::{Access, HttpLimits};
 use flashsale_engine::accept_log::AcceptStore;
 use flashsale_engine::embedded::EmbeddedBackends;
 use flashsale_engine::ledger::{Ledger, NewProduct};
+use flashsale_engine::queue::OrderQueue;
 use flashsale_worker::Worker;
 use std::fmt;
 use std::sync::{Arc, Mutex};
@@ -49,6 +51,9 @@ pub struct Options {
     pub prefetch: u16,
     /// The longest pause before and after each queue call (µs; 0: none).
     pub delay_micros: u64,
+    /// The queue: a model of RabbitMQ (partitions, channels, lost
+    /// confirms), or `None` for the embedded memory queue.
+    pub broker: Option<BrokerOptions>,
 }
 
 impl Options {
@@ -76,6 +81,7 @@ impl Options {
             redis_loss: r.chance(0.4),
             prefetch: r.between(1, 20) as u16,
             delay_micros: if r.chance(0.7) { r.between(1, 3000) } else { 0 },
+            broker: r.chance(0.6).then(|| BrokerOptions::draw(&mut r)),
         }
     }
 }
@@ -95,7 +101,7 @@ impl fmt::Display for Options {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "apis {}, workers {}, products {:?}, held {:?}, pays {}%, buyers {}, repeats {}%, hang-ups {}%, retries {}%, kill worker {}, redis loss {}, prefetch {}, delays up to {} µs",
+            "apis {}, workers {}, products {:?}, held {:?}, pays {}%, buyers {}, repeats {}%, hang-ups {}%, retries {}%, kill worker {}, redis loss {}, prefetch {}, delays up to {} µs, queue {}",
             self.apis,
             self.workers,
             self.products,
@@ -108,7 +114,14 @@ impl fmt::Display for Options {
             self.kill_worker,
             self.redis_loss,
             self.prefetch,
-            self.delay_micros
+            self.delay_micros,
+            match self.broker {
+                Some(b) => format!(
+                    "broker ({} partitions, {}% publishes failed, {}% confirms lost, dead channels noticed within {} ms)",
+                    b.partitions, b.publish_failures, b.lost_confirms, b.notice_ms
+                ),
+                None => "memory".into(),
+            }
         )
     }
 }
@@ -338,8 +351,9 @@ async fn sale(seed: u64, options: &Options, events: &Events) -> Result<(), Viola
             .map_err(|e| Violation::new("setup", e.to_string()))?;
     }
     let delays = Delays::new(seed ^ 0x51_0E, Duration::from_micros(options.delay_micros));
+    let order_queue = SimQueue::new(seed, options, &backends);
     let queue = Arc::new(SlowQueue {
-        inner: Arc::new(backends.queue.clone()),
+        inner: order_queue.shared(),
         delays: delays.clone(),
         trap: None,
     });
@@ -347,7 +361,7 @@ async fn sale(seed: u64, options: &Options, events: &Events) -> Result<(), Viola
     // ack, before or after its effect.
     let trap = options.kill_worker.then(|| Trap::armed(r.chance(0.5)));
     let victim_queue = Arc::new(SlowQueue {
-        inner: Arc::new(backends.queue.clone()),
+        inner: order_queue.shared(),
         delays,
         trap: trap.clone(),
     });
@@ -458,16 +472,17 @@ async fn sale(seed: u64, options: &Options, events: &Events) -> Result<(), Viola
     // counter comes back to its product's stock.
     let started = tokio::time::Instant::now();
     loop {
-        if converged(&backends, options).await {
+        if converged(&backends, &order_queue, options).await {
             break;
         }
         if started.elapsed() > CONVERGE_WITHIN {
-            let (ready, held) = backends.queue.depth();
+            // A broken invariant is the likelier root cause: report it.
+            check::books(&backends, order_queue.shared().as_ref(), &answers, events).await?;
+            let (ready, held) = order_queue.depth();
             return Err(Violation::new(
                 "liveness",
                 format!(
-                    "not converged {CONVERGE_WITHIN:?} after healing: {ready} ready, {held} held by {} consumers; workers {:?}; locks {:?}",
-                    backends.queue.view().orders_consumers,
+                    "not converged {CONVERGE_WITHIN:?} after healing: {ready} ready, {held} held; workers {:?}; locks {:?}",
                     workers
                         .iter()
                         .map(|w| format!(
@@ -495,12 +510,42 @@ async fn sale(seed: u64, options: &Options, events: &Events) -> Result<(), Viola
     for w in workers {
         let _ = w.task.await;
     }
-    check::books(&backends, &answers, events).await
+    check::books(&backends, order_queue.shared().as_ref(), &answers, events).await
+}
+
+/// The order queue a seed runs on.
+enum SimQueue {
+    Memory(flashsale_engine::queue::MemoryQueue),
+    Broker(Broker),
+}
+
+impl SimQueue {
+    fn new(seed: u64, options: &Options, backends: &EmbeddedBackends) -> Self {
+        match options.broker {
+            Some(b) => Self::Broker(Broker::new(seed ^ 0x00B2_0CE2, b)),
+            None => Self::Memory(backends.queue.clone()),
+        }
+    }
+
+    fn shared(&self) -> Arc<dyn OrderQueue> {
+        match self {
+            Self::Memory(q) => Arc::new(q.clone()),
+            Self::Broker(b) => Arc::new(b.clone()),
+        }
+    }
+
+    /// Ready messages, and messages held by consumers.
+    fn depth(&self) -> (usize, usize) {
+        match self {
+            Self::Memory(q) => q.depth(),
+            Self::Broker(b) => b.depth(),
+        }
+    }
 }
 
 /// Drained, settled, reconciled, and every hold ended.
-async fn converged(backends: &EmbeddedBackends, options: &Options) -> bool {
-    if backends.queue.depth() != (0, 0) {
+async fn converged(backends: &EmbeddedBackends, queue: &SimQueue, options: &Options) -> bool {
+    if queue.depth() != (0, 0) {
         return false;
     }
     let (_, orders) = backends.ledger.snapshot();

@@ -46,3 +46,8 @@ fn a_second_body_dropped_as_a_duplicate_is_found() {
 fn a_holds_sweep_without_its_status_check_is_found() {
     assert_found(Mutant::SweepIgnoresStatus);
 }
+
+#[test]
+fn a_multiple_ack_past_an_unseen_delivery_is_found() {
+    assert_found(Mutant::AckPastUnseen);
+}

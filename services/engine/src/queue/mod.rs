@@ -5,12 +5,14 @@
 //! channel pool; `consumer`: the worker's consumer) and memory (`memory`,
 //! for `fsctl demo`).
 
+mod acks;
 mod consumer;
 pub mod dead_letters;
 mod memory;
 mod publisher;
 pub mod rabbitmq;
 
+pub use acks::{AckPlan, ChannelAcks};
 pub use consumer::OrderConsumer;
 pub use dead_letters::{DeadLetter, peek_dead_letters};
 pub use memory::{MemoryConsumer, MemoryQueue};

@@ -394,53 +394,14 @@ impl OrderQueue for RabbitQueue {
 
 struct RabbitConsumer {
     consumer: super::OrderConsumer,
-    held: std::collections::BTreeMap<u64, lapin::message::Delivery>,
-    /// Every delivery tag up to this one has been taken from the consumer.
-    /// With several partitions the channel's tags are spread over several
-    /// consumers, so a batch may hold tag 9 while tag 7 still waits in
-    /// another consumer's buffer: a `multiple` ack through 9 would settle 7
-    /// unprocessed (lost for good). Acks go `multiple` only up to here.
-    seen_through: u64,
-    /// Tags taken above `seen_through` (waiting for the gap below to fill).
-    seen_ahead: std::collections::BTreeSet<u64>,
-}
-
-/// How to settle every held delivery through `tag`, given that every tag
-/// through `seen_through` has been taken: one `multiple` ack through the
-/// newest held tag at or below both, and single acks for the held tags
-/// above that, up to `tag`.
-fn plan_acks(
-    held: impl Iterator<Item = u64>,
-    seen_through: u64,
-    tag: u64,
-) -> (Option<u64>, Vec<u64>) {
-    let safe = tag.min(seen_through);
-    let mut through = None;
-    let mut singles = Vec::new();
-    for t in held.filter(|t| *t <= tag) {
-        if t <= safe {
-            through = through.max(Some(t));
-        } else {
-            singles.push(t);
-        }
-    }
-    (through, singles)
+    held: super::ChannelAcks<lapin::message::Delivery>,
 }
 
 impl RabbitConsumer {
     fn new(consumer: super::OrderConsumer) -> Self {
         Self {
             consumer,
-            held: std::collections::BTreeMap::new(),
-            seen_through: 0,
-            seen_ahead: std::collections::BTreeSet::new(),
-        }
-    }
-
-    fn saw(&mut self, tag: u64) {
-        self.seen_ahead.insert(tag);
-        while self.seen_ahead.remove(&(self.seen_through + 1)) {
-            self.seen_through += 1;
+            held: super::ChannelAcks::default(),
         }
     }
 }
@@ -468,25 +429,24 @@ impl QueueConsumer for RabbitConsumer {
                 payload: d.data.clone(),
                 redelivered: d.redelivered,
             });
-            self.saw(d.delivery_tag);
-            self.held.insert(d.delivery_tag, d);
+            self.held.took(d.delivery_tag, d);
         }
         Ok(Some(out))
     }
 
     async fn ack_through(&mut self, tag: u64) -> Result<(), BackendFailed> {
         // One may have been dead-lettered, and so acked, already.
-        let (through, singles) = plan_acks(self.held.keys().copied(), self.seen_through, tag);
-        if let Some(d) = through.and_then(|t| self.held.get(&t)) {
+        let plan = self.held.plan(tag);
+        if let Some(d) = plan.multiple_through.and_then(|t| self.held.get(t)) {
             let ack = d
                 .acker
                 .ack(lapin::options::BasicAckOptions { multiple: true });
             within_deadline(ack).await?;
         }
-        for d in singles.iter().filter_map(|t| self.held.get(t)) {
+        for d in plan.singles.iter().filter_map(|t| self.held.get(*t)) {
             within_deadline(d.acker.ack(lapin::options::BasicAckOptions::default())).await?;
         }
-        self.held.retain(|t, _| *t > tag);
+        self.held.settled_through(tag);
         Ok(())
     }
 
@@ -495,7 +455,7 @@ impl QueueConsumer for RabbitConsumer {
         delivery: &Delivered,
         reason: &str,
     ) -> Result<(), BackendFailed> {
-        let Some(d) = self.held.remove(&delivery.tag) else {
+        let Some(d) = self.held.remove(delivery.tag) else {
             return Ok(());
         };
         publish_confirmed(
@@ -596,25 +556,4 @@ pub async fn queues(amqp_url: &str, ns: &Namespace) -> Result<QueueView, BrokerE
     .await;
     let _ = tokio::time::timeout(QUEUE_LOOK_TIMEOUT, conn.close(200, "done".into())).await;
     result
-}
-
-#[cfg(test)]
-mod tests {
-    use super::plan_acks;
-
-    #[test]
-    fn acks_go_multiple_only_where_no_tag_is_unseen() {
-        // Nothing unseen: one multiple ack through the newest held tag.
-        assert_eq!(plan_acks([1, 2, 3].into_iter(), 3, 3), (Some(3), vec![]));
-        // A batch of tags 1, 3, 5 while 2 and 4 wait in another partition's
-        // consumer: multiple through 1 only, then 3 and 5 each alone.
-        assert_eq!(
-            plan_acks([1, 3, 5].into_iter(), 1, 5),
-            (Some(1), vec![3, 5])
-        );
-        // Held tags above the ack's own stay held.
-        assert_eq!(plan_acks([4, 6, 9].into_iter(), 9, 6), (Some(6), vec![]));
-        // Everything through 7 seen but the first held one is above the gap.
-        assert_eq!(plan_acks([8, 9].into_iter(), 7, 9), (None, vec![8, 9]));
-    }
 }
