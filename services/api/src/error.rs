@@ -66,7 +66,8 @@ impl ApiError {
             // The contract's labels have no timeout: a body that never came is bad input.
             Self::Invalid(_) | Self::BodyTimeout(_) => "invalid",
             Self::TooLarge { .. } => "too_large",
-            Self::UnknownProduct(_) | Self::UnknownOrder(_) => "unknown_product",
+            Self::UnknownProduct(_) => "unknown_product",
+            Self::UnknownOrder(_) => "unknown_order",
             Self::NotHeld(_) => "not_held",
             Self::KeyReused => "idempotency_conflict",
             Self::Unauthorized(_) => "unauthorized",

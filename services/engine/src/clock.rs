@@ -37,6 +37,17 @@ pub fn simulate(epoch: Option<DateTime<Utc>>) {
     SIMULATED.with(|s| s.set(epoch.map(|e| (e, tokio::time::Instant::now()))));
 }
 
+/// Moves this thread's simulated clock by `by` (either way), as an NTP
+/// step or an operator would move a machine's; the system's clock is not
+/// touched.
+pub fn jump(by: chrono::Duration) {
+    SIMULATED.with(|s| {
+        if let Some((epoch, started)) = s.get() {
+            s.set(Some((epoch + by, started)));
+        }
+    });
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -48,6 +59,8 @@ mod tests {
         assert_eq!(now(), epoch);
         tokio::time::sleep(std::time::Duration::from_secs(90)).await;
         assert_eq!(now(), epoch + chrono::Duration::seconds(90));
+        jump(chrono::Duration::seconds(-30));
+        assert_eq!(now(), epoch + chrono::Duration::seconds(60));
         simulate(None);
         assert!(now() > epoch + chrono::Duration::days(365));
     }

@@ -54,6 +54,8 @@ pub struct Options {
     /// The queue: a model of RabbitMQ (partitions, channels, lost
     /// confirms), or `None` for the embedded memory queue.
     pub broker: Option<BrokerOptions>,
+    /// The wall clock jumps by this many ms (either way) once, mid-sale.
+    pub clock_jump_ms: i64,
 }
 
 impl Options {
@@ -82,6 +84,11 @@ impl Options {
             prefetch: r.between(1, 20) as u16,
             delay_micros: if r.chance(0.7) { r.between(1, 3000) } else { 0 },
             broker: r.chance(0.6).then(|| BrokerOptions::draw(&mut r)),
+            clock_jump_ms: if r.chance(0.3) {
+                r.between(0, 10_000) as i64 - 5_000
+            } else {
+                0
+            },
         }
     }
 }
@@ -101,7 +108,7 @@ impl fmt::Display for Options {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "apis {}, workers {}, products {:?}, held {:?}, pays {}%, buyers {}, repeats {}%, hang-ups {}%, retries {}%, kill worker {}, redis loss {}, prefetch {}, delays up to {} µs, queue {}",
+            "apis {}, workers {}, products {:?}, held {:?}, pays {}%, buyers {}, repeats {}%, hang-ups {}%, retries {}%, kill worker {}, redis loss {}, prefetch {}, delays up to {} µs, queue {}, clock jump {} ms",
             self.apis,
             self.workers,
             self.products,
@@ -121,7 +128,8 @@ impl fmt::Display for Options {
                     b.partitions, b.publish_failures, b.lost_confirms, b.notice_ms
                 ),
                 None => "memory".into(),
-            }
+            },
+            self.clock_jump_ms
         )
     }
 }
@@ -392,6 +400,16 @@ async fn sale(seed: u64, options: &Options, events: &Events) -> Result<(), Viola
         .enumerate()
         .map(|(i, buy)| tokio::spawn(send(apis[i % apis.len()].clone(), buy, events.clone())))
         .collect();
+    if options.clock_jump_ms != 0 {
+        let by = options.clock_jump_ms;
+        let at = Duration::from_millis(r.between(0, 3000));
+        let events = events.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(at).await;
+            flashsale_engine::clock::jump(chrono::Duration::milliseconds(by));
+            events.add(format!("fault: the wall clock jumped {by} ms"));
+        });
+    }
     if let Some(trap) = &trap {
         // At its first ack, or at the latest 3 s in.
         let sprung = tokio::time::timeout(Duration::from_secs(3), trap.sprung.notified()).await;

@@ -95,10 +95,12 @@ fn close_if_later_than<T>(
 /// ledger's deadline is the one that fires and the connection is closed.
 pub const READ_DEADLINE: Duration = Duration::from_millis(800);
 
-/// Rows per statement. sqlx does not set TCP_NODELAY, and a statement whose
-/// parameters outgrow its write buffer meets Nagle's algorithm and the
-/// server's delayed ACK (40 ms a statement, measured: 500 rows 45 ms, 200
-/// rows 6 ms); chunks of this size stay clear of that.
+/// Rows per statement. Published sqlx 0.9.0 sets no TCP_NODELAY, and there
+/// a statement whose parameters outgrow its write buffer met Nagle's
+/// algorithm and the server's delayed ACK (40 ms a statement, measured: 500
+/// rows 45 ms, 200 rows 6 ms). The vendored sqlx-core sets it
+/// (`services/third_party/sqlx-core/PATCH.md`); chunks of this size stay
+/// clear of that even without it.
 const ROWS_PER_STATEMENT: usize = 128;
 
 /// The keys of a group that already have a row (a redelivery, a repeat).
