@@ -6,6 +6,7 @@ pub mod booked_keys;
 pub mod catalog;
 pub mod error;
 pub mod gate;
+pub mod process;
 pub mod routes;
 pub mod serve;
 pub mod settling;

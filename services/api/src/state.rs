@@ -49,6 +49,9 @@ pub struct Shared {
     pub booked: BookedKeys,
     /// Order reads running against the ledger (`API_MAX_READS`).
     pub reads: Arc<tokio::sync::Semaphore>,
+    /// The tasks requests leave running (a buy past its first take, a pay
+    /// or cancel): they end with the process.
+    pub process: crate::process::Process,
     /// Follows the announcements for `watchers`; aborted with the state.
     _follower: AbortOnDrop,
     /// The heartbeat (none when embedded): it stops with the state.
@@ -136,6 +139,7 @@ impl AppState {
             watchers,
             booked,
             reads: Arc::new(tokio::sync::Semaphore::new(limits.max_reads.max(1))),
+            process: crate::process::Process::default(),
             _follower: follower,
             _beat: Some(beat),
         })))
@@ -189,6 +193,7 @@ impl AppState {
             watchers,
             booked,
             reads: Arc::new(tokio::sync::Semaphore::new(limits.max_reads.max(1))),
+            process: crate::process::Process::default(),
             _follower: follower,
             _beat: None,
         })))

@@ -37,9 +37,10 @@ impl Delays {
 }
 
 /// A crash at a chosen point: the victim worker's consumer springs it at
-/// its first ack, just before or just after the ack takes effect, and then
-/// never returns; the world kills the worker there ("a worker killed
-/// mid-batch").
+/// its first ack (the victim API's queue at its first publish), just
+/// before or just after the call takes effect, and then never returns; the
+/// world kills the worker (the API) there ("a worker killed mid-batch",
+/// "an API killed between taking units and publishing").
 #[derive(Default)]
 pub struct Trap {
     armed: std::sync::atomic::AtomicBool,
@@ -67,11 +68,13 @@ impl Trap {
 }
 
 /// The queue, with pauses around publishes and a consumer with pauses
-/// around every call (and, for the victim worker, a trap).
+/// around every call (and, for the victim worker, a trap at its first ack;
+/// for the victim API, one at its first publish).
 pub struct SlowQueue {
     pub inner: Arc<dyn OrderQueue>,
     pub delays: Delays,
     pub trap: Option<Arc<Trap>>,
+    pub publish_trap: Option<Arc<Trap>>,
 }
 
 #[async_trait::async_trait]
@@ -83,7 +86,13 @@ impl OrderQueue for SlowQueue {
         payload: &[u8],
     ) -> Result<(), BackendFailed> {
         self.delays.pause().await;
+        if let Some(trap) = self.publish_trap.as_ref().filter(|t| !t.after_effect) {
+            trap.spring().await;
+        }
         let published = self.inner.publish(product, message_id, payload).await;
+        if let Some(trap) = self.publish_trap.as_ref().filter(|t| t.after_effect) {
+            trap.spring().await;
+        }
         self.delays.pause().await;
         published
     }

@@ -9,6 +9,7 @@ use crate::{CONVERGE_WITHIN, Outcome};
 use axum::Router;
 use axum::body::Body;
 use axum::http::{Request, StatusCode};
+use flashsale_api::process::Process;
 use flashsale_api::routes;
 use flashsale_api::state::AppState;
 use flashsale_api::{Access, HttpLimits};
@@ -56,6 +57,10 @@ pub struct Options {
     pub broker: Option<BrokerOptions>,
     /// The wall clock jumps by this many ms (either way) once, mid-sale.
     pub clock_jump_ms: i64,
+    /// One API (of two or more) is killed mid-sale, with the tasks its
+    /// requests left running: units taken and not yet published, a publish
+    /// not yet marked. Its clients see their connection reset.
+    pub kill_api: bool,
 }
 
 impl Options {
@@ -89,7 +94,14 @@ impl Options {
             } else {
                 0
             },
+            kill_api: false,
         }
+        .and_kill_api(&mut r)
+    }
+
+    fn and_kill_api(mut self, r: &mut SimRng) -> Self {
+        self.kill_api = self.apis >= 2 && r.chance(0.3);
+        self
     }
 }
 
@@ -108,7 +120,7 @@ impl fmt::Display for Options {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "apis {}, workers {}, products {:?}, held {:?}, pays {}%, buyers {}, repeats {}%, hang-ups {}%, retries {}%, kill worker {}, redis loss {}, prefetch {}, delays up to {} µs, queue {}, clock jump {} ms",
+            "apis {}, workers {}, products {:?}, held {:?}, pays {}%, buyers {}, repeats {}%, hang-ups {}%, retries {}%, kill worker {}, redis loss {}, prefetch {}, delays up to {} µs, queue {}, clock jump {} ms, kill an API {}",
             self.apis,
             self.workers,
             self.products,
@@ -129,7 +141,8 @@ impl fmt::Display for Options {
                 ),
                 None => "memory".into(),
             },
-            self.clock_jump_ms
+            self.clock_jump_ms,
+            self.kill_api
         )
     }
 }
@@ -219,24 +232,74 @@ fn plan_buys(options: &Options, r: &mut SimRng) -> Vec<Buy> {
     buys
 }
 
-/// Sends the buy (retrying a `503` when it does); its answer, `None` when
-/// the client hung up.
-async fn send(api: Router, buy: Buy, events: Events) -> Answer {
+/// One API process: its router, and its tasks (killed with it).
+#[derive(Clone)]
+struct SimApi {
+    router: Router,
+    process: Process,
+}
+
+/// The APIs of the world; a buyer goes to the first live one from its own.
+type Apis = Arc<Vec<SimApi>>;
+
+fn live_api(apis: &Apis, from: usize) -> Option<&SimApi> {
+    (0..apis.len())
+        .map(|i| &apis[(from + i) % apis.len()])
+        .find(|a| !a.process.is_killed())
+}
+
+/// How a request ended for its client.
+enum Reached {
+    Answer(StatusCode, serde_json::Value),
+    HungUp,
+    /// The API was killed: the connection was reset.
+    Reset,
+}
+
+/// Sends the buy (retrying a `503`, or a reset connection, when it does);
+/// its answer, `None` when the client hung up or gave up.
+async fn send(apis: Apis, first: usize, buy: Buy, events: Events) -> Answer {
     tokio::time::sleep(buy.at).await;
+    let gave_up = |buy: &Buy| Answer::hung_up(&buy.key, &buy.user, buy.product, buy.quantity);
     for attempt in 0..4 {
+        let Some(api) = live_api(&apis, first + attempt) else {
+            return gave_up(&buy);
+        };
         let request = Request::post("/buy")
             .header("content-type", "application/json")
             .header("idempotency-key", &buy.key)
             .body(Body::from(buy.body()))
             .unwrap_or_default();
-        let answering = call(&api, request);
-        let answered = match buy.hang_up {
-            Some(after) => tokio::time::timeout(after, answering).await.ok().flatten(),
+        let answering = async {
+            tokio::select! {
+                biased;
+                () = api.process.killed() => Reached::Reset,
+                answer = call(&api.router, request) => match answer {
+                    Some((status, body)) => Reached::Answer(status, body),
+                    None => Reached::HungUp,
+                },
+            }
+        };
+        let reached = match buy.hang_up {
+            Some(after) => tokio::time::timeout(after, answering)
+                .await
+                .unwrap_or(Reached::HungUp),
             None => answering.await,
         };
-        let Some((status, body)) = answered else {
-            events.add(format!("hang-up {} {}", buy.key, buy.body()));
-            return Answer::hung_up(&buy.key, &buy.user, buy.product, buy.quantity);
+        let (status, body) = match reached {
+            Reached::Answer(status, body) => (status, body),
+            Reached::HungUp => {
+                events.add(format!("hang-up {} {}", buy.key, buy.body()));
+                return gave_up(&buy);
+            }
+            Reached::Reset => {
+                events.add(format!("reset {} {}", buy.key, buy.body()));
+                if buy.retry && attempt < 3 {
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    continue;
+                }
+                return gave_up(&buy);
+            }
         };
         events.add(format!(
             "answer {} {} {}",
@@ -251,7 +314,10 @@ async fn send(api: Router, buy: Buy, events: Events) -> Answer {
         let mut answer = Answer::new(&buy.key, &buy.user, buy.product, buy.quantity, status, body);
         if let (StatusCode::ACCEPTED, Some((action, after))) = (status, buy.ends) {
             tokio::time::sleep(after).await;
-            let ended = end_hold(&api, &buy, action).await;
+            let ended = match live_api(&apis, first) {
+                Some(api) => end_hold(&api.router, &buy, action).await,
+                None => None,
+            };
             events.add(format!(
                 "{action} {} {}",
                 buy.key,
@@ -364,26 +430,47 @@ async fn sale(seed: u64, options: &Options, events: &Events) -> Result<(), Viola
         inner: order_queue.shared(),
         delays: delays.clone(),
         trap: None,
+        publish_trap: None,
     });
     // The victim (worker 0, when the seed kills one) crashes at its first
     // ack, before or after its effect.
     let trap = options.kill_worker.then(|| Trap::armed(r.chance(0.5)));
     let victim_queue = Arc::new(SlowQueue {
         inner: order_queue.shared(),
-        delays,
+        delays: delays.clone(),
         trap: trap.clone(),
+        publish_trap: None,
     });
-    let mut apis = Vec::new();
-    for _ in 0..options.apis {
+    // The victim API (the last, when the seed kills one) crashes at its
+    // first publish, before or after its effect: its buy has taken units.
+    let api_trap = options.kill_api.then(|| Trap::armed(r.chance(0.5)));
+    let victim_api_queue = Arc::new(SlowQueue {
+        inner: order_queue.shared(),
+        delays,
+        trap: None,
+        publish_trap: api_trap.clone(),
+    });
+    let mut apis: Vec<SimApi> = Vec::new();
+    for i in 0..options.apis {
+        let through = if api_trap.is_some() && i + 1 == options.apis {
+            &victim_api_queue
+        } else {
+            &queue
+        };
         let state = AppState::embedded_on(
             &backends,
-            queue.clone(),
+            through.clone(),
             &HttpLimits::default(),
             &Access::default(),
         )
         .map_err(|e| Violation::new("setup", e.to_string()))?;
-        apis.push(routes::router(state));
+        let process = state.process.clone();
+        apis.push(SimApi {
+            router: routes::router(state),
+            process,
+        });
     }
+    let apis: Apis = Arc::new(apis);
     let mut workers: Vec<SimWorker> = (0..options.workers)
         .map(|i| {
             let through = if i == 0 { &victim_queue } else { &queue };
@@ -398,7 +485,7 @@ async fn sale(seed: u64, options: &Options, events: &Events) -> Result<(), Viola
         .iter()
         .cloned()
         .enumerate()
-        .map(|(i, buy)| tokio::spawn(send(apis[i % apis.len()].clone(), buy, events.clone())))
+        .map(|(i, buy)| tokio::spawn(send(apis.clone(), i, buy, events.clone())))
         .collect();
     if options.clock_jump_ms != 0 {
         let by = options.clock_jump_ms;
@@ -408,6 +495,21 @@ async fn sale(seed: u64, options: &Options, events: &Events) -> Result<(), Viola
             tokio::time::sleep(at).await;
             flashsale_engine::clock::jump(chrono::Duration::milliseconds(by));
             events.add(format!("fault: the wall clock jumped {by} ms"));
+        });
+    }
+    if let Some(trap) = api_trap.clone() {
+        let (apis, events) = (apis.clone(), events.clone());
+        tokio::spawn(async move {
+            // At its first publish, or at the latest 3 s in.
+            let sprung = tokio::time::timeout(Duration::from_secs(3), trap.sprung.notified()).await;
+            let victim = apis.len() - 1;
+            apis[victim].process.kill();
+            let at = if sprung.is_ok() {
+                "at a publish"
+            } else {
+                "after 3 s"
+            };
+            events.add(format!("fault: API {victim} killed {at}"));
         });
     }
     if let Some(trap) = &trap {
@@ -454,8 +556,8 @@ async fn sale(seed: u64, options: &Options, events: &Events) -> Result<(), Viola
                 ..first
             };
             for (i, buy) in [other, again].into_iter().enumerate() {
-                let api = apis[(n as usize + i) % apis.len()].clone();
-                buyers.push(tokio::spawn(send(api, buy, events.clone())));
+                let first = n as usize + i;
+                buyers.push(tokio::spawn(send(apis.clone(), first, buy, events.clone())));
             }
         }
     }
@@ -470,7 +572,13 @@ async fn sale(seed: u64, options: &Options, events: &Events) -> Result<(), Viola
 
     // A buy's claim ends with the buy (marked queued, or withdrawn), also
     // when its client hung up: a second after the last answer, none pends.
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    // A killed API's claims end with their pending TTL.
+    let grace = if options.kill_api {
+        flashsale_engine::accept_log::PENDING_TTL + Duration::from_secs(1)
+    } else {
+        Duration::from_secs(1)
+    };
+    tokio::time::sleep(grace).await;
     let pending = backends.accept_log.pending();
     if !pending.is_empty() {
         return Err(Violation::new(

@@ -91,8 +91,9 @@ async fn buy(State(state): State<AppState>, request: Request) -> Response {
             answer
         }
         Ok(buy) => {
+            let process = state.process.clone();
             let state = state.clone();
-            let admitting = tokio::spawn(async move {
+            let admitting = process.spawn(async move {
                 let _pass = pass;
                 let answer = admit(&state, buy).await;
                 count(&answer);

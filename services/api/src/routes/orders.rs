@@ -207,7 +207,8 @@ async fn end_hold(
     if owner.as_deref() != Some(buyer.as_str()) {
         return Err(ApiError::UnknownOrder(order_id));
     }
-    let ending = tokio::spawn(async move { settle_hold(&state, key, action).await });
+    let process = state.process.clone();
+    let ending = process.spawn(async move { settle_hold(&state, key, action).await });
     ending
         .await
         .map_err(|e| ApiError::unavailable("API", e))?
