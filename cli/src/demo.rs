@@ -6,8 +6,6 @@
 
 use crate::exit::{Failure, OK, Outcome, VIOLATION};
 use crate::output;
-use crate::storm::load::LoadPlan;
-use crate::storm::mix::{BuyMix, QuantityRange, Skew};
 use crate::storm::report::{Drain, StormReport, VerifySummary};
 use crate::storm::target::BuyTarget;
 use crate::storm::{self, StormPlan};
@@ -99,72 +97,37 @@ pub struct DemoArgs {
 }
 
 fn plan(args: &DemoArgs) -> Result<(StormPlan, Vec<NewProduct>), Failure> {
-    if let Some(path) = &args.scenario {
-        let storm_args = crate::storm::StormArgs::for_scenario(path.clone());
-        let plan = StormPlan::resolve(&storm_args)?;
-        let catalog = plan
-            .scenario
-            .as_ref()
-            .map(|s| s.catalog())
-            .transpose()?
-            .unwrap_or_default();
-        return Ok((plan, catalog));
-    }
-    for (name, r) in [
-        ("duplicate-ratio", args.duplicate_ratio),
-        ("invalid-ratio", args.invalid_ratio),
-    ] {
-        if !(0.0..=1.0).contains(&r) {
-            return Err(Failure::usage(format!(
-                "--{name} {r}: must be between 0 and 1"
-            )));
-        }
-    }
-    if args.duplicate_ratio + args.invalid_ratio > 1.0 {
-        return Err(Failure::usage(
-            "--duplicate-ratio plus --invalid-ratio must not exceed 1",
-        ));
-    }
-    let catalog = (1..=args.products)
-        .map(|id| NewProduct {
-            id,
-            name: if args.products == 1 {
-                "Hot item".into()
-            } else {
-                format!("Deal #{id}")
-            },
-            stock: args.stock,
-            max_per_order: crate::scenario::DEFAULT_MAX_PER_ORDER,
-            per_user_limit: None,
-            hold_seconds: None,
-        })
-        .collect();
-    let plan = StormPlan {
-        load: LoadPlan {
-            open: false,
-            start_level: args.concurrency as f64,
-            stages: Vec::new(),
-            requests: Some(args.requests),
-            duration: None,
-            max_in_flight: args.concurrency as usize,
-        },
-        mix: BuyMix {
-            products: (1..=args.products).collect(),
-            skew: Skew::Uniform,
-            users: None,
-            quantity: QuantityRange { min: 1, max: 1 },
-            duplicate_ratio: args.duplicate_ratio,
-            invalid_ratio: args.invalid_ratio,
-            keys: Default::default(),
-        },
-        thresholds: Vec::new(),
-        verify: true,
-        drain_timeout: DRAIN_TIMEOUT,
-        timeout: Duration::from_secs(30),
-        seed: rand::random(),
-        scenario: None,
-        tokens: None,
-        checkout: None,
+    let storm_args = match &args.scenario {
+        Some(path) => crate::storm::StormArgs::for_scenario(path.clone()),
+        None => crate::storm::StormArgs::parse_flags(
+            [
+                format!("--requests={}", args.requests),
+                format!("--concurrency={}", args.concurrency),
+                format!("--products={}", args.products),
+                format!("--duplicate-ratio={}", args.duplicate_ratio),
+                format!("--invalid-ratio={}", args.invalid_ratio),
+            ]
+            .map(Into::into),
+        )
+        .map_err(|e| Failure::usage(e.to_string()))?,
+    };
+    let plan = StormPlan::resolve(&storm_args)?;
+    let catalog = match &plan.scenario {
+        Some(scenario) => scenario.catalog()?,
+        None => (1..=args.products)
+            .map(|id| NewProduct {
+                id,
+                name: if args.products == 1 {
+                    "Hot item".into()
+                } else {
+                    format!("Deal #{id}")
+                },
+                stock: args.stock,
+                max_per_order: crate::scenario::DEFAULT_MAX_PER_ORDER,
+                per_user_limit: None,
+                hold_seconds: None,
+            })
+            .collect(),
     };
     Ok((plan, catalog))
 }
@@ -427,7 +390,7 @@ pub async fn run(args: &DemoArgs) -> Outcome {
         ),
     );
     let sources = engine.sources(&backends);
-    let report = storm_and_settle(
+    let report = storm_and_drain(
         args,
         &plan,
         &target,
@@ -447,7 +410,7 @@ pub async fn run(args: &DemoArgs) -> Outcome {
 
 /// The storm (with the chaos strike, if any), then the drain and the audit;
 /// under `--top` the dashboard runs meanwhile.
-async fn storm_and_settle(
+async fn storm_and_drain(
     args: &DemoArgs,
     plan: &StormPlan,
     target: &BuyTarget,
@@ -484,7 +447,7 @@ async fn storm_and_settle(
                 report.chaos =
                     Some(serde_json::json!({"killedWorker": id, "heldDeliveries": held}));
             }
-            settle(&backends, &mut report, show).await;
+            drain_and_audit(&backends, &mut report, show).await;
             if let Some(checkout) = plan.checkout {
                 report.checkout = Some(checkout_summary(&backends, &plan, checkout, &report).await);
             }
@@ -535,7 +498,7 @@ async fn serve_until_ctrl_c(api: &str) {
 
 /// Waits for every accepted order to be booked or dead-lettered, then
 /// audits the embedded ledger with exactly those ids.
-async fn settle(backends: &EmbeddedBackends, report: &mut StormReport, show: bool) {
+async fn drain_and_audit(backends: &EmbeddedBackends, report: &mut StormReport, show: bool) {
     let bar = output::spinner(show);
     let started = Instant::now();
     let accepted = report.accepted.clone();

@@ -122,17 +122,20 @@ impl StormArgs {
     /// A storm as a scenario file describes it, no flags over it: the
     /// command line's own defaults, exactly as `fsctl storm --scenario FILE`.
     pub fn for_scenario(path: PathBuf) -> Self {
+        Self::parse_flags(["--scenario".into(), path.into_os_string()])
+            .expect("--scenario FILE alone always parses")
+    }
+
+    /// The storm `fsctl storm FLAGS…` would run (without the `storm`
+    /// itself): for commands that run a storm of their own, such as the
+    /// demo, so that one set of rules and defaults makes every plan.
+    pub fn parse_flags(
+        flags: impl IntoIterator<Item = std::ffi::OsString>,
+    ) -> Result<Self, clap::Error> {
         use clap::FromArgMatches;
         let command = Self::augment_args(clap::Command::new("storm"));
-        let argv = [
-            std::ffi::OsString::from("storm"),
-            "--scenario".into(),
-            path.into_os_string(),
-        ];
-        let matches = command
-            .try_get_matches_from(argv)
-            .expect("--scenario FILE alone always parses");
-        Self::from_arg_matches(&matches).expect("--scenario FILE alone always parses")
+        let argv = std::iter::once(std::ffi::OsString::from("storm")).chain(flags);
+        Self::from_arg_matches(&command.try_get_matches_from(argv)?)
     }
 }
 

@@ -28,7 +28,7 @@ pub struct Settled {
 }
 
 /// Waits up to `timeout` for the `accepted` orders to resolve, then checks.
-pub async fn settle(
+pub async fn drain_and_verify(
     backends: &BackendUrls,
     api_url: &str,
     client: &reqwest::Client,

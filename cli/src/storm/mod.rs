@@ -242,7 +242,7 @@ pub async fn run(b: &BackendUrls, api_urls: &[String], args: &StormArgs) -> Outc
         seed_scenario(b, scenario, args.json).await;
     }
     let stop = stop_on_ctrl_c();
-    let report = storm_and_settle(b, api_urls, &plan, &target, &stop, show).await?;
+    let report = storm_and_drain(b, api_urls, &plan, &target, &stop, show).await?;
     if let Some(path) = &args.output {
         write_lines(path, &report.shots)?;
     }
@@ -269,7 +269,7 @@ pub async fn run(b: &BackendUrls, api_urls: &[String], args: &StormArgs) -> Outc
 
 /// The storm, then (unless --no-verify) the drain and the checks, then the
 /// thresholds: what `fsctl storm` and `fsctl demo` both report.
-pub async fn storm_and_settle(
+pub async fn storm_and_drain(
     b: &BackendUrls,
     api_urls: &[String],
     plan: &StormPlan,
@@ -279,7 +279,7 @@ pub async fn storm_and_settle(
 ) -> Result<StormReport, Failure> {
     let mut report = execute_with_progress(plan, target, stop, show).await;
     if plan.verify {
-        let settled = drain::settle(
+        let settled = drain::drain_and_verify(
             b,
             &api_urls[0],
             target.client(),
