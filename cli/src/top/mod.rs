@@ -6,6 +6,7 @@
 pub mod app;
 pub mod collect;
 pub mod event;
+pub mod stats;
 pub mod ui;
 
 use crate::exit::{Failure, OK, Outcome};
