@@ -53,6 +53,8 @@ pub const HEARTBEAT: Duration = Duration::from_secs(15);
 /// the order now and at every change, until a final status or
 /// `API_STREAM_MAX`. Woken by the announcements (see [`crate::watchers`]),
 /// not by polling. The stream caps are checked before any backend is read.
+/// (81 lines: the caps, the first read and the stream's loop read in the
+/// order a request meets them.)
 async fn events(
     State(state): State<AppState>,
     Path(order_id): Path<String>,
