@@ -80,6 +80,19 @@ pub enum View {
 /// expiry, overdue holds, and orders paid, cancelled, expired.
 type HoldsRow = (i64, i64, i64, Option<f64>, i64, i64, i64, i64);
 
+/// A JSON object as a two-column table, one row per field (strings
+/// without their quotes).
+fn fields_table(map: &serde_json::Map<String, serde_json::Value>) -> comfy_table::Table {
+    let mut t = output::table(&["field", "value"]);
+    for (k, v) in map {
+        t.add_row(vec![
+            Cell::new(k),
+            Cell::new(v.to_string().trim_matches('"')),
+        ]);
+    }
+    t
+}
+
 pub async fn run(b: &BackendUrls, args: &InspectArgs) -> Outcome {
     let ns = b.namespace();
     let as_json = args.json;

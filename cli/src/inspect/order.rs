@@ -37,14 +37,7 @@ pub async fn show(b: &BackendUrls, ns: &Namespace, as_json: bool, id: &str) -> R
     } else {
         println!("order {id}: {}", location.as_str().unwrap_or("unknown"));
         if let Some(map) = order.as_ref().and_then(|o| o.as_object()) {
-            let mut t = output::table(&["field", "value"]);
-            for (k, v) in map {
-                t.add_row(vec![
-                    Cell::new(k),
-                    Cell::new(v.to_string().trim_matches('"')),
-                ]);
-            }
-            println!("{t}");
+            println!("{}", fields_table(map));
         }
     }
     Ok(())

@@ -48,16 +48,8 @@ pub async fn show(b: &BackendUrls, ns: &Namespace, as_json: bool, id: i64) -> Re
     if as_json {
         output::json(&json!({"product": view}));
     } else {
-        let mut t = output::table(&["field", "value"]);
-        if let Some(map) = view.as_object() {
-            for (k, v) in map {
-                t.add_row(vec![
-                    Cell::new(k),
-                    Cell::new(v.to_string().trim_matches('"')),
-                ]);
-            }
-        }
-        println!("{t}");
+        let empty = serde_json::Map::new();
+        println!("{}", fields_table(view.as_object().unwrap_or(&empty)));
     }
     Ok(())
 }
