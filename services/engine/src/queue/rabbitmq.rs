@@ -10,20 +10,21 @@ use lapin::options::{BasicPublishOptions, QueueDeclareOptions};
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{BasicProperties, Channel, Confirmation, Connection, ConnectionProperties};
 use serde::Serialize;
-use std::collections::HashSet;
 use std::time::Duration;
 use tokio::time::Instant;
 
 /// A publish not confirmed within this long is answered `503`.
 pub const CONFIRM_TIMEOUT: Duration = Duration::from_secs(5);
-/// The API's whole publish of one order — waiting for its lane, opening
-/// the lane's channel, the confirm — ends within this, one budget for all
+/// The API's whole publish of one order — waiting for a channel slot,
+/// opening a channel, the confirm — ends within this, one budget for all
 /// three (the accept log's liveness window is derived from it).
 pub const PUBLISH_BUDGET: Duration = CONFIRM_TIMEOUT;
 /// Connecting (TCP and AMQP handshake) gives up after this long.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Any other call to RabbitMQ (an ack, opening a channel) gives up after this long.
 pub const CALL_TIMEOUT: Duration = Duration::from_secs(5);
+/// Channels the API's publisher keeps; each carries one publish at a time.
+pub const PUBLISH_CHANNELS: usize = 128;
 /// Messages a redelivered order may see before it is dead-lettered.
 pub const DELIVERY_LIMIT: i32 = 20;
 /// The header that says why the worker dead-lettered a message.
@@ -43,7 +44,7 @@ pub enum BrokerError {
 
 /// Why a publish is not known to be accepted: always answered `503`, always
 /// safe to retry with the same key.
-#[derive(Debug, Clone, thiserror::Error)]
+#[derive(Debug, thiserror::Error)]
 pub enum PublishError {
     #[error("not connected to RabbitMQ")]
     NotConnected,
@@ -231,11 +232,7 @@ pub async fn publish_until(
     props: BasicProperties,
     deadline: Instant,
 ) -> Result<(), PublishError> {
-    let message_id = props
-        .message_id()
-        .as_ref()
-        .map(|s| s.as_str().to_owned())
-        .unwrap_or_default();
+    let message_id = props.message_id().as_ref().map(|s| s.as_str().to_owned());
     let options = BasicPublishOptions {
         mandatory: true,
         ..Default::default()
@@ -248,35 +245,22 @@ pub async fn publish_until(
     };
     match tokio::time::timeout_at(deadline, confirm).await {
         Err(_) => Err(PublishError::Timeout(CONFIRM_TIMEOUT)),
-        Ok(confirmation) => {
-            // The only publish in flight on the channel: a returned message
-            // is its own.
-            let returned = match &confirmation {
-                Ok(Confirmation::Ack(Some(_)) | Confirmation::Nack(Some(_))) => {
-                    HashSet::from([message_id.clone()])
-                }
-                _ => HashSet::new(),
-            };
-            confirmed(&message_id, confirmation, &returned)
+        Ok(Err(e)) => Err(PublishError::Channel(e)),
+        Ok(Ok(Confirmation::Ack(None))) => Ok(()),
+        Ok(Ok(Confirmation::Ack(Some(returned)) | Confirmation::Nack(Some(returned)))) => {
+            let id = returned
+                .properties
+                .message_id()
+                .as_ref()
+                .map(|s| s.as_str().to_owned());
+            if id != message_id {
+                // Never with one publish in flight per channel; either way
+                // this publish is not known to be accepted.
+                tracing::error!(returned = ?id, ours = ?message_id, "a returned message came back with another publish's confirm");
+            }
+            Err(PublishError::Returned)
         }
-    }
-}
-
-/// The outcome of the publish of `message_id`, given its confirmation and
-/// the ids of every message returned among the publishes it was in flight
-/// with (a return may come with another publish's confirm).
-pub fn confirmed(
-    message_id: &str,
-    confirmation: Result<Confirmation, lapin::Error>,
-    returned: &HashSet<String>,
-) -> Result<(), PublishError> {
-    if returned.contains(message_id) {
-        return Err(PublishError::Returned);
-    }
-    match confirmation {
-        Ok(Confirmation::Ack(_)) => Ok(()),
-        Ok(Confirmation::Nack(_) | Confirmation::NotRequested) => Err(PublishError::Nacked),
-        Err(e) => Err(PublishError::Channel(e)),
+        Ok(Ok(Confirmation::Nack(None) | Confirmation::NotRequested)) => Err(PublishError::Nacked),
     }
 }
 
@@ -572,37 +556,4 @@ pub async fn queues(amqp_url: &str, ns: &Namespace) -> Result<QueueView, BrokerE
     .await;
     let _ = tokio::time::timeout(QUEUE_LOOK_TIMEOUT, conn.close(200, "done".into())).await;
     result
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn ids(ids: &[&str]) -> HashSet<String> {
-        ids.iter().map(|s| (*s).to_owned()).collect()
-    }
-
-    #[test]
-    fn a_publish_whose_message_came_back_is_returned_whichever_confirm_carried_it() {
-        // Its own confirm is a plain ack: the return came with another's.
-        assert!(matches!(
-            confirmed("a", Ok(Confirmation::Ack(None)), &ids(&["b", "a"])),
-            Err(PublishError::Returned)
-        ));
-        // Another publish's return does not make this one returned.
-        assert!(confirmed("c", Ok(Confirmation::Ack(None)), &ids(&["a"])).is_ok());
-    }
-
-    #[test]
-    fn a_nack_or_a_confirm_not_requested_is_not_accepted() {
-        let none = HashSet::new();
-        assert!(matches!(
-            confirmed("a", Ok(Confirmation::Nack(None)), &none),
-            Err(PublishError::Nacked)
-        ));
-        assert!(matches!(
-            confirmed("a", Ok(Confirmation::NotRequested), &none),
-            Err(PublishError::Nacked)
-        ));
-    }
 }
