@@ -28,14 +28,14 @@ use serde_json::json;
 #[command(after_help = "Exit codes: 0 shown; 2 bad usage or a component could not be reached.")]
 pub struct InspectArgs {
     #[command(subcommand)]
-    pub view: View,
+    pub subject: Subject,
     /// One JSON document on stdout.
     #[arg(long, global = true)]
     pub json: bool,
 }
 
 #[derive(Debug, Subcommand)]
-pub enum View {
+pub enum Subject {
     /// Order queue and DLQ: ready messages and consumers (RabbitMQ passive
     /// declare), deliveries held by workers (sum of heartbeat `inflight`).
     Queue {
@@ -96,19 +96,19 @@ fn fields_table(map: &serde_json::Map<String, serde_json::Value>) -> comfy_table
 pub async fn run(b: &BackendUrls, args: &InspectArgs) -> Outcome {
     let ns = b.namespace();
     let as_json = args.json;
-    match &args.view {
-        View::Queue {
+    match &args.subject {
+        Subject::Queue {
             watch: true,
             interval,
         } => return watch_queue(b, *interval, as_json).await,
-        View::Queue { .. } => queue::show(b, &ns, as_json).await?,
-        View::Locks => locks::show(b, &ns, as_json).await?,
-        View::Redis => redis::show(b, as_json).await?,
-        View::Holds => holds::show(b, as_json).await?,
-        View::Workers => workers::show(b, &ns, as_json).await?,
-        View::Dlq { limit } => dlq::show(b, &ns, as_json, *limit).await?,
-        View::Product { id } => product::show(b, &ns, as_json, *id).await?,
-        View::Order { id } => order::show(b, &ns, as_json, id).await?,
+        Subject::Queue { .. } => queue::show(b, &ns, as_json).await?,
+        Subject::Locks => locks::show(b, &ns, as_json).await?,
+        Subject::Redis => redis::show(b, as_json).await?,
+        Subject::Holds => holds::show(b, as_json).await?,
+        Subject::Workers => workers::show(b, &ns, as_json).await?,
+        Subject::Dlq { limit } => dlq::show(b, &ns, as_json, *limit).await?,
+        Subject::Product { id } => product::show(b, &ns, as_json, *id).await?,
+        Subject::Order { id } => order::show(b, &ns, as_json, id).await?,
     }
     Ok(OK)
 }

@@ -20,7 +20,7 @@ const DATABASE_PROBE: Duration = Duration::from_secs(5);
 const HTTP_LOOKUPS: usize = 32;
 
 /// The drain and the checks after it.
-pub struct Settled {
+pub struct DrainOutcome {
     pub drain: Drain,
     pub verify: VerifySummary,
     /// The full audit, when PostgreSQL was reachable.
@@ -35,7 +35,7 @@ pub async fn drain_and_verify(
     accepted: &[String],
     timeout: Duration,
     show: bool,
-) -> Result<Settled, Failure> {
+) -> Result<DrainOutcome, Failure> {
     let bar = crate::output::spinner(show);
     let settled = match tokio::time::timeout(DATABASE_PROBE, backends::ledger(backends)).await {
         Ok(Ok(ledger)) => through_postgres(backends, &ledger, accepted, timeout, &bar).await,
@@ -51,7 +51,7 @@ async fn through_postgres(
     accepted: &[String],
     timeout: Duration,
     bar: &ProgressBar,
-) -> Result<Settled, Failure> {
+) -> Result<DrainOutcome, Failure> {
     let started = Instant::now();
     for round in 0u32.. {
         let (confirmed, rejected) = ledger.outcomes(accepted).await?;
@@ -74,7 +74,7 @@ async fn through_postgres(
     let facts = verify::queue_facts(backends).await.unwrap_or_default();
     let report = audit::audit(ledger.pool(), Some(accepted), &facts).await?;
     let (confirmed, rejected) = ledger.outcomes(accepted).await?;
-    Ok(Settled {
+    Ok(DrainOutcome {
         drain: Drain {
             seconds,
             resolved: accepted.len() - report.pending - report.lost,
@@ -133,7 +133,7 @@ async fn over_http(
     accepted: &[String],
     timeout: Duration,
     bar: &ProgressBar,
-) -> Settled {
+) -> DrainOutcome {
     let started = Instant::now();
     let mut unresolved = accepted.to_vec();
     let (mut confirmed, mut rejected) = (0, 0);
@@ -165,7 +165,7 @@ async fn over_http(
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
-    Settled {
+    DrainOutcome {
         drain: Drain {
             seconds: started.elapsed().as_secs_f64(),
             resolved: confirmed + rejected,

@@ -131,7 +131,7 @@ impl BuyTarget {
     /// The order's status, as its buyer reads it (`None`: no answer, or 404).
     pub async fn order_status(&self, key: &str, buyer: &str) -> Option<String> {
         #[derive(Deserialize)]
-        struct View {
+        struct OrderStatus {
             status: String,
         }
         let mut get = self.client.get(format!("{}/orders/{key}", self.api));
@@ -142,7 +142,7 @@ impl BuyTarget {
         if !response.status().is_success() {
             return None;
         }
-        response.json::<View>().await.ok().map(|v| v.status)
+        response.json::<OrderStatus>().await.ok().map(|v| v.status)
     }
 
     /// Pays the held order as its buyer: the answer's status.

@@ -111,7 +111,7 @@ impl Health {
 
 /// Everything the screen shows. `f` freezes a copy of it.
 #[derive(Debug, Clone, Default)]
-pub struct View {
+pub struct Snapshot {
     pub accepted: VecDeque<u64>,
     pub confirmed: VecDeque<u64>,
     pub rejected: VecDeque<u64>,
@@ -216,9 +216,9 @@ pub struct App {
     pub started: Instant,
     pub color: bool,
     pub health: BTreeMap<Source, Health>,
-    live: View,
+    live: Snapshot,
     /// What is on screen: `live`, or the copy `f` froze.
-    pub shown: View,
+    pub shown: Snapshot,
     pub frozen: bool,
     pub help: bool,
     pub panel: Panel,
@@ -259,8 +259,8 @@ impl App {
                 .iter()
                 .map(|s| (*s, Health::default()))
                 .collect(),
-            live: View::default(),
-            shown: View::default(),
+            live: Snapshot::default(),
+            shown: Snapshot::default(),
             frozen: false,
             help: false,
             panel: Panel::Overview,

@@ -5,11 +5,11 @@
 pub mod booked_keys;
 pub mod catalog;
 pub mod error;
+pub mod first_requests;
 pub mod gate;
 pub mod process;
 pub mod routes;
 pub mod serve;
-pub mod settling;
 pub mod state;
 pub mod watchers;
 

@@ -4,8 +4,8 @@
 
 use crate::booked_keys::BookedKeys;
 use crate::catalog::Catalog;
+use crate::first_requests::FirstRequests;
 use crate::gate::Gate;
-use crate::settling::Settling;
 use crate::watchers::Watchers;
 use crate::{Access, HttpLimits};
 use flashsale_engine::accept_log::AcceptLog;
@@ -33,7 +33,7 @@ pub struct Shared {
     pub ledger: Arc<dyn Ledger>,
     pub metrics: PrometheusHandle,
     /// Repeats of a key whose first request is still publishing wait here.
-    pub settling: Arc<Settling>,
+    pub first_requests: Arc<FirstRequests>,
     /// Buys in progress, for load shedding above `API_MAX_INFLIGHT`.
     pub buys: BuysInFlight,
     pub limits: HttpLimits,
@@ -130,7 +130,7 @@ impl AppState {
             ledger: Arc::new(ledger),
             namespace,
             metrics: metrics::install(),
-            settling: Arc::default(),
+            first_requests: Arc::default(),
             buys: BuysInFlight::default(),
             limits: *limits,
             gate,
@@ -184,7 +184,7 @@ impl AppState {
             ledger,
             namespace,
             metrics: metrics::install(),
-            settling: Arc::default(),
+            first_requests: Arc::default(),
             buys: BuysInFlight::default(),
             limits: *limits,
             gate,

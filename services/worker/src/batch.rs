@@ -517,7 +517,7 @@ impl OrderBook {
         };
         let ((), (), ()) = tokio::join!(
             self.release_all([held]),
-            self.settle(group, &receipt.outcomes),
+            self.release_admitted(group, &receipt.outcomes),
             announce
         );
     }
@@ -612,7 +612,7 @@ impl OrderBook {
     /// Settles a committed group's orders in the admission counter: the
     /// units of an order rejected for its buyer or product go back on sale;
     /// a sold-out rejection's do not (the counter admitted too many).
-    async fn settle(&self, group: &ProductGroup, outcomes: &[OrderOutcome]) {
+    async fn release_admitted(&self, group: &ProductGroup, outcomes: &[OrderOutcome]) {
         let mut done = Vec::with_capacity(group.orders.len());
         let mut returned = Vec::new();
         for (order, outcome) in group.orders.iter().zip(outcomes) {
@@ -631,7 +631,11 @@ impl OrderBook {
 
     /// A failure only delays the counter until its next reconciliation.
     async fn give_back(&self, product: ProductId, done: &[String], returned: &[String]) {
-        match self.admission.settle(product.get(), done, returned).await {
+        match self
+            .admission
+            .release_admitted(product.get(), done, returned)
+            .await
+        {
             Ok(Some(tokens)) => {
                 metrics::gauge!(ADMISSION_TOKENS, "product_id" => product.to_string())
                     .set(tokens as f64);

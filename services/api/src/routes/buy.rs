@@ -266,7 +266,7 @@ async fn admit(state: &AppState, buy: Buy) -> Result<Answer, ApiError> {
                 }
             }
         };
-        match settle(state, &key, earlier).await? {
+        match await_first_request(state, &key, earlier).await? {
             Some(accepted) if accepted.same_body(&request) => {
                 return repeat(state, &key, &accepted).await;
             }
@@ -292,7 +292,7 @@ async fn withdraw(state: &AppState, key: &IdempotencyKey, record: &AcceptRecord)
     if let Err(w) = state.accept_log.withdraw(key, record).await {
         tracing::warn!(order = %key, error = %w, "cannot withdraw claim; it expires");
     }
-    state.settling.settle(key.as_str(), Ok(None));
+    state.first_requests.resolve(key.as_str(), Ok(None));
 }
 
 /// The product has no admission counter (first buy, or Redis lost its
@@ -328,7 +328,7 @@ async fn derive_counter(
 
 /// Waits while the key's first request is still publishing (one shared
 /// wait per key); `None` when it withdrew its claim.
-async fn settle(
+async fn await_first_request(
     state: &AppState,
     key: &IdempotencyKey,
     record: AcceptRecord,
@@ -337,7 +337,7 @@ async fn settle(
         return Ok(Some(record));
     }
     state
-        .settling
+        .first_requests
         .wait(&state.accept_log, key.as_str(), SETTLE_WAIT)
         .await
         .map_err(|e| ApiError::unavailable("Redis", e))
@@ -415,7 +415,7 @@ async fn publish_and_record(
             Err(e)
         }
         (Ok(()), Ledgered::Unknown(e)) => {
-            state.settling.settle(
+            state.first_requests.resolve(
                 key.as_str(),
                 Err("the ledger did not answer for this key".into()),
             );
@@ -435,7 +435,7 @@ async fn publish_and_record(
                     tracing::warn!(order = %key, error = %e, "accepted, but not recorded in Redis");
                 }
             }
-            state.settling.settle(key.as_str(), Ok(Some(queued)));
+            state.first_requests.resolve(key.as_str(), Ok(Some(queued)));
             Ok(Answer::Accepted(key))
         }
     }

@@ -25,7 +25,7 @@ async fn seed_held(env: &TestEnv, id: i64, stock: i32, hold_seconds: i32) {
 }
 
 /// `POST /orders/{key}/{action}`: status and body. Pays or cancels `key` as `buyer` (the body names the buyer, contract v4).
-async fn settle(
+async fn pay_or_cancel(
     env: &TestEnv,
     api: &str,
     key: &str,
@@ -79,12 +79,12 @@ async fn a_held_order_is_paid_once_or_cancelled_with_its_units_back() {
     assert!(view["heldUntil"].is_string(), "{view}");
     assert_eq!(env.stock(1).await, 9, "a held unit is off the stock");
     for _ in 0..2 {
-        let (status, body) = settle(&env, &api, &paid, "pay", "alice").await;
+        let (status, body) = pay_or_cancel(&env, &api, &paid, "pay", "alice").await;
         assert_eq!(status, StatusCode::OK, "{body}");
         assert_eq!(body["status"], "paid");
         assert!(body["settledAt"].is_string(), "{body}");
     }
-    let (status, body) = settle(&env, &api, &paid, "cancel", "alice").await;
+    let (status, body) = pay_or_cancel(&env, &api, &paid, "cancel", "alice").await;
     assert_eq!(status, StatusCode::CONFLICT);
     assert_eq!(body["error"]["code"], "not_held");
     assert_eq!(body["status"], "paid");
@@ -93,12 +93,12 @@ async fn a_held_order_is_paid_once_or_cancelled_with_its_units_back() {
     let cancelled = buy_held(&env, &api, 1, "bob").await;
     assert_eq!(env.stock(1).await, 8);
     for _ in 0..2 {
-        let (status, body) = settle(&env, &api, &cancelled, "cancel", "bob").await;
+        let (status, body) = pay_or_cancel(&env, &api, &cancelled, "cancel", "bob").await;
         assert_eq!(status, StatusCode::OK, "{body}");
         assert_eq!(body["status"], "cancelled");
         assert_eq!(env.stock(1).await, 9, "the units came back once, at once");
     }
-    let (status, body) = settle(&env, &api, &cancelled, "pay", "bob").await;
+    let (status, body) = pay_or_cancel(&env, &api, &cancelled, "pay", "bob").await;
     assert_eq!(
         (status, &body["status"]),
         (StatusCode::CONFLICT, &json!("cancelled"))
@@ -119,7 +119,7 @@ async fn a_held_order_is_paid_once_or_cancelled_with_its_units_back() {
         )
         .await;
     assert_eq!(refused.status, StatusCode::CONFLICT, "{}", refused.body);
-    let (status, _) = settle(&env, &api, &last, "cancel", "erin").await;
+    let (status, _) = pay_or_cancel(&env, &api, &last, "cancel", "erin").await;
     assert_eq!(status, StatusCode::OK);
     let again = env
         .buy(
@@ -140,7 +140,7 @@ async fn a_held_order_is_paid_once_or_cancelled_with_its_units_back() {
         )
         .await;
     env.wait_for_rows(std::slice::from_ref(&a.key)).await;
-    let (status, body) = settle(&env, &api, &a.key, "pay", "carol").await;
+    let (status, body) = pay_or_cancel(&env, &api, &a.key, "pay", "carol").await;
     assert_eq!(
         (status, &body["status"]),
         (StatusCode::CONFLICT, &json!("confirmed"))
@@ -153,12 +153,12 @@ async fn a_held_order_is_paid_once_or_cancelled_with_its_units_back() {
             json!({"userId": "dave", "productId": 1, "quantity": 1}),
         )
         .await;
-    let (status, body) = settle(&env, &api, &queued.key, "cancel", "dave").await;
+    let (status, body) = pay_or_cancel(&env, &api, &queued.key, "cancel", "dave").await;
     assert_eq!(
         (status, &body["status"]),
         (StatusCode::CONFLICT, &json!("queued"))
     );
-    let (status, body) = settle(&env, &api, "no-such-order", "pay", "dave").await;
+    let (status, body) = pay_or_cancel(&env, &api, "no-such-order", "pay", "dave").await;
     assert_eq!(status, StatusCode::NOT_FOUND, "{body}");
     env.start_worker().await;
     env.wait_for_rows(&[queued.key]).await;
@@ -177,7 +177,7 @@ async fn only_the_orders_buyer_pays_or_cancels_it() {
     let held = buy_held(&env, &api, 1, "carol").await;
     assert_eq!(env.stock(1).await, 9);
     for action in ["cancel", "pay"] {
-        let (status, body) = settle(&env, &api, &held, action, "mallory").await;
+        let (status, body) = pay_or_cancel(&env, &api, &held, action, "mallory").await;
         assert_eq!(status, StatusCode::NOT_FOUND, "{action}: {body}");
         assert_eq!(body["error"]["code"], "unknown_order");
     }
@@ -195,7 +195,7 @@ async fn only_the_orders_buyer_pays_or_cancels_it() {
     }
     assert_eq!(status_of(&env, &held).await, "held", "nothing changed");
     assert_eq!(env.stock(1).await, 9, "no unit came back");
-    let (status, body) = settle(&env, &api, &held, "cancel", "carol").await;
+    let (status, body) = pay_or_cancel(&env, &api, &held, "cancel", "carol").await;
     assert_eq!(
         (status, &body["status"]),
         (StatusCode::OK, &json!("cancelled"))
@@ -248,7 +248,7 @@ async fn an_unpaid_hold_expires_within_two_seconds_and_its_units_sell_again() {
         "expired {late} s after heldUntil"
     );
     assert_eq!(env.stock(1).await, 5);
-    let (status, body) = settle(&env, &api, &held[0], "pay", "u0").await;
+    let (status, body) = pay_or_cancel(&env, &api, &held[0], "pay", "u0").await;
     assert_eq!(
         (status, &body["status"]),
         (StatusCode::CONFLICT, &json!("expired"))
@@ -314,7 +314,7 @@ async fn pays_racing_the_expiry_end_as_their_answers_said() {
                         .to_std()
                         .unwrap_or_default();
                     tokio::time::sleep(wait).await;
-                    let (status, body) = settle(env, api, &key, "pay", &buyer).await;
+                    let (status, body) = pay_or_cancel(env, api, &key, "pay", &buyer).await;
                     (key, status, body)
                 }
             })
@@ -462,7 +462,7 @@ async fn an_order_streams_queued_held_paid_to_a_second_api_and_ends() {
     env.start_worker().await;
     env.wait_for_rows(std::slice::from_ref(&a.key)).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let (status, _) = settle(&env, &api, &a.key, "pay", "u").await;
+    let (status, _) = pay_or_cancel(&env, &api, &a.key, "pay", "u").await;
     assert_eq!(status, StatusCode::OK);
     let started = Instant::now();
     let statuses = reading.await.unwrap();
@@ -655,7 +655,8 @@ async fn a_slow_cancel_is_answered_with_its_outcome_and_its_units_sell_again() {
         blocker.commit().await.unwrap();
     };
     let started = Instant::now();
-    let ((status, body), ()) = tokio::join!(settle(&env, &api, &held, "cancel", "carol"), release);
+    let ((status, body), ()) =
+        tokio::join!(pay_or_cancel(&env, &api, &held, "cancel", "carol"), release);
     assert!(
         started.elapsed() >= Duration::from_millis(2400),
         "the cancel did not wait for the lock"

@@ -237,7 +237,7 @@ impl AcceptStore for MemoryAcceptLog {
         Ok(true)
     }
 
-    async fn settle(
+    async fn release_admitted(
         &self,
         product: i64,
         done: &[String],

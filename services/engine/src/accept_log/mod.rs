@@ -183,7 +183,7 @@ pub trait AcceptStore: Send + Sync {
     /// After a worker's commit: forgets the admitted orders `done` and gives
     /// back the units of `returned` (each only if still admitted). The
     /// counter after it, if it exists.
-    async fn settle(
+    async fn release_admitted(
         &self,
         product: i64,
         done: &[String],

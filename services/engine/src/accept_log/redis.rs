@@ -66,7 +66,7 @@ return 1",
 
 /// KEYS: counter, admitted, version. ARGV: count of done keys, done keys,
 /// returned keys. The counter after it, or false.
-static SETTLE: LazyLock<redis::Script> = LazyLock::new(|| {
+static RELEASE_ADMITTED: LazyLock<redis::Script> = LazyLock::new(|| {
     redis::Script::new(
         r"
 local n = tonumber(ARGV[1])
@@ -526,14 +526,14 @@ impl AcceptStore for AcceptLog {
             .map_err(BackendFailed::redis)
     }
 
-    async fn settle(
+    async fn release_admitted(
         &self,
         product: i64,
         done: &[String],
         returned: &[String],
     ) -> Result<Option<i64>, BackendFailed> {
         let mut conn = self.redis.clone();
-        let mut call = self.on_product(&SETTLE, product);
+        let mut call = self.on_product(&RELEASE_ADMITTED, product);
         call.arg(done.len());
         for key in done.iter().chain(returned) {
             call.arg(key);

@@ -754,9 +754,18 @@ async fn admission_conforms(
     // Settled by a worker: a confirmed order keeps its units, a rejected
     // one gives them back, once.
     assert_eq!(admit("e", 2).await.0, Admit::Claimed { left: 0 });
-    assert_eq!(store.settle(1, &["c".into()], &[]).await.unwrap(), Some(0));
-    assert_eq!(store.settle(1, &[], &["e".into()]).await.unwrap(), Some(2));
-    assert_eq!(store.settle(1, &[], &["e".into()]).await.unwrap(), Some(2));
+    assert_eq!(
+        store.release_admitted(1, &["c".into()], &[]).await.unwrap(),
+        Some(0)
+    );
+    assert_eq!(
+        store.release_admitted(1, &[], &["e".into()]).await.unwrap(),
+        Some(2)
+    );
+    assert_eq!(
+        store.release_admitted(1, &[], &["e".into()]).await.unwrap(),
+        Some(2)
+    );
     let snapshot = store.admission(1).await.unwrap();
     assert_eq!(snapshot.tokens, Some(2));
     assert!(snapshot.admitted.is_empty(), "{:?}", snapshot.admitted);

@@ -1,6 +1,6 @@
 //! Concurrent repeats of one `Idempotency-Key` share one wait. While the
 //! key's first request is still publishing, every repeat that reaches this
-//! process subscribes to one watch per key: the publish task settles it at
+//! process subscribes to one watch per key: the publish task resolves it at
 //! once when the first request is in this process, and one poller per key
 //! (with backoff) reads the accept log when it is in another. A thousand
 //! repeats cost a thousand subscriptions, not a thousand polling loops.
@@ -15,33 +15,33 @@ use tokio::time::Instant;
 
 /// How a pending key ended: accepted (the record), withdrawn (`None`), or
 /// unknown (the reason: Redis failed, or no outcome in time).
-pub type Settled = Result<Option<AcceptRecord>, String>;
+pub type FirstOutcome = Result<Option<AcceptRecord>, String>;
 
-type Waiting = watch::Sender<Option<Settled>>;
+type Waiting = watch::Sender<Option<FirstOutcome>>;
 
 /// The keys this process is waiting on.
 #[derive(Default)]
-pub struct Settling {
+pub struct FirstRequests {
     waits: Mutex<HashMap<String, Waiting>>,
 }
 
 const FIRST_POLL: Duration = Duration::from_millis(2);
 const MAX_POLL: Duration = Duration::from_millis(50);
 
-impl Settling {
-    /// Waits (at most `patience`) until the key's first request settles.
+impl FirstRequests {
+    /// Waits (at most `patience`) until the key's first request resolves.
     pub async fn wait(
         self: &Arc<Self>,
         log: &Arc<dyn AcceptStore>,
         key: &str,
         patience: Duration,
-    ) -> Settled {
-        let mut settled = {
+    ) -> FirstOutcome {
+        let mut resolved = {
             let mut waits = self.waits.lock().unwrap_or_else(|p| p.into_inner());
             match waits.get(key) {
                 Some(waiting) => waiting.subscribe(),
                 None => {
-                    let (waiting, settled) = watch::channel(None);
+                    let (waiting, resolved) = watch::channel(None);
                     waits.insert(key.to_owned(), waiting.clone());
                     tokio::spawn(Arc::clone(self).poll(
                         Arc::clone(log),
@@ -49,18 +49,18 @@ impl Settling {
                         waiting,
                         Instant::now() + patience,
                     ));
-                    settled
+                    resolved
                 }
             }
         };
-        match settled.wait_for(Option::is_some).await {
+        match resolved.wait_for(Option::is_some).await {
             Ok(outcome) => outcome.clone().unwrap_or_else(|| Err("no outcome".into())),
             Err(_) => Err("the wait for the first request ended".into()),
         }
     }
 
     /// The key's first request, in this process, has its outcome.
-    pub fn settle(&self, key: &str, outcome: Settled) {
+    pub fn resolve(&self, key: &str, outcome: FirstOutcome) {
         let waiting = self
             .waits
             .lock()
@@ -72,7 +72,7 @@ impl Settling {
     }
 
     /// The one poller of a key: reads the accept log with backoff until the
-    /// record is no longer pending, the first request settles it here, or
+    /// record is no longer pending, the first request resolves it here, or
     /// the deadline passes.
     async fn poll(
         self: Arc<Self>,
@@ -84,7 +84,7 @@ impl Settling {
         let mut pause = FIRST_POLL;
         let outcome = loop {
             if waiting.borrow().is_some() {
-                return; // settled by the publish task
+                return; // resolved by the publish task
             }
             match log.get(&key).await {
                 Ok(Some(record)) if record.state == AcceptState::Pending => {}
