@@ -605,10 +605,19 @@ async fn sale(seed: u64, options: &Options, events: &Events) -> Result<(), Viola
             // A broken invariant is the likelier root cause: report it.
             check::books(&backends, order_queue.shared().as_ref(), &answers, events).await?;
             let (ready, held) = order_queue.depth();
+            let mut counters = Vec::new();
+            for (id, _, _) in &options.products {
+                if let Ok(a) = backends.accept_log.admission(*id).await {
+                    counters.push(format!(
+                        "{id}: tokens {:?}, admitted {:?}",
+                        a.tokens, a.admitted
+                    ));
+                }
+            }
             return Err(Violation::new(
                 "liveness",
                 format!(
-                    "not converged {CONVERGE_WITHIN:?} after healing: {ready} ready, {held} held; workers {:?}; locks {:?}",
+                    "not converged {CONVERGE_WITHIN:?} after healing: {ready} ready, {held} held; counters {counters:?}; workers {:?}; locks {:?}",
                     workers
                         .iter()
                         .map(|w| format!(

@@ -53,6 +53,19 @@ const REGRESSIONS: &[(u64, &str)] = &[
         176,
         "a second body's 202 under one key, dropped by the worker",
     ),
+    // An API killed before publishing left its claim among the admitted
+    // orders; a 503 whose publish got through had its units handed out
+    // again, so the counter came to equal the stock and no reconciliation
+    // ran to forget the dead claim (the 100,000-seed campaign of
+    // 2026-12-03: 10 seeds, all this case).
+    (
+        111846,
+        "a dead claim left admitted once the counter equals the stock",
+    ),
+    (
+        102849,
+        "a dead claim left admitted once the counter equals the stock",
+    ),
 ];
 
 fn report(failures: &[Outcome]) -> String {
