@@ -13,7 +13,7 @@ use crate::token::Tokens;
 use crate::verify;
 use clap::Args;
 use flashsale_api::{Access, Application, RunningApi};
-use flashsale_engine::embedded::EmbeddedBackends;
+use flashsale_engine::embedded::{EmbeddedBackends, Reach};
 use flashsale_engine::identity::{AuthConfig, Secret, Signer};
 use flashsale_engine::ledger::Ledger;
 use flashsale_engine::ledger::NewProduct;
@@ -267,12 +267,15 @@ impl DemoEngine {
                 let id = format!("demo-worker-{i}");
                 let victim = chaos && i == 1;
                 let worker = if victim {
-                    let queue = Arc::new(StallingQueue {
-                        inner: backends.queue.clone(),
-                        stalled: stalled.clone(),
-                        held: victim_held.clone(),
-                    });
-                    Worker::embedded_on(&id, backends, queue, DEFAULT_PREFETCH)
+                    let reach = Reach {
+                        queue: Arc::new(StallingQueue {
+                            inner: backends.queue.clone(),
+                            stalled: stalled.clone(),
+                            held: victim_held.clone(),
+                        }),
+                        ..backends.reach()
+                    };
+                    Worker::embedded_on(&id, backends, reach, DEFAULT_PREFETCH)
                 } else {
                     Worker::embedded(&id, backends, DEFAULT_PREFETCH)
                 };

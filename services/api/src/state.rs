@@ -11,7 +11,7 @@ use crate::{Access, HttpLimits};
 use flashsale_engine::accept_log::AcceptLog;
 use flashsale_engine::accept_log::AcceptStore;
 use flashsale_engine::admission::ApiHeartbeat;
-use flashsale_engine::embedded::EmbeddedBackends;
+use flashsale_engine::embedded::{EmbeddedBackends, Reach};
 use flashsale_engine::ledger::Ledger;
 use flashsale_engine::ledger::StockLedger;
 use flashsale_engine::order_events::OrderEvents;
@@ -151,14 +151,14 @@ impl AppState {
         limits: &HttpLimits,
         access: &Access,
     ) -> anyhow::Result<Self> {
-        Self::embedded_on(backends, Arc::new(backends.queue.clone()), limits, access)
+        Self::embedded_on(backends, backends.reach(), limits, access)
     }
 
-    /// The same, publishing through `queue` (a wrapper that injects faults:
-    /// the simulator's).
+    /// The same, publishing and admitting through `reach` (wrappers that
+    /// inject faults: the simulator's).
     pub fn embedded_on(
         backends: &EmbeddedBackends,
-        queue: Arc<dyn OrderQueue>,
+        reach: Reach,
         limits: &HttpLimits,
         access: &Access,
     ) -> anyhow::Result<Self> {
@@ -179,8 +179,8 @@ impl AppState {
         Ok(Self(Arc::new(Shared {
             // In memory a reload costs next to nothing: keep the cache close.
             catalog: Catalog::start_on(ledger.clone(), std::time::Duration::from_millis(5)),
-            accept_log: backends.accept_log.clone(),
-            queue,
+            accept_log: reach.accept_log,
+            queue: reach.queue,
             ledger,
             namespace,
             metrics: metrics::install(),

@@ -1,11 +1,17 @@
 //! The seams where a seed's faults go in: the order queue as the APIs and
 //! the workers see it, with seeded delays around every call, so that a
 //! killed worker or a client that hangs up can land between a call's effect
-//! and the next step (where the bugs live).
+//! and the next step (where the bugs live); and the accept log, whose calls
+//! fail before their effect or lose their reply after it.
 
 use crate::rng::SimRng;
+use crate::world::Events;
+use flashsale_engine::IdempotencyKey;
+use flashsale_engine::accept_log::{AcceptRecord, AcceptStore, Admission, Admit};
 use flashsale_engine::queue::{Delivered, OrderQueue, QueueConsumer};
 use flashsale_engine::seams::{BackendFailed, Probe};
+use std::future::Future;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -157,5 +163,190 @@ impl QueueConsumer for SlowConsumer {
 
     async fn close(self: Box<Self>) {
         self.inner.close().await;
+    }
+}
+
+/// The accept log and admission counters (Redis, as the APIs and the
+/// workers reach them) with, until the world heals, `percent` of the calls
+/// failing: half before their effect, half after it with the reply lost
+/// (a client's timeout after the script ran).
+pub struct FlakyAcceptLog {
+    inner: Arc<dyn AcceptStore>,
+    rng: Mutex<SimRng>,
+    percent: u64,
+    healed: AtomicBool,
+    events: Events,
+}
+
+impl FlakyAcceptLog {
+    pub fn new(inner: Arc<dyn AcceptStore>, seed: u64, percent: u64, events: Events) -> Self {
+        Self {
+            inner,
+            rng: Mutex::new(SimRng::new(seed)),
+            percent,
+            healed: AtomicBool::new(false),
+            events,
+        }
+    }
+
+    /// Every call succeeds from now on.
+    pub fn heal(&self) {
+        self.healed.store(true, Ordering::Release);
+    }
+
+    /// Runs `call` (named by `what`), or fails it as the seed draws.
+    async fn call<T>(
+        &self,
+        what: impl FnOnce() -> String,
+        call: impl Future<Output = Result<T, BackendFailed>>,
+    ) -> Result<T, BackendFailed> {
+        // `Some(after its effect?)` when this call fails.
+        let failure = (self.percent > 0 && !self.healed.load(Ordering::Acquire))
+            .then(|| {
+                let mut rng = self.rng.lock().unwrap_or_else(|p| p.into_inner());
+                rng.chance(self.percent as f64 / 100.0)
+                    .then(|| rng.chance(0.5))
+            })
+            .flatten();
+        let Some(after_effect) = failure else {
+            return call.await;
+        };
+        if after_effect {
+            let _ = call.await;
+            self.events
+                .add(format!("fault: Redis lost the reply to {}", what()));
+        } else {
+            self.events.add(format!("fault: Redis failed {}", what()));
+        }
+        Err(BackendFailed::redis(redis::RedisError::from(
+            std::io::Error::new(std::io::ErrorKind::TimedOut, "simulated: no reply in time"),
+        )))
+    }
+}
+
+#[async_trait::async_trait]
+impl AcceptStore for FlakyAcceptLog {
+    async fn admit(
+        &self,
+        key: &IdempotencyKey,
+        record: &AcceptRecord,
+    ) -> Result<Admit, BackendFailed> {
+        self.call(|| format!("admit {key}"), self.inner.admit(key, record))
+            .await
+    }
+
+    async fn get(&self, key: &str) -> Result<Option<AcceptRecord>, BackendFailed> {
+        self.call(|| format!("get {key}"), self.inner.get(key))
+            .await
+    }
+
+    async fn get_many(&self, keys: &[String]) -> Result<Vec<Option<AcceptRecord>>, BackendFailed> {
+        self.call(|| format!("get_many {keys:?}"), self.inner.get_many(keys))
+            .await
+    }
+
+    async fn probe(&self) -> Probe {
+        self.inner.probe().await
+    }
+
+    async fn mark_queued(
+        &self,
+        key: &IdempotencyKey,
+        record: &AcceptRecord,
+    ) -> Result<bool, BackendFailed> {
+        self.call(
+            || format!("mark_queued {key}"),
+            self.inner.mark_queued(key, record),
+        )
+        .await
+    }
+
+    async fn pending_ages(&self, keys: &[String]) -> Result<Vec<Option<Duration>>, BackendFailed> {
+        self.call(
+            || format!("pending_ages {keys:?}"),
+            self.inner.pending_ages(keys),
+        )
+        .await
+    }
+
+    async fn withdraw(
+        &self,
+        key: &IdempotencyKey,
+        record: &AcceptRecord,
+    ) -> Result<(), BackendFailed> {
+        self.call(
+            || format!("withdraw {key}"),
+            self.inner.withdraw(key, record),
+        )
+        .await
+    }
+
+    async fn claimants_alive(&self, instances: &[String]) -> Result<Vec<bool>, BackendFailed> {
+        self.call(
+            || format!("claimants_alive {instances:?}"),
+            self.inner.claimants_alive(instances),
+        )
+        .await
+    }
+
+    async fn admission(&self, product: i64) -> Result<Admission, BackendFailed> {
+        self.call(
+            || format!("admission {product}"),
+            self.inner.admission(product),
+        )
+        .await
+    }
+
+    async fn tokens(&self, products: &[i64]) -> Result<Vec<Option<i64>>, BackendFailed> {
+        self.call(
+            || format!("tokens {products:?}"),
+            self.inner.tokens(products),
+        )
+        .await
+    }
+
+    async fn reconcile(
+        &self,
+        product: i64,
+        version: i64,
+        settled: &[String],
+        tokens: i64,
+        create: bool,
+    ) -> Result<bool, BackendFailed> {
+        self.call(
+            || format!("reconcile {product} to {tokens}"),
+            self.inner
+                .reconcile(product, version, settled, tokens, create),
+        )
+        .await
+    }
+
+    async fn release_admitted(
+        &self,
+        product: i64,
+        done: &[String],
+        returned: &[String],
+    ) -> Result<Option<i64>, BackendFailed> {
+        self.call(
+            || format!("release_admitted {product} {done:?} {returned:?}"),
+            self.inner.release_admitted(product, done, returned),
+        )
+        .await
+    }
+
+    async fn drop_counter(&self, product: i64) -> Result<(), BackendFailed> {
+        self.call(
+            || format!("drop_counter {product}"),
+            self.inner.drop_counter(product),
+        )
+        .await
+    }
+
+    async fn reset(&self, product: i64, tokens: i64) -> Result<(), BackendFailed> {
+        self.call(
+            || format!("reset {product} to {tokens}"),
+            self.inner.reset(product, tokens),
+        )
+        .await
     }
 }

@@ -3,7 +3,7 @@
 
 use crate::broker::{Broker, BrokerOptions};
 use crate::check::{self, Answer, Violation};
-use crate::faults::{Delays, SlowQueue, Trap};
+use crate::faults::{Delays, FlakyAcceptLog, SlowQueue, Trap};
 use crate::rng::{SimRng, Trace};
 use crate::{CONVERGE_WITHIN, Outcome};
 use axum::Router;
@@ -14,7 +14,7 @@ use flashsale_api::routes;
 use flashsale_api::state::AppState;
 use flashsale_api::{Access, HttpLimits};
 use flashsale_engine::accept_log::AcceptStore;
-use flashsale_engine::embedded::EmbeddedBackends;
+use flashsale_engine::embedded::{EmbeddedBackends, Reach};
 use flashsale_engine::ledger::{Ledger, NewProduct};
 use flashsale_engine::queue::OrderQueue;
 use flashsale_worker::Worker;
@@ -61,6 +61,10 @@ pub struct Options {
     /// requests left running: units taken and not yet published, a publish
     /// not yet marked. Its clients see their connection reset.
     pub kill_api: bool,
+    /// Percent of the calls to Redis's accept log and counters that fail
+    /// until the world heals: before their effect, or after it with the
+    /// reply lost.
+    pub redis_faults: u64,
 }
 
 impl Options {
@@ -95,12 +99,21 @@ impl Options {
                 0
             },
             kill_api: false,
+            redis_faults: 0,
         }
         .and_kill_api(&mut r)
+        .and_redis_faults(&mut r)
     }
 
+    // Faults added later are drawn last, so that every earlier seed keeps
+    // the options it drew.
     fn and_kill_api(mut self, r: &mut SimRng) -> Self {
         self.kill_api = self.apis >= 2 && r.chance(0.3);
+        self
+    }
+
+    fn and_redis_faults(mut self, r: &mut SimRng) -> Self {
+        self.redis_faults = if r.chance(0.3) { r.between(1, 10) } else { 0 };
         self
     }
 }
@@ -120,7 +133,7 @@ impl fmt::Display for Options {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "apis {}, workers {}, products {:?}, held {:?}, pays {}%, buyers {}, repeats {}%, hang-ups {}%, retries {}%, kill worker {}, redis loss {}, prefetch {}, delays up to {} µs, queue {}, clock jump {} ms, kill an API {}",
+            "apis {}, workers {}, products {:?}, held {:?}, pays {}%, buyers {}, repeats {}%, hang-ups {}%, retries {}%, kill worker {}, redis loss {}, prefetch {}, delays up to {} µs, queue {}, clock jump {} ms, kill an API {}, Redis calls failing {}%",
             self.apis,
             self.workers,
             self.products,
@@ -142,7 +155,8 @@ impl fmt::Display for Options {
                 None => "memory".into(),
             },
             self.clock_jump_ms,
-            self.kill_api
+            self.kill_api,
+            self.redis_faults
         )
     }
 }
@@ -365,10 +379,15 @@ fn start_worker(
     id: &str,
     backends: &EmbeddedBackends,
     queue: &Arc<SlowQueue>,
+    accept_log: &Arc<FlakyAcceptLog>,
     prefetch: u16,
 ) -> SimWorker {
     let stop = CancellationToken::new();
-    let worker = Worker::embedded_on(id, backends, queue.clone(), prefetch);
+    let reach = Reach {
+        queue: queue.clone(),
+        accept_log: accept_log.clone(),
+    };
+    let worker = Worker::embedded_on(id, backends, reach, prefetch);
     let stats = worker.stats();
     let task = tokio::spawn(worker.run(stop.clone()));
     SimWorker { stop, task, stats }
@@ -425,6 +444,12 @@ async fn sale(seed: u64, options: &Options, events: &Events) -> Result<(), Viola
             .map_err(|e| Violation::new("setup", e.to_string()))?;
     }
     let delays = Delays::new(seed ^ 0x51_0E, Duration::from_micros(options.delay_micros));
+    let accept_log = Arc::new(FlakyAcceptLog::new(
+        backends.accept_log.clone(),
+        seed ^ 0x00AC_CE97,
+        options.redis_faults,
+        events.clone(),
+    ));
     let order_queue = SimQueue::new(seed, options, &backends);
     let queue = Arc::new(SlowQueue {
         inner: order_queue.shared(),
@@ -457,13 +482,13 @@ async fn sale(seed: u64, options: &Options, events: &Events) -> Result<(), Viola
         } else {
             &queue
         };
-        let state = AppState::embedded_on(
-            &backends,
-            through.clone(),
-            &HttpLimits::default(),
-            &Access::default(),
-        )
-        .map_err(|e| Violation::new("setup", e.to_string()))?;
+        let reach = Reach {
+            queue: through.clone(),
+            accept_log: accept_log.clone(),
+        };
+        let state =
+            AppState::embedded_on(&backends, reach, &HttpLimits::default(), &Access::default())
+                .map_err(|e| Violation::new("setup", e.to_string()))?;
         let process = state.process.clone();
         apis.push(SimApi {
             router: routes::router(state),
@@ -474,7 +499,13 @@ async fn sale(seed: u64, options: &Options, events: &Events) -> Result<(), Viola
     let mut workers: Vec<SimWorker> = (0..options.workers)
         .map(|i| {
             let through = if i == 0 { &victim_queue } else { &queue };
-            start_worker(&format!("w{i}"), &backends, through, options.prefetch)
+            start_worker(
+                &format!("w{i}"),
+                &backends,
+                through,
+                &accept_log,
+                options.prefetch,
+            )
         })
         .collect();
 
@@ -572,8 +603,9 @@ async fn sale(seed: u64, options: &Options, events: &Events) -> Result<(), Viola
 
     // A buy's claim ends with the buy (marked queued, or withdrawn), also
     // when its client hung up: a second after the last answer, none pends.
-    // A killed API's claims end with their pending TTL.
-    let grace = if options.kill_api {
+    // A killed API's claims end with their pending TTL, and so do those a
+    // failed Redis call left (a claim whose withdrawal or marking failed).
+    let grace = if options.kill_api || options.redis_faults > 0 {
         flashsale_engine::accept_log::PENDING_TTL + Duration::from_secs(1)
     } else {
         Duration::from_secs(1)
@@ -587,10 +619,20 @@ async fn sale(seed: u64, options: &Options, events: &Events) -> Result<(), Viola
         ));
     }
 
-    // Heal: every worker the seed drew runs again.
+    // Heal: Redis answers again, every worker the seed drew runs again.
+    if options.redis_faults > 0 {
+        accept_log.heal();
+        events.add("heal: Redis answers every call".into());
+    }
     while workers.len() < options.workers {
         let id = format!("w-healed-{}", workers.len());
-        workers.push(start_worker(&id, &backends, &queue, options.prefetch));
+        workers.push(start_worker(
+            &id,
+            &backends,
+            &queue,
+            &accept_log,
+            options.prefetch,
+        ));
         events.add(format!("heal: {id} started"));
     }
 

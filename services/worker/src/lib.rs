@@ -9,7 +9,7 @@ use anyhow::Context;
 use batch::OrderBook;
 use flashsale_engine::accept_log::{AcceptLog, AcceptStore};
 use flashsale_engine::admission;
-use flashsale_engine::embedded::EmbeddedBackends;
+use flashsale_engine::embedded::{EmbeddedBackends, Reach};
 use flashsale_engine::heartbeat::{self, WorkerStats};
 use flashsale_engine::ledger::{Ledger, StockLedger};
 use flashsale_engine::locks::ProductLock;
@@ -166,18 +166,17 @@ impl Worker {
     /// A worker on the embedded backends (`fsctl demo`): the same order
     /// book, with its own holder name on the shared lock table.
     pub fn embedded(id: &str, backends: &EmbeddedBackends, prefetch: u16) -> Self {
-        Self::embedded_on(id, backends, Arc::new(backends.queue.clone()), prefetch)
+        Self::embedded_on(id, backends, backends.reach(), prefetch)
     }
 
-    /// The same, consuming through `queue` (a wrapper that injects faults).
-    pub fn embedded_on(
-        id: &str,
-        backends: &EmbeddedBackends,
-        queue: Arc<dyn OrderQueue>,
-        prefetch: u16,
-    ) -> Self {
+    /// The same, consuming and admitting through `reach` (wrappers that
+    /// inject faults).
+    pub fn embedded_on(id: &str, backends: &EmbeddedBackends, reach: Reach, prefetch: u16) -> Self {
         let stats = Arc::new(WorkerStats::new(id.to_owned(), String::new()));
-        let admission: Arc<dyn AcceptStore> = backends.accept_log.clone();
+        let Reach {
+            queue,
+            accept_log: admission,
+        } = reach;
         let ledger: Arc<dyn Ledger> = backends.ledger.clone();
         Self {
             book: OrderBook::new(

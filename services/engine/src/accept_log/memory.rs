@@ -4,7 +4,7 @@
 use super::{AcceptRecord, AcceptState, AcceptStore, Admission, Admit, PENDING_TTL, QUEUED_TTL};
 use crate::domain::IdempotencyKey;
 use crate::seams::BackendFailed;
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
 use tokio::time::Instant;
@@ -13,7 +13,9 @@ use tokio::time::Instant;
 #[derive(Debug, Default)]
 struct Tokens {
     counter: Option<i64>,
-    admitted: HashMap<String, i64>,
+    /// Ordered, so that a reading lists them the same way every time (the
+    /// simulator's traces name them).
+    admitted: BTreeMap<String, i64>,
     version: i64,
 }
 
