@@ -32,16 +32,37 @@ impl Failure {
             message: e.to_string(),
         }
     }
+
+    /// A backend failed: `e` and each of its causes, once.
+    pub fn from_error(e: &(dyn std::error::Error + 'static)) -> Self {
+        Self::unreachable(with_causes(e))
+    }
+}
+
+/// `e: cause: cause…`, each cause once: one that the message before it
+/// already shows (an error that prints its source) is not repeated.
+pub fn with_causes(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut message = e.to_string();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        let text = cause.to_string();
+        if !message.contains(&text) {
+            message.push_str(": ");
+            message.push_str(&text);
+        }
+        source = cause.source();
+    }
+    message
 }
 
 /// Each error a command can meet maps to its exit code here, explicitly: a
 /// backend that fails or cannot be reached is `2` with its message (which
-/// names the component and, where it has one, the URL tried).
+/// names the component and, where it has one, the URL tried) and its causes.
 macro_rules! unreachable_on {
     ($($error:ty),* $(,)?) => {$(
         impl From<$error> for Failure {
             fn from(e: $error) -> Self {
-                Self::unreachable(e)
+                Self::from_error(&e)
             }
         }
     )*};
@@ -91,5 +112,51 @@ pub fn finish(outcome: Outcome) -> ExitCode {
             eprintln!("fsctl: {}", f.message);
             ExitCode::from(f.code)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::with_causes;
+
+    /// An error over a refused connection, whose message shows its cause or not.
+    #[derive(Debug)]
+    struct Outer {
+        shows_cause: bool,
+        cause: std::io::Error,
+    }
+
+    impl std::fmt::Display for Outer {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            if self.shows_cause {
+                write!(f, "the ledger failed: {}", self.cause)
+            } else {
+                write!(f, "cannot reach the ledger")
+            }
+        }
+    }
+
+    impl std::error::Error for Outer {
+        fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+            Some(&self.cause)
+        }
+    }
+
+    fn refused(shows_cause: bool) -> Outer {
+        let cause =
+            std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "connection refused");
+        Outer { shows_cause, cause }
+    }
+
+    #[test]
+    fn every_cause_is_printed_once() {
+        assert_eq!(
+            with_causes(&refused(false)),
+            "cannot reach the ledger: connection refused"
+        );
+        assert_eq!(
+            with_causes(&refused(true)),
+            "the ledger failed: connection refused"
+        );
     }
 }

@@ -6,8 +6,9 @@ use crate::exit::{Failure, OK, Outcome};
 use crate::output;
 use crate::scenario::{self, Scenario};
 use clap::Args;
-use flashsale_engine::accept_log::{AcceptLog, AcceptStore};
+use flashsale_engine::accept_log::RedisAcceptLog;
 use flashsale_engine::admission;
+use flashsale_engine::admission::AdmissionCounters;
 use flashsale_engine::ledger::{Ledger, NewProduct};
 use flashsale_engine::redis_conn::timed;
 use flashsale_engine::stock_feed::StockFeed;
@@ -101,7 +102,7 @@ pub async fn run(b: &BackendUrls, args: &SeedArgs) -> Outcome {
         // Tell the APIs now rather than at their next catalog poll, and
         // derive the admission counters afresh (so the units sell at once).
         let redis = backends::redis(b).await?;
-        let counters = AcceptLog::new(redis.clone(), ns.clone());
+        let counters = RedisAcceptLog::new(redis.clone(), ns.clone());
         let feed = StockFeed::new(redis, &ns);
         for p in ledger
             .products()
@@ -150,7 +151,7 @@ pub async fn run(b: &BackendUrls, args: &SeedArgs) -> Outcome {
     // A new product's admission counter starts at its stock (a counter left
     // in Redis by an earlier database of the same namespace would be wrong).
     if !created.is_empty() {
-        let counters = AcceptLog::new(backends::redis(b).await?, ns.clone());
+        let counters = RedisAcceptLog::new(backends::redis(b).await?, ns.clone());
         for p in catalog
             .iter()
             .filter(|p| created.binary_search(&p.id).is_ok())
@@ -191,7 +192,7 @@ pub async fn run(b: &BackendUrls, args: &SeedArgs) -> Outcome {
             for chunk in keys.chunks(1000) {
                 timed(redis::cmd("DEL").arg(chunk).query_async::<()>(&mut conn)).await?;
             }
-            let counters = AcceptLog::new(redis.clone(), ns.clone());
+            let counters = RedisAcceptLog::new(redis.clone(), ns.clone());
             let feed = StockFeed::new(redis, &ns);
             for p in &existing {
                 counters.reset(p.id, i64::from(p.stock)).await?;

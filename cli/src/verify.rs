@@ -7,7 +7,8 @@ use crate::exit::{Failure, OK, Outcome, PENDING, VIOLATION};
 use crate::output;
 use clap::Args;
 use comfy_table::Cell;
-use flashsale_engine::accept_log::{AcceptLog, AcceptStore};
+use flashsale_engine::accept_log::RedisAcceptLog;
+use flashsale_engine::admission::AdmissionCounters;
 use flashsale_engine::audit::{self, AuditReport, ProductBooks, QueueFacts};
 use flashsale_engine::{BackendUrls, heartbeat, queue};
 use serde_json::json;
@@ -142,7 +143,7 @@ async fn counter_warnings(
     b: &BackendUrls,
     products: &[ProductBooks],
 ) -> Result<Vec<CounterWarning>, Failure> {
-    let log = AcceptLog::new(backends::redis(b).await?, b.namespace());
+    let log = RedisAcceptLog::new(backends::redis(b).await?, b.namespace());
     let ids: Vec<i64> = products.iter().map(|p| p.id).collect();
     let counters = log.tokens(&ids).await?;
     let mut warnings = Vec::new();

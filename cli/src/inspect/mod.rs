@@ -18,7 +18,7 @@ use crate::output;
 use clap::{Args, Subcommand};
 use comfy_table::Cell;
 use flashsale_engine::Namespace;
-use flashsale_engine::accept_log::{AcceptLog, AcceptState, AcceptStore};
+use flashsale_engine::accept_log::{AcceptState, RedisAcceptLog};
 use flashsale_engine::ledger::Ledger;
 use flashsale_engine::redis_conn::{self, timed};
 use flashsale_engine::{BackendUrls, ProductId, heartbeat};

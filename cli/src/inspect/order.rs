@@ -1,6 +1,7 @@
 //! `fsctl inspect order`.
 
 use super::*;
+use flashsale_engine::accept_log::AcceptLog;
 use flashsale_engine::queue;
 
 /// One order and where it is.
@@ -12,7 +13,7 @@ pub async fn show(b: &BackendUrls, ns: &Namespace, as_json: bool, id: &str) -> R
             let location = serde_json::to_value(view.status)?;
             (Some(serde_json::to_value(&view)?), location)
         }
-        None => match AcceptLog::new(redis, ns.clone()).get(id).await? {
+        None => match RedisAcceptLog::new(redis, ns.clone()).get(id).await? {
             Some(r) if r.state == AcceptState::Queued => (
                 Some(serde_json::to_value(r.queued_view(id))?),
                 json!("queued"),

@@ -2,6 +2,7 @@
 
 use super::*;
 use ::redis;
+use flashsale_engine::admission::AdmissionCounters;
 
 /// One product, in PostgreSQL and in Redis.
 pub async fn show(b: &BackendUrls, ns: &Namespace, as_json: bool, id: i64) -> Result<(), Failure> {
@@ -32,7 +33,7 @@ pub async fn show(b: &BackendUrls, ns: &Namespace, as_json: bool, id: i64) -> Re
             .query_async(&mut conn),
     )
     .await?;
-    let admission = AcceptLog::new(redis.clone(), ns.clone())
+    let admission = RedisAcceptLog::new(redis.clone(), ns.clone())
         .admission(id)
         .await?;
     let in_flight: i64 = admission.admitted.iter().map(|(_, q)| q).sum();

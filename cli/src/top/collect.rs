@@ -5,7 +5,8 @@
 
 use super::app::{ApiSample, Buckets, LedgerSample, RedisSample, Sample};
 use super::event::Event;
-use flashsale_engine::accept_log::{AcceptLog, AcceptStore};
+use flashsale_engine::accept_log::RedisAcceptLog;
+use flashsale_engine::admission::AdmissionCounters;
 use flashsale_engine::audit::{self, QueueFacts};
 use flashsale_engine::ledger::{Ledger, StockLedger};
 use flashsale_engine::metrics::{ORDER_LATENCY, ORDER_REQUESTS, REQUEST_DURATION};
@@ -38,7 +39,7 @@ pub fn start(
             .map_err(|e| e.to_string());
         let accept_log = redis_conn::connect_lazy(&backends.redis_url)
             .ok()
-            .map(|r| AcceptLog::new(r, backends.namespace()));
+            .map(|r| RedisAcceptLog::new(r, backends.namespace()));
         tasks.spawn(poll(slow, events.clone(), move || {
             let (ledger, accept_log) = (ledger.clone(), accept_log.clone());
             async move {
@@ -243,11 +244,11 @@ async fn api(http: &reqwest::Client, url: &str) -> Result<ApiSample, String> {
 /// The admission counters of the `products` named (none when Redis fails:
 /// the stock is still shown).
 async fn counters(
-    accept_log: &dyn AcceptStore,
+    counters: &dyn AdmissionCounters,
     products: &BTreeMap<i64, String>,
 ) -> Result<BTreeMap<i64, i64>, String> {
     let ids: Vec<i64> = products.keys().copied().collect();
-    let tokens = accept_log.tokens(&ids).await.map_err(|e| e.to_string())?;
+    let tokens = counters.tokens(&ids).await.map_err(|e| e.to_string())?;
     Ok(ids
         .into_iter()
         .zip(tokens)
@@ -257,7 +258,7 @@ async fn counters(
 
 async fn books(
     ledger: &StockLedger,
-    accept_log: Option<&AcceptLog>,
+    accept_log: Option<&RedisAcceptLog>,
 ) -> Result<LedgerSample, String> {
     let e = |e: sqlx::Error| e.to_string();
     let report = audit::audit(ledger.pool(), None, &QueueFacts::default())

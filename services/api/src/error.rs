@@ -34,14 +34,28 @@ pub enum ApiError {
     #[error("too many requests; retry after {} s", retry_after_seconds(*.0))]
     RateLimited(Duration),
     /// A backend is unreachable or did not confirm: retry later, same key.
-    #[error("{0}")]
-    Unavailable(String),
+    /// The cause is logged, never sent.
+    #[error("{component} is unavailable; retry later")]
+    Unavailable {
+        component: &'static str,
+        #[source]
+        cause: Box<dyn std::error::Error + Send + Sync>,
+    },
+    /// The API is at a limit of its own (buys in flight, open streams,
+    /// reads in progress): retry later.
+    #[error("{0}; retry later")]
+    Busy(String),
 }
 
 impl ApiError {
-    pub fn unavailable(component: &str, cause: impl std::fmt::Display) -> Self {
+    /// `component` failed with `cause`: logged here, once, and answered `503`.
+    pub fn unavailable(
+        component: &'static str,
+        cause: impl Into<Box<dyn std::error::Error + Send + Sync>>,
+    ) -> Self {
+        let cause = cause.into();
         tracing::warn!(component, error = %cause, "answering 503");
-        Self::Unavailable(format!("{component} is unavailable; retry later"))
+        Self::Unavailable { component, cause }
     }
 
     fn status_and_code(&self) -> (StatusCode, &'static str) {
@@ -56,7 +70,9 @@ impl ApiError {
             Self::Unauthorized(_) => (StatusCode::UNAUTHORIZED, "unauthorized"),
             Self::Forbidden => (StatusCode::FORBIDDEN, "forbidden"),
             Self::RateLimited(_) => (StatusCode::TOO_MANY_REQUESTS, "rate_limited"),
-            Self::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
+            Self::Unavailable { .. } | Self::Busy(_) => {
+                (StatusCode::SERVICE_UNAVAILABLE, "unavailable")
+            }
         }
     }
 
@@ -73,7 +89,7 @@ impl ApiError {
             Self::Unauthorized(_) => "unauthorized",
             Self::Forbidden => "forbidden",
             Self::RateLimited(_) => "rate_limited",
-            Self::Unavailable(_) => "unavailable",
+            Self::Unavailable { .. } | Self::Busy(_) => "unavailable",
         }
     }
 }
@@ -96,7 +112,7 @@ impl IntoResponse for ApiError {
         let mut response = (status, Json(body)).into_response();
         let headers = response.headers_mut();
         match self {
-            Self::Unavailable(_) => {
+            Self::Unavailable { .. } | Self::Busy(_) => {
                 headers.insert(
                     header::RETRY_AFTER,
                     HeaderValue::from_static(RETRY_AFTER_SECONDS),

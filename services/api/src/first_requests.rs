@@ -5,8 +5,8 @@
 //! (with backoff) reads the accept log when it is in another. A thousand
 //! repeats cost a thousand subscriptions, not a thousand polling loops.
 
-use flashsale_engine::accept_log::AcceptStore;
-use flashsale_engine::accept_log::{AcceptRecord, AcceptState};
+use flashsale_engine::accept_log::{AcceptLog, AcceptRecord, AcceptState};
+use flashsale_engine::seams::BackendFailed;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -14,8 +14,23 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 
 /// How a pending key ended: accepted (the record), withdrawn (`None`), or
-/// unknown (the reason: Redis failed, or no outcome in time).
-pub type FirstOutcome = Result<Option<AcceptRecord>, String>;
+/// unknown (why).
+pub type FirstOutcome = Result<Option<AcceptRecord>, Unresolved>;
+
+/// Why the outcome of a key's first request is not known.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum Unresolved {
+    #[error("Redis failed while the first request with this key was awaited")]
+    Redis(#[source] Arc<BackendFailed>),
+    #[error("an earlier request with this key is still unconfirmed")]
+    StillPending,
+    /// Published, but PostgreSQL did not say whether the key was booked before.
+    #[error("the ledger did not answer for this key")]
+    LedgerSilent,
+    /// Every sender of the wait went away without an outcome.
+    #[error("the wait for the first request ended")]
+    WaitEnded,
+}
 
 type Waiting = watch::Sender<Option<FirstOutcome>>;
 
@@ -32,7 +47,7 @@ impl FirstRequests {
     /// Waits (at most `patience`) until the key's first request resolves.
     pub async fn wait(
         self: &Arc<Self>,
-        log: &Arc<dyn AcceptStore>,
+        log: Arc<dyn AcceptLog>,
         key: &str,
         patience: Duration,
     ) -> FirstOutcome {
@@ -44,7 +59,7 @@ impl FirstRequests {
                     let (waiting, resolved) = watch::channel(None);
                     waits.insert(key.to_owned(), waiting.clone());
                     tokio::spawn(Arc::clone(self).poll(
-                        Arc::clone(log),
+                        log,
                         key.to_owned(),
                         waiting,
                         Instant::now() + patience,
@@ -54,8 +69,8 @@ impl FirstRequests {
             }
         };
         match resolved.wait_for(Option::is_some).await {
-            Ok(outcome) => outcome.clone().unwrap_or_else(|| Err("no outcome".into())),
-            Err(_) => Err("the wait for the first request ended".into()),
+            Ok(outcome) => outcome.clone().unwrap_or(Err(Unresolved::WaitEnded)),
+            Err(_) => Err(Unresolved::WaitEnded),
         }
     }
 
@@ -76,7 +91,7 @@ impl FirstRequests {
     /// the deadline passes.
     async fn poll(
         self: Arc<Self>,
-        log: Arc<dyn AcceptStore>,
+        log: Arc<dyn AcceptLog>,
         key: String,
         waiting: Waiting,
         deadline: Instant,
@@ -89,10 +104,10 @@ impl FirstRequests {
             match log.get(&key).await {
                 Ok(Some(record)) if record.state == AcceptState::Pending => {}
                 Ok(found) => break Ok(found),
-                Err(e) => break Err(format!("Redis failed: {e}")),
+                Err(e) => break Err(Unresolved::Redis(Arc::new(e))),
             }
             if Instant::now() + pause > deadline {
-                break Err("an earlier request with this key is still unconfirmed".into());
+                break Err(Unresolved::StillPending);
             }
             tokio::time::sleep(pause).await;
             pause = (pause * 2).min(MAX_POLL);

@@ -8,8 +8,8 @@ use crate::first_requests::FirstRequests;
 use crate::gate::Gate;
 use crate::watchers::Watchers;
 use crate::{Access, HttpLimits};
-use flashsale_engine::accept_log::AcceptLog;
 use flashsale_engine::accept_log::AcceptStore;
+use flashsale_engine::accept_log::RedisAcceptLog;
 use flashsale_engine::admission::ApiHeartbeat;
 use flashsale_engine::embedded::{EmbeddedBackends, Reach};
 use flashsale_engine::ledger::Ledger;
@@ -125,7 +125,7 @@ impl AppState {
         let booked = BookedKeys::start(Arc::new(ledger.clone()));
         Ok(Self(Arc::new(Shared {
             catalog: Catalog::start(ledger.clone(), backends),
-            accept_log: Arc::new(AcceptLog::new(redis.clone(), namespace.clone())),
+            accept_log: Arc::new(RedisAcceptLog::new(redis.clone(), namespace.clone())),
             queue: queue.clone(),
             ledger: Arc::new(ledger),
             namespace,

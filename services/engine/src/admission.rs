@@ -28,6 +28,55 @@ use crate::seams::BackendFailed;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
+/// A product's admission state, read at one instant.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Admission {
+    /// Units a buy may still take; `None` when the counter does not exist.
+    pub tokens: Option<i64>,
+    /// Orders that took units and are not settled: key and quantity.
+    pub admitted: Vec<(String, i64)>,
+    /// Changes with every take and give-back (not with a reconciliation).
+    pub version: i64,
+}
+
+/// The admission counters: how many units of each product buys may still
+/// take, and the orders that took units and are not settled yet. Kept in
+/// the accept log's store ([`crate::accept_log::AcceptStore`]): a claim and
+/// its units are taken together.
+#[async_trait::async_trait]
+pub trait AdmissionCounters: Send + Sync {
+    /// The product's counter, admitted orders and version, at one instant.
+    async fn admission(&self, product: i64) -> Result<Admission, BackendFailed>;
+    /// The counters of `products`, in order (`None`: no counter).
+    async fn tokens(&self, products: &[i64]) -> Result<Vec<Option<i64>>, BackendFailed>;
+    /// Sets the counter to `tokens` and forgets the admitted orders in
+    /// `settled`, only if nothing changed since `version` was read (and,
+    /// unless `create`, only if the counter exists). Whether it did.
+    async fn reconcile(
+        &self,
+        product: i64,
+        version: i64,
+        settled: &[String],
+        tokens: i64,
+        create: bool,
+    ) -> Result<bool, BackendFailed>;
+    /// After a worker's commit: forgets the admitted orders `done` and gives
+    /// back the units of `returned` (each only if still admitted). The
+    /// counter after it, if it exists.
+    async fn release_admitted(
+        &self,
+        product: i64,
+        done: &[String],
+        returned: &[String],
+    ) -> Result<Option<i64>, BackendFailed>;
+    /// Drops the counter, to be derived again (after `seed --restock`:
+    /// adding to it could count units a reconciliation already saw).
+    async fn drop_counter(&self, product: i64) -> Result<(), BackendFailed>;
+    /// A fresh counter of `tokens`, nothing admitted (`seed --reset`, a new
+    /// product).
+    async fn reset(&self, product: i64, tokens: i64) -> Result<(), BackendFailed>;
+}
+
 /// An API process's heartbeat lives this long; it beats every second.
 pub const API_BEAT_TTL: Duration = Duration::from_secs(4);
 

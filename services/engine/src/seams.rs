@@ -10,10 +10,12 @@
 //!   (`ProductLocks`: `ProductLock`, `MemoryLocks`).
 //! - [`crate::queue`]: the order queue (`OrderQueue`, `QueueConsumer`:
 //!   `RabbitQueue`, `MemoryQueue`).
-//! - [`crate::accept_log`]: which keys were claimed or accepted
-//!   (`AcceptStore`: `AcceptLog`, `MemoryAcceptLog`).
+//! - [`crate::accept_log`]: which keys were claimed or accepted, and
+//!   [`crate::admission`]'s counters, in one store (`AcceptLog` and
+//!   `AdmissionCounters`, together `AcceptStore`: `RedisAcceptLog`,
+//!   `MemoryAcceptLog`).
 //!
-//! One conformance suite (`services/engine/tests/conformance.rs`) runs
+//! One conformance suite (`services/engine/tests/it/conformance.rs`) runs
 //! against both implementations of each, so they cannot drift.
 
 /// A backend failed: a passing fault; retry later. Each variant names the

@@ -23,6 +23,7 @@ use crate::rng::SimRng;
 use flashsale_engine::queue::{ChannelAcks, Delivered, MAX_BATCH, OrderQueue, QueueConsumer};
 use flashsale_engine::seams::{BackendFailed, Probe};
 use std::collections::{BTreeMap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -36,6 +37,10 @@ pub struct BrokerOptions {
     pub lost_confirms: u64,
     /// The longest the broker takes to notice a closed channel (ms).
     pub notice_ms: u64,
+    /// The worker takes from the first partition's buffer whenever it has
+    /// deliveries: the others wait there unseen, lower tags among them (as
+    /// when a channel's partitions have their leaders on several nodes).
+    pub uneven: bool,
 }
 
 impl BrokerOptions {
@@ -45,6 +50,8 @@ impl BrokerOptions {
             publish_failures: if r.chance(0.5) { r.between(1, 10) } else { 0 },
             lost_confirms: if r.chance(0.5) { r.between(1, 10) } else { 0 },
             notice_ms: r.between(0, 2000),
+            // Drawn after every other option (see `Options::draw`).
+            uneven: false,
         }
     }
 }
@@ -85,6 +92,8 @@ pub struct Broker {
     rng: Arc<Mutex<SimRng>>,
     options: BrokerOptions,
     wake: Arc<tokio::sync::Notify>,
+    /// Connections still to drop right after an ack.
+    drops_left: Arc<AtomicU64>,
 }
 
 fn failed(what: &str) -> BackendFailed {
@@ -92,7 +101,7 @@ fn failed(what: &str) -> BackendFailed {
 }
 
 impl Broker {
-    pub fn new(seed: u64, options: BrokerOptions) -> Self {
+    pub fn new(seed: u64, options: BrokerOptions, dropped_connections: u64) -> Self {
         Self {
             state: Arc::new(Mutex::new(State {
                 partitions: vec![VecDeque::new(); options.partitions.max(1)],
@@ -101,6 +110,7 @@ impl Broker {
             rng: Arc::new(Mutex::new(SimRng::new(seed))),
             options,
             wake: Arc::new(tokio::sync::Notify::new()),
+            drops_left: Arc::new(AtomicU64::new(dropped_connections)),
         }
     }
 
@@ -194,7 +204,11 @@ impl Broker {
             if filled.is_empty() || (!out.is_empty() && self.percent(20)) {
                 break;
             }
-            let p = filled[self.pick(filled.len())];
+            let p = if self.options.uneven && filled[0] == 0 {
+                0
+            } else {
+                filled[self.pick(filled.len())]
+            };
             let Some((tag, m)) = c.buffers[p].pop_front() else {
                 break;
             };
@@ -226,6 +240,26 @@ impl Broker {
         drop(s);
         self.wake.notify_waiters();
         Ok(())
+    }
+
+    /// After an ack got through: the channel's connection drops, while the
+    /// seed has drops left, at one such ack in two among those made while
+    /// deliveries were on their way to the worker (in its buffers: where a
+    /// consumer's bugs lose messages).
+    fn maybe_drop_after_ack(&self, channel: u64) {
+        let in_flight = || {
+            self.state()
+                .channels
+                .get(&channel)
+                .is_some_and(|c| c.buffers.iter().any(|b| !b.is_empty()))
+        };
+        let drop_now =
+            self.drops_left.load(Ordering::Relaxed) > 0 && in_flight() && self.percent(50);
+        if drop_now {
+            self.drops_left.fetch_sub(1, Ordering::Relaxed);
+            self.close(channel);
+            self.wake.notify_waiters();
+        }
     }
 
     /// The channel is gone: its buffers with it at once, its unacknowledged
@@ -361,6 +395,7 @@ impl QueueConsumer for BrokerConsumer {
             self.broker.ack(self.channel, t, false)?;
         }
         self.held.settled_through(tag);
+        self.broker.maybe_drop_after_ack(self.channel);
         Ok(())
     }
 

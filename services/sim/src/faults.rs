@@ -7,7 +7,8 @@
 use crate::rng::SimRng;
 use crate::world::Events;
 use flashsale_engine::IdempotencyKey;
-use flashsale_engine::accept_log::{AcceptRecord, AcceptStore, Admission, Admit};
+use flashsale_engine::accept_log::{AcceptLog, AcceptRecord, AcceptStore, Admit};
+use flashsale_engine::admission::{Admission, AdmissionCounters};
 use flashsale_engine::queue::{Delivered, OrderQueue, QueueConsumer};
 use flashsale_engine::seams::{BackendFailed, Probe};
 use std::future::Future;
@@ -225,7 +226,7 @@ impl FlakyAcceptLog {
 }
 
 #[async_trait::async_trait]
-impl AcceptStore for FlakyAcceptLog {
+impl AcceptLog for FlakyAcceptLog {
     async fn admit(
         &self,
         key: &IdempotencyKey,
@@ -288,7 +289,10 @@ impl AcceptStore for FlakyAcceptLog {
         )
         .await
     }
+}
 
+#[async_trait::async_trait]
+impl AdmissionCounters for FlakyAcceptLog {
     async fn admission(&self, product: i64) -> Result<Admission, BackendFailed> {
         self.call(
             || format!("admission {product}"),

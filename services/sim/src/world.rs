@@ -13,7 +13,7 @@ use flashsale_api::process::Process;
 use flashsale_api::routes;
 use flashsale_api::state::AppState;
 use flashsale_api::{Access, HttpLimits};
-use flashsale_engine::accept_log::AcceptStore;
+use flashsale_engine::admission::AdmissionCounters;
 use flashsale_engine::embedded::{EmbeddedBackends, Reach};
 use flashsale_engine::ledger::{Ledger, NewProduct};
 use flashsale_engine::queue::OrderQueue;
@@ -65,6 +65,16 @@ pub struct Options {
     /// until the world heals: before their effect, or after it with the
     /// reply lost.
     pub redis_faults: u64,
+    /// Every buy comes within the first 50 ms (else within 3 s): the
+    /// consumers' buffers fill, batches span partitions.
+    pub burst: bool,
+    /// With the broker model: this many times a worker's connection drops
+    /// right after an ack got through (its channel closes with what its
+    /// buffers held; it consumes again on a new one).
+    pub dropped_connections: u64,
+    /// The workers start once every buy was sent: they begin on a backlog
+    /// in every partition (how c7e9d7c's loss was found).
+    pub backlog: bool,
 }
 
 impl Options {
@@ -100,9 +110,16 @@ impl Options {
             },
             kill_api: false,
             redis_faults: 0,
+            burst: false,
+            dropped_connections: 0,
+            backlog: false,
         }
         .and_kill_api(&mut r)
         .and_redis_faults(&mut r)
+        .and_burst(&mut r)
+        .and_uneven_delivery(&mut r)
+        .and_dropped_connections(&mut r)
+        .and_backlog(&mut r)
     }
 
     // Faults added later are drawn last, so that every earlier seed keeps
@@ -114,6 +131,32 @@ impl Options {
 
     fn and_redis_faults(mut self, r: &mut SimRng) -> Self {
         self.redis_faults = if r.chance(0.3) { r.between(1, 10) } else { 0 };
+        self
+    }
+
+    fn and_burst(mut self, r: &mut SimRng) -> Self {
+        self.burst = r.chance(0.3);
+        self
+    }
+
+    fn and_backlog(mut self, r: &mut SimRng) -> Self {
+        self.backlog = r.chance(0.3);
+        self
+    }
+
+    fn and_dropped_connections(mut self, r: &mut SimRng) -> Self {
+        let drops = if r.chance(0.5) { r.between(1, 3) } else { 0 };
+        if self.broker.is_some() {
+            self.dropped_connections = drops;
+        }
+        self
+    }
+
+    fn and_uneven_delivery(mut self, r: &mut SimRng) -> Self {
+        let uneven = r.chance(0.5);
+        if let Some(b) = &mut self.broker {
+            b.uneven = uneven && b.partitions > 1;
+        }
         self
     }
 }
@@ -133,7 +176,7 @@ impl fmt::Display for Options {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "apis {}, workers {}, products {:?}, held {:?}, pays {}%, buyers {}, repeats {}%, hang-ups {}%, retries {}%, kill worker {}, redis loss {}, prefetch {}, delays up to {} µs, queue {}, clock jump {} ms, kill an API {}, Redis calls failing {}%",
+            "apis {}, workers {}, products {:?}, held {:?}, pays {}%, buyers {}, repeats {}%, hang-ups {}%, retries {}%, kill worker {}, redis loss {}, prefetch {}, delays up to {} µs, queue {}, clock jump {} ms, kill an API {}, Redis calls failing {}%, burst {}, connections dropped {}, backlog {}",
             self.apis,
             self.workers,
             self.products,
@@ -149,14 +192,21 @@ impl fmt::Display for Options {
             self.delay_micros,
             match self.broker {
                 Some(b) => format!(
-                    "broker ({} partitions, {}% publishes failed, {}% confirms lost, dead channels noticed within {} ms)",
-                    b.partitions, b.publish_failures, b.lost_confirms, b.notice_ms
+                    "broker ({} partitions{}, {}% publishes failed, {}% confirms lost, dead channels noticed within {} ms)",
+                    b.partitions,
+                    if b.uneven { ", delivered unevenly" } else { "" },
+                    b.publish_failures,
+                    b.lost_confirms,
+                    b.notice_ms
                 ),
                 None => "memory".into(),
             },
             self.clock_jump_ms,
             self.kill_api,
-            self.redis_faults
+            self.redis_faults,
+            self.burst,
+            self.dropped_connections,
+            self.backlog
         )
     }
 }
@@ -214,7 +264,8 @@ fn plan_buys(options: &Options, r: &mut SimRng) -> Vec<Buy> {
             user: format!("u{}", r.between(0, options.buyers as u64 / 2)),
             product,
             quantity: r.between(1, 2) as i64,
-            at: Duration::from_millis(r.between(0, 3000)),
+            // The same draw either way, so that the rest of the plan is too.
+            at: Duration::from_millis(r.between(0, 3000) / if options.burst { 60 } else { 1 }),
             hang_up: r
                 .chance(options.hang_ups as f64 / 100.0)
                 .then(|| Duration::from_micros(r.between(0, 3000))),
@@ -496,18 +547,25 @@ async fn sale(seed: u64, options: &Options, events: &Events) -> Result<(), Viola
         });
     }
     let apis: Apis = Arc::new(apis);
-    let mut workers: Vec<SimWorker> = (0..options.workers)
-        .map(|i| {
-            let through = if i == 0 { &victim_queue } else { &queue };
-            start_worker(
-                &format!("w{i}"),
-                &backends,
-                through,
-                &accept_log,
-                options.prefetch,
-            )
-        })
-        .collect();
+    let start_workers = || -> Vec<SimWorker> {
+        (0..options.workers)
+            .map(|i| {
+                let through = if i == 0 { &victim_queue } else { &queue };
+                start_worker(
+                    &format!("w{i}"),
+                    &backends,
+                    through,
+                    &accept_log,
+                    options.prefetch,
+                )
+            })
+            .collect()
+    };
+    let mut workers = if options.backlog {
+        Vec::new()
+    } else {
+        start_workers()
+    };
 
     // Faults: the buyers, and what the seed drew against them.
     let buys = plan_buys(options, &mut r);
@@ -518,6 +576,12 @@ async fn sale(seed: u64, options: &Options, events: &Events) -> Result<(), Viola
         .enumerate()
         .map(|(i, buy)| tokio::spawn(send(apis.clone(), i, buy, events.clone())))
         .collect();
+    if options.backlog {
+        // Every buy is sent (within 3 s) before any worker runs.
+        tokio::time::sleep(Duration::from_millis(3100)).await;
+        workers = start_workers();
+        events.add("workers started on the backlog".into());
+    }
     if options.clock_jump_ms != 0 {
         let by = options.clock_jump_ms;
         let at = Duration::from_millis(r.between(0, 3000));
@@ -699,7 +763,11 @@ enum SimQueue {
 impl SimQueue {
     fn new(seed: u64, options: &Options, backends: &EmbeddedBackends) -> Self {
         match options.broker {
-            Some(b) => Self::Broker(Broker::new(seed ^ 0x00B2_0CE2, b)),
+            Some(b) => Self::Broker(Broker::new(
+                seed ^ 0x00B2_0CE2,
+                b,
+                options.dropped_connections,
+            )),
             None => Self::Memory(backends.queue.clone()),
         }
     }

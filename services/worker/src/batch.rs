@@ -10,7 +10,7 @@
 //! fault, every call under a deadline) keeps the deliveries and is retried
 //! with backoff. No input can stop the worker from consuming.
 
-use flashsale_engine::accept_log::AcceptStore;
+use flashsale_engine::admission::AdmissionCounters;
 use flashsale_engine::domain::{QueuedOrder, RejectReason};
 use flashsale_engine::heartbeat::WorkerStats;
 use flashsale_engine::ledger::Ledger;
@@ -36,14 +36,35 @@ use tokio_util::sync::CancellationToken;
 
 #[derive(Debug, thiserror::Error)]
 pub enum BookError {
-    /// Shutdown came while a backend was failing: the deliveries go back to
-    /// the queue when the channel closes.
-    #[error("abandoned on shutdown while {0}")]
-    Abandoned(String),
+    /// Shutdown came while a backend was failing (or the consumer ended):
+    /// the deliveries go back to the queue when the channel closes.
+    #[error("abandoned on shutdown")]
+    Abandoned(#[source] Fault),
     /// The queue failed (consuming, acking or dead-lettering): reconnect;
     /// what was not acked is delivered again.
-    #[error("order queue: {0}")]
+    #[error("the order queue failed")]
     Queue(#[from] BackendFailed),
+}
+
+/// Why a step of a batch did not happen this time: a passing fault, retried
+/// until it does (or until shutdown).
+#[derive(Debug, thiserror::Error)]
+pub enum Fault {
+    #[error("the consumer ended")]
+    ConsumerEnded,
+    #[error("cannot read the duplicates' rows")]
+    ReadingDuplicates(#[source] LedgerError),
+    #[error("cannot take the lock")]
+    TakingLock(#[source] BackendFailed),
+    #[error("cannot raise the fence counter")]
+    RaisingFence(#[source] BackendFailed),
+    #[error("the group was not applied")]
+    Applying(#[source] LedgerError),
+    #[error("cannot find the refused orders")]
+    FindingRefused(#[source] LedgerError),
+    /// PostgreSQL refused the group, but none of its orders alone.
+    #[error("the group was refused, but no single order of it")]
+    NoneRefusedAlone(#[source] LedgerError),
 }
 
 /// The orders of one product, in arrival order, with their deliveries' tags.
@@ -135,7 +156,7 @@ pub struct OrderBook {
     lock: Arc<dyn ProductLocks>,
     /// The admission counters: committed orders are settled there, and the
     /// units of rejected and refused ones given back.
-    admission: Arc<dyn AcceptStore>,
+    admission: Arc<dyn AdmissionCounters>,
     /// Stock announcements to the APIs (Redis); none when embedded.
     feed: Option<StockFeed>,
     /// Order changes for the APIs' event streams.
@@ -155,7 +176,7 @@ impl OrderBook {
     pub fn new(
         ledger: Arc<dyn Ledger>,
         lock: Arc<dyn ProductLocks>,
-        admission: Arc<dyn AcceptStore>,
+        admission: Arc<dyn AdmissionCounters>,
         feed: Option<StockFeed>,
         events: OrderEvents,
         stats: Arc<WorkerStats>,
@@ -188,7 +209,7 @@ impl OrderBook {
                 batch = consumer.next_batch() => batch?,
             };
             let Some(deliveries) = batch else {
-                return Err(BookError::Abandoned("the consumer ended".into()));
+                return Err(BookError::Abandoned(Fault::ConsumerEnded));
             };
             self.process(consumer, deliveries, shutdown).await?;
         }
@@ -309,9 +330,7 @@ impl OrderBook {
                 Ok(rows) => break rows,
                 Err(e) => {
                     if shutdown.is_cancelled() {
-                        return Err(BookError::Abandoned(format!(
-                            "reading the duplicates' rows: {e}"
-                        )));
+                        return Err(BookError::Abandoned(Fault::ReadingDuplicates(e)));
                     }
                     tracing::warn!(error = %e, "cannot read the duplicates' rows; retrying");
                     tokio::time::sleep(backoff).await;
@@ -558,24 +577,24 @@ impl OrderBook {
                             tracing::info!(%product, fence, "fenced out; raising the fence counter");
                             match self.lock.raise_fence(product, fence).await {
                                 Ok(_) => continue,
-                                Err(e) => format!("raising the fence: {e}"),
+                                Err(e) => Fault::RaisingFence(e),
                             }
                         }
-                        Err(LedgerError::Refused(e)) => match self.find_refused(&mut group).await {
-                            Ok(out) if !out.is_empty() => {
-                                // Never booked: their units go back on sale.
-                                let keys: Vec<String> =
-                                    out.iter().map(|r| r.order_id.clone()).collect();
-                                self.give_back(group.product, &[], &keys).await;
-                                refused.extend(out);
-                                continue;
+                        Err(refused_group @ LedgerError::Refused(_)) => {
+                            match self.find_refused(&mut group).await {
+                                Ok(out) if !out.is_empty() => {
+                                    // Never booked: their units go back on sale.
+                                    let keys: Vec<String> =
+                                        out.iter().map(|r| r.order_id.clone()).collect();
+                                    self.give_back(group.product, &[], &keys).await;
+                                    refused.extend(out);
+                                    continue;
+                                }
+                                Ok(_) => Fault::NoneRefusedAlone(refused_group),
+                                Err(fault) => fault,
                             }
-                            Ok(_) => format!(
-                                "PostgreSQL refused the group, but no single order of it: {e}"
-                            ),
-                            Err(fault) => fault,
-                        },
-                        Err(e) => e.to_string(),
+                        }
+                        Err(e) => Fault::Applying(e),
                     }
                 }
                 Ok(None) => {
@@ -584,9 +603,13 @@ impl OrderBook {
                     lock_backoff = (lock_backoff * 2).min(Duration::from_millis(20));
                     continue;
                 }
-                Err(e) => format!("taking the lock: {e}"),
+                Err(e) => Fault::TakingLock(e),
             };
-            tracing::warn!(error = %fault, product = %group.product, "group not applied; retrying");
+            tracing::warn!(
+                error = &fault as &dyn std::error::Error,
+                product = %group.product,
+                "group not applied; retrying"
+            );
             tokio::select! {
                 () = shutdown.cancelled() => return Err(BookError::Abandoned(fault)),
                 () = tokio::time::sleep(fault_backoff) => {}
@@ -597,7 +620,7 @@ impl OrderBook {
 
     /// Asks the ledger which orders of the group it refuses as data and
     /// takes them out of the group; the error is a passing fault.
-    async fn find_refused(&self, group: &mut ProductGroup) -> Result<Vec<RefusedOrder>, String> {
+    async fn find_refused(&self, group: &mut ProductGroup) -> Result<Vec<RefusedOrder>, Fault> {
         match self.ledger.refused(&group.orders).await {
             Ok(refusals) => {
                 for r in &refusals {
@@ -605,7 +628,7 @@ impl OrderBook {
                 }
                 Ok(group.take_out(&refusals))
             }
-            Err(e) => Err(format!("finding the refused orders: {e}")),
+            Err(e) => Err(Fault::FindingRefused(e)),
         }
     }
 

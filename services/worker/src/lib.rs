@@ -7,7 +7,7 @@ pub mod metrics_server;
 
 use anyhow::Context;
 use batch::OrderBook;
-use flashsale_engine::accept_log::{AcceptLog, AcceptStore};
+use flashsale_engine::accept_log::{AcceptStore, RedisAcceptLog};
 use flashsale_engine::admission;
 use flashsale_engine::embedded::{EmbeddedBackends, Reach};
 use flashsale_engine::heartbeat::{self, WorkerStats};
@@ -132,7 +132,8 @@ impl Worker {
             metrics_listener.local_addr()?.to_string(),
         ));
         let lock = ProductLock::new(redis.clone(), ns.clone(), id);
-        let admission: Arc<dyn AcceptStore> = Arc::new(AcceptLog::new(redis.clone(), ns.clone()));
+        let admission: Arc<dyn AcceptStore> =
+            Arc::new(RedisAcceptLog::new(redis.clone(), ns.clone()));
         let events = OrderEvents::redis(redis.clone(), &ns);
         let feed = StockFeed::new(redis, &ns);
         let queue = Arc::new(
@@ -260,7 +261,10 @@ impl Worker {
                     backoff = Duration::from_millis(100);
                     self.stats.consuming(consumer.waiting());
                     if let Err(e) = self.book.consume(consumer.as_mut(), &shutdown).await {
-                        tracing::warn!(error = %e, "order consumer failed; reconnecting");
+                        tracing::warn!(
+                            error = &e as &dyn std::error::Error,
+                            "order consumer failed; reconnecting"
+                        );
                     }
                     consumer.close().await;
                 }

@@ -4,6 +4,7 @@
 use super::read_body;
 use crate::catalog::Lookup;
 use crate::error::ApiError;
+use crate::first_requests::Unresolved;
 use crate::state::AppState;
 use axum::body::Body;
 use axum::extract::{ConnectInfo, Request, State};
@@ -32,7 +33,7 @@ use std::time::Duration;
 const DERIVE_ATTEMPTS: u32 = 5;
 /// How long a repeat waits for a concurrent first request with its key:
 /// as long as that request's claim may live.
-const SETTLE_WAIT: Duration = PENDING_ALIVE;
+const FIRST_REQUEST_WAIT: Duration = PENDING_ALIVE;
 
 pub fn router() -> Router<AppState> {
     Router::new().route("/buy", post(buy))
@@ -78,7 +79,7 @@ fn count(answer: &Result<Answer, ApiError>) {
 async fn buy(State(state): State<AppState>, request: Request) -> Response {
     let Some(pass) = state.buys.enter(state.limits.max_inflight) else {
         metrics::counter!(ORDER_REQUESTS, "status" => "unavailable").increment(1);
-        return ApiError::Unavailable("the API is at capacity; retry later".into()).into_response();
+        return ApiError::Busy("the API is at capacity".into()).into_response();
     };
     let (parts, body) = request.into_parts();
     let answer = match validate(&state, &parts, body).await {
@@ -338,7 +339,7 @@ async fn await_first_request(
     }
     state
         .first_requests
-        .wait(&state.accept_log, key.as_str(), SETTLE_WAIT)
+        .wait(state.accept_log.clone(), key.as_str(), FIRST_REQUEST_WAIT)
         .await
         .map_err(|e| ApiError::unavailable("Redis", e))
 }
@@ -415,10 +416,9 @@ async fn publish_and_record(
             Err(e)
         }
         (Ok(()), Ledgered::Unknown(e)) => {
-            state.first_requests.resolve(
-                key.as_str(),
-                Err("the ledger did not answer for this key".into()),
-            );
+            state
+                .first_requests
+                .resolve(key.as_str(), Err(Unresolved::LedgerSilent));
             Err(e)
         }
         (Ok(()), Ledgered::Free) => {

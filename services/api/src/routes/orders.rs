@@ -78,8 +78,8 @@ async fn events(
         Ok(watch) => watch,
         Err(Refused::HolderFull) => return Err(ApiError::RateLimited(STREAM_RETRY)),
         Err(Refused::Full) => {
-            return Err(ApiError::Unavailable(format!(
-                "{} order event streams are open; retry later",
+            return Err(ApiError::Busy(format!(
+                "{} order event streams are open",
                 limits.max_streams
             )));
         }
@@ -141,9 +141,7 @@ async fn events(
 /// client, within `API_MAX_READS`.
 async fn current(state: &AppState, key: &str) -> Result<Option<OrderView>, ApiError> {
     let Ok(Ok(_read)) = tokio::time::timeout(READ_WAIT, state.reads.acquire()).await else {
-        return Err(ApiError::Unavailable(
-            "too many order reads in progress; retry later".into(),
-        ));
+        return Err(ApiError::Busy("too many order reads in progress".into()));
     };
     match lookup_row(state, key).await? {
         Some(view) => Ok(Some(view)),

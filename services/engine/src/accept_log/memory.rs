@@ -1,7 +1,8 @@
 //! The accept log and admission counters in memory, for `fsctl demo`: the
 //! same rules as in Redis, each change under one mutex.
 
-use super::{AcceptRecord, AcceptState, AcceptStore, Admission, Admit, PENDING_TTL, QUEUED_TTL};
+use super::{AcceptLog, AcceptRecord, AcceptState, Admit, PENDING_TTL, QUEUED_TTL};
+use crate::admission::{Admission, AdmissionCounters};
 use crate::domain::IdempotencyKey;
 use crate::seams::BackendFailed;
 use std::collections::{BTreeMap, HashMap};
@@ -90,7 +91,7 @@ impl Tokens {
 }
 
 #[async_trait::async_trait]
-impl AcceptStore for MemoryAcceptLog {
+impl AcceptLog for MemoryAcceptLog {
     async fn probe(&self) -> crate::seams::Probe {
         crate::seams::Probe::ok("embedded")
     }
@@ -198,7 +199,10 @@ impl AcceptStore for MemoryAcceptLog {
     async fn claimants_alive(&self, instances: &[String]) -> Result<Vec<bool>, BackendFailed> {
         Ok(vec![true; instances.len()])
     }
+}
 
+#[async_trait::async_trait]
+impl AdmissionCounters for MemoryAcceptLog {
     async fn admission(&self, product: i64) -> Result<Admission, BackendFailed> {
         let s = self.state();
         Ok(s.tokens

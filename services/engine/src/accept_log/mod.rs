@@ -1,18 +1,21 @@
-//! The accept log in Redis: which idempotency keys were answered `202`, with
-//! the body they came with, so a repeat is answered as a repeat and a reused
-//! key with another body is refused. `<ns>:order:<key>` holds a JSON record,
-//! first `pending` (claimed, publish under way) and then `queued` (confirmed by
-//! RabbitMQ). Keys answered 4xx, 409 or 503 are never left behind.
-
+//! The accept log: which idempotency keys were answered `202`, with the
+//! body they came with, so a repeat is answered as a repeat and a reused key
+//! with another body is refused. In Redis `<ns>:order:<key>` holds a JSON
+//! record, first `pending` (claimed, publish under way) and then `queued`
+//! (confirmed by RabbitMQ). Keys answered 4xx, 409 or 503 are never left
+//! behind.
 //!
-//! Two implementations: Redis ([`AcceptLog`]) and memory ([`MemoryAcceptLog`]).
+//! Two implementations, each also keeping the admission counters
+//! ([`crate::admission`]): Redis ([`RedisAcceptLog`]) and memory
+//! ([`MemoryAcceptLog`]).
 
 mod memory;
 mod redis;
 
 pub use memory::MemoryAcceptLog;
-pub use redis::AcceptLog;
+pub use redis::RedisAcceptLog;
 
+use crate::admission::AdmissionCounters;
 use crate::domain::{IdempotencyKey, OrderRequest, OrderStatus, OrderView};
 use crate::seams::BackendFailed;
 use chrono::{DateTime, Utc};
@@ -116,22 +119,12 @@ pub enum Admit {
     NoCounter,
 }
 
-/// A product's admission state, read at one instant.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Admission {
-    /// Units a buy may still take; `None` when the counter does not exist.
-    pub tokens: Option<i64>,
-    /// Orders that took units and are not settled: key and quantity.
-    pub admitted: Vec<(String, i64)>,
-    /// Changes with every take and give-back (not with a reconciliation).
-    pub version: i64,
-}
-
-/// The accept log and the admission counters: which keys were claimed or
-/// answered `202`, and how many units of each product buys may still take.
-/// They share a store because a claim and its units are taken together.
+/// The accept log: which keys were claimed or answered `202`. A claim and
+/// its units are taken together ([`AcceptLog::admit`]) and given back
+/// together ([`AcceptLog::withdraw`]), so one store holds this log and the
+/// admission counters ([`AdmissionCounters`]): [`AcceptStore`] is both.
 #[async_trait::async_trait]
-pub trait AcceptStore: Send + Sync {
+pub trait AcceptLog: Send + Sync {
     /// Claims `key` and takes `record.quantity` units of `record.product_id`,
     /// both or neither.
     async fn admit(
@@ -165,34 +158,9 @@ pub trait AcceptStore: Send + Sync {
     /// Whether each API process (by its instance id) is still alive: its
     /// heartbeat has not expired.
     async fn claimants_alive(&self, instances: &[String]) -> Result<Vec<bool>, BackendFailed>;
-    /// The product's counter, admitted orders and version, at one instant.
-    async fn admission(&self, product: i64) -> Result<Admission, BackendFailed>;
-    /// The counters of `products`, in order (`None`: no counter).
-    async fn tokens(&self, products: &[i64]) -> Result<Vec<Option<i64>>, BackendFailed>;
-    /// Sets the counter to `tokens` and forgets the admitted orders in
-    /// `settled`, only if nothing changed since `version` was read (and,
-    /// unless `create`, only if the counter exists). Whether it did.
-    async fn reconcile(
-        &self,
-        product: i64,
-        version: i64,
-        settled: &[String],
-        tokens: i64,
-        create: bool,
-    ) -> Result<bool, BackendFailed>;
-    /// After a worker's commit: forgets the admitted orders `done` and gives
-    /// back the units of `returned` (each only if still admitted). The
-    /// counter after it, if it exists.
-    async fn release_admitted(
-        &self,
-        product: i64,
-        done: &[String],
-        returned: &[String],
-    ) -> Result<Option<i64>, BackendFailed>;
-    /// Drops the counter, to be derived again (after `seed --restock`:
-    /// adding to it could count units a reconciliation already saw).
-    async fn drop_counter(&self, product: i64) -> Result<(), BackendFailed>;
-    /// A fresh counter of `tokens`, nothing admitted (`seed --reset`, a new
-    /// product).
-    async fn reset(&self, product: i64, tokens: i64) -> Result<(), BackendFailed>;
 }
+
+/// The accept log and the admission counters, in one store.
+pub trait AcceptStore: AcceptLog + AdmissionCounters {}
+
+impl<T: AcceptLog + AdmissionCounters + ?Sized> AcceptStore for T {}

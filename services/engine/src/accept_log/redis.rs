@@ -13,7 +13,8 @@
 //! two: a claim without units expires with its pending TTL, and units
 //! without a live claim are given back by the reconciliation.
 
-use super::{AcceptRecord, AcceptState, AcceptStore, Admission, Admit, PENDING_TTL, QUEUED_TTL};
+use super::{AcceptLog, AcceptRecord, AcceptState, Admit, PENDING_TTL, QUEUED_TTL};
+use crate::admission::{Admission, AdmissionCounters};
 use crate::config::Namespace;
 use crate::domain::IdempotencyKey;
 use crate::redis_conn::Redis;
@@ -184,7 +185,7 @@ return 1",
 });
 
 #[derive(Clone)]
-pub struct AcceptLog {
+pub struct RedisAcceptLog {
     redis: Redis,
     ns: Namespace,
 }
@@ -198,7 +199,7 @@ fn decode(raw: Option<String>) -> Option<AcceptRecord> {
     raw.and_then(|s| serde_json::from_str(&s).ok())
 }
 
-impl AcceptLog {
+impl RedisAcceptLog {
     pub fn new(redis: Redis, ns: Namespace) -> Self {
         Self { redis, ns }
     }
@@ -238,7 +239,7 @@ fn admitted(key: &IdempotencyKey, code: i64, value: String) -> Result<Admit, Bac
     })
 }
 
-impl AcceptLog {
+impl RedisAcceptLog {
     /// [`AcceptStore::admit`] on a cluster: claim the key, then take the
     /// units; a claim that gets no units is dropped before answering.
     async fn admit_in_two(
@@ -320,7 +321,7 @@ fn number(raw: &str) -> Result<i64, BackendFailed> {
 }
 
 #[async_trait::async_trait]
-impl AcceptStore for AcceptLog {
+impl AcceptLog for RedisAcceptLog {
     async fn admit(
         &self,
         key: &IdempotencyKey,
@@ -472,7 +473,10 @@ impl AcceptStore for AcceptLog {
                 .map_err(BackendFailed::redis)?;
         Ok(beats.iter().map(Option::is_some).collect())
     }
+}
 
+#[async_trait::async_trait]
+impl AdmissionCounters for RedisAcceptLog {
     async fn admission(&self, product: i64) -> Result<Admission, BackendFailed> {
         let mut conn = self.redis.clone();
         let (tokens, admitted, version): (Option<i64>, HashMap<String, i64>, Option<i64>) = timed(

@@ -3,10 +3,10 @@
 //! PostgreSQL / Redis / RabbitMQ, so the two cannot drift.
 
 use chrono::Utc;
-use flashsale_engine::accept_log::AcceptStore;
-use flashsale_engine::accept_log::MemoryAcceptLog;
-use flashsale_engine::accept_log::{AcceptLog, AcceptRecord, AcceptState, Admit};
-use flashsale_engine::admission::{self, Derived};
+use flashsale_engine::accept_log::{
+    AcceptLog, AcceptRecord, AcceptState, AcceptStore, Admit, MemoryAcceptLog, RedisAcceptLog,
+};
+use flashsale_engine::admission::{self, AdmissionCounters, Derived};
 use flashsale_engine::config::{DEFAULT_AMQP_URL, DEFAULT_DATABASE_URL, DEFAULT_REDIS_URL};
 use flashsale_engine::ledger::Ledger;
 use flashsale_engine::ledger::MemoryLedger;
@@ -878,7 +878,7 @@ async fn redis_and_postgres_admission_conforms() {
             .unwrap();
     };
     admission_conforms(
-        &AcceptLog::new(redis.clone(), ns.clone()),
+        &RedisAcceptLog::new(redis.clone(), ns.clone()),
         &ledger,
         age_claim,
     )
@@ -893,7 +893,7 @@ async fn redis_accept_log_conforms() {
     let redis = redis_conn::connect(&scratch.backends.redis_url)
         .await
         .expect("Redis is not answering (scripts/test starts it)");
-    accept_store_conforms(&AcceptLog::new(redis, scratch.backends.namespace())).await;
+    accept_store_conforms(&RedisAcceptLog::new(redis, scratch.backends.namespace())).await;
     scratch.remove().await.unwrap();
 }
 
@@ -970,7 +970,7 @@ async fn a_claim_of_an_api_whose_heartbeat_expired_is_not_in_flight() {
     let scratch = Scratch::new(&servers());
     let (redis, pool, ledger) = redis_and_a_ledger(&scratch).await;
     let ns = scratch.backends.namespace();
-    let store = AcceptLog::new(redis.clone(), ns.clone());
+    let store = RedisAcceptLog::new(redis.clone(), ns.clone());
     store.reset(1, 5).await.unwrap();
     let beating = flashsale_engine::admission::ApiHeartbeat::start(redis, ns, "alive".into());
     tokio::time::sleep(Duration::from_millis(200)).await;
