@@ -4,10 +4,10 @@
 
 use crate::world::Events;
 use axum::http::StatusCode;
-use flashsale_engine::OrderView;
 use flashsale_engine::embedded::EmbeddedBackends;
 use flashsale_engine::queue::OrderQueue;
-use std::collections::{BTreeMap, HashSet};
+use flashsale_engine::{OrderStatus, OrderView};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::fmt;
 
 /// An invariant broken, and how.
@@ -44,6 +44,8 @@ pub struct Answer {
     body: serde_json::Value,
     /// The pay or cancel that followed: action, answer, the order's status in it.
     pub ended: Option<(&'static str, StatusCode, String)>,
+    /// Some attempt ended unheard (a `503`, a reset connection, a hang-up).
+    unsure: bool,
 }
 
 impl Answer {
@@ -63,7 +65,14 @@ impl Answer {
             status: Some(status),
             body,
             ended: None,
+            unsure: false,
         }
+    }
+
+    /// Some attempt ended unheard (or not).
+    pub fn unsure(mut self, unsure: bool) -> Self {
+        self.unsure = unsure;
+        self
     }
 
     pub fn hung_up(key: &str, user: &str, product: i64, quantity: i64) -> Self {
@@ -75,6 +84,7 @@ impl Answer {
             status: None,
             body: serde_json::Value::Null,
             ended: None,
+            unsure: false,
         }
     }
 
@@ -93,11 +103,21 @@ impl Answer {
     }
 }
 
+/// What admission could not know, for its bound ([`over_admission`]).
+pub struct Unknowns<'a> {
+    /// Redis lost everything: no bound holds (every order then queued was
+    /// forgotten by the counters).
+    pub redis_lost: bool,
+    /// Keys whose claim, marking or withdrawal failed in Redis.
+    pub faulted_keys: &'a BTreeSet<String>,
+}
+
 /// Checks the converged books against the invariants and every answer.
 pub async fn books(
     backends: &EmbeddedBackends,
     queue: &dyn OrderQueue,
     answers: &[Answer],
+    unknowns: &Unknowns<'_>,
     events: &Events,
 ) -> Result<(), Violation> {
     let (products, orders) = backends.ledger.snapshot();
@@ -136,6 +156,7 @@ pub async fn books(
             v.detail.clone(),
         ));
     }
+    over_admission(&orders, answers, unknowns)?;
     for answer in answers {
         let row = rows.get(answer.key.as_str()).copied();
         let truthful = match answer.status.map(|s| s.as_u16()) {
@@ -207,6 +228,54 @@ pub async fn books(
                 ),
             ));
         }
+    }
+    Ok(())
+}
+
+/// Admission hands a unit out twice only when it could not know an order's
+/// fate: a request answered `503` after its publish got through (the units
+/// given back before the answer, as the contract asks), an API killed or a
+/// client gone mid-buy, a claim whose marking or withdrawal failed in
+/// Redis. Each such order, once booked, is at most its quantity of units
+/// too many, and each unit too many is at most one `202` the worker then
+/// rejects `sold_out`. More such rejections than that are admission's own
+/// (a counter set over a change it did not see, units given back twice).
+fn over_admission(
+    orders: &[OrderView],
+    answers: &[Answer],
+    unknowns: &Unknowns<'_>,
+) -> Result<(), Violation> {
+    if unknowns.redis_lost {
+        return Ok(());
+    }
+    let unsure: HashSet<&str> = answers
+        .iter()
+        .filter(|a| a.unsure)
+        .map(|a| a.key.as_str())
+        .chain(unknowns.faulted_keys.iter().map(String::as_str))
+        .collect();
+    // An unsure order rejected is one whose units were given back: it
+    // took none twice.
+    let rejected = orders
+        .iter()
+        .filter(|o| {
+            o.status == OrderStatus::Rejected
+                && o.reason.as_deref() == Some("sold_out")
+                && !unsure.contains(o.order_id.as_str())
+        })
+        .count() as i64;
+    let allowed: i64 = orders
+        .iter()
+        .filter(|o| o.status != OrderStatus::Rejected && unsure.contains(o.order_id.as_str()))
+        .map(|o| o.quantity)
+        .sum();
+    if rejected > allowed {
+        return Err(Violation::new(
+            "admission",
+            format!(
+                "{rejected} orders answered 202 and then rejected sold_out, but only {allowed} units of orders booked after an unheard answer or a failed Redis call"
+            ),
+        ));
     }
     Ok(())
 }

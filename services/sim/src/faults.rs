@@ -11,6 +11,7 @@ use flashsale_engine::accept_log::{AcceptLog, AcceptRecord, AcceptStore, Admit};
 use flashsale_engine::admission::{Admission, AdmissionCounters};
 use flashsale_engine::queue::{Delivered, OrderQueue, QueueConsumer};
 use flashsale_engine::seams::{BackendFailed, Probe};
+use std::collections::BTreeSet;
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -177,16 +178,47 @@ pub struct FlakyAcceptLog {
     percent: u64,
     healed: AtomicBool,
     events: Events,
+    /// Keys whose claim, marking or withdrawal failed.
+    faulted: Mutex<BTreeSet<String>>,
+    /// Pauses before and after every call (a Redis round trip).
+    delays: Delays,
 }
 
 impl FlakyAcceptLog {
-    pub fn new(inner: Arc<dyn AcceptStore>, seed: u64, percent: u64, events: Events) -> Self {
+    pub fn new(
+        inner: Arc<dyn AcceptStore>,
+        seed: u64,
+        percent: u64,
+        delays: Delays,
+        events: Events,
+    ) -> Self {
         Self {
             inner,
             rng: Mutex::new(SimRng::new(seed)),
             percent,
             healed: AtomicBool::new(false),
             events,
+            faulted: Mutex::default(),
+            delays,
+        }
+    }
+
+    /// Keys whose claim, marking or withdrawal failed: admission could not
+    /// know their fate.
+    pub fn faulted_keys(&self) -> BTreeSet<String> {
+        self.faulted
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Remembers `key` when `result` failed.
+    fn note<T>(&self, key: &IdempotencyKey, result: &Result<T, BackendFailed>) {
+        if result.is_err() {
+            self.faulted
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(key.as_str().to_owned());
         }
     }
 
@@ -210,7 +242,10 @@ impl FlakyAcceptLog {
             })
             .flatten();
         let Some(after_effect) = failure else {
-            return call.await;
+            self.delays.pause().await;
+            let result = call.await;
+            self.delays.pause().await;
+            return result;
         };
         if after_effect {
             let _ = call.await;
@@ -232,8 +267,11 @@ impl AcceptLog for FlakyAcceptLog {
         key: &IdempotencyKey,
         record: &AcceptRecord,
     ) -> Result<Admit, BackendFailed> {
-        self.call(|| format!("admit {key}"), self.inner.admit(key, record))
-            .await
+        let admitted = self
+            .call(|| format!("admit {key}"), self.inner.admit(key, record))
+            .await;
+        self.note(key, &admitted);
+        admitted
     }
 
     async fn get(&self, key: &str) -> Result<Option<AcceptRecord>, BackendFailed> {
@@ -255,11 +293,14 @@ impl AcceptLog for FlakyAcceptLog {
         key: &IdempotencyKey,
         record: &AcceptRecord,
     ) -> Result<bool, BackendFailed> {
-        self.call(
-            || format!("mark_queued {key}"),
-            self.inner.mark_queued(key, record),
-        )
-        .await
+        let marked = self
+            .call(
+                || format!("mark_queued {key}"),
+                self.inner.mark_queued(key, record),
+            )
+            .await;
+        self.note(key, &marked);
+        marked
     }
 
     async fn pending_ages(&self, keys: &[String]) -> Result<Vec<Option<Duration>>, BackendFailed> {
@@ -275,11 +316,14 @@ impl AcceptLog for FlakyAcceptLog {
         key: &IdempotencyKey,
         record: &AcceptRecord,
     ) -> Result<(), BackendFailed> {
-        self.call(
-            || format!("withdraw {key}"),
-            self.inner.withdraw(key, record),
-        )
-        .await
+        let withdrawn = self
+            .call(
+                || format!("withdraw {key}"),
+                self.inner.withdraw(key, record),
+            )
+            .await;
+        self.note(key, &withdrawn);
+        withdrawn
     }
 
     async fn claimants_alive(&self, instances: &[String]) -> Result<Vec<bool>, BackendFailed> {

@@ -75,6 +75,9 @@ pub struct Options {
     /// The workers start once every buy was sent: they begin on a backlog
     /// in every partition (how c7e9d7c's loss was found).
     pub backlog: bool,
+    /// The longest pause before and after each call to Redis's accept log
+    /// and counters (µs; 0: none).
+    pub redis_delay_micros: u64,
 }
 
 impl Options {
@@ -113,6 +116,7 @@ impl Options {
             burst: false,
             dropped_connections: 0,
             backlog: false,
+            redis_delay_micros: 0,
         }
         .and_kill_api(&mut r)
         .and_redis_faults(&mut r)
@@ -120,6 +124,7 @@ impl Options {
         .and_uneven_delivery(&mut r)
         .and_dropped_connections(&mut r)
         .and_backlog(&mut r)
+        .and_redis_delays(&mut r)
     }
 
     // Faults added later are drawn last, so that every earlier seed keeps
@@ -136,6 +141,11 @@ impl Options {
 
     fn and_burst(mut self, r: &mut SimRng) -> Self {
         self.burst = r.chance(0.3);
+        self
+    }
+
+    fn and_redis_delays(mut self, r: &mut SimRng) -> Self {
+        self.redis_delay_micros = if r.chance(0.5) { r.between(1, 2000) } else { 0 };
         self
     }
 
@@ -176,7 +186,7 @@ impl fmt::Display for Options {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "apis {}, workers {}, products {:?}, held {:?}, pays {}%, buyers {}, repeats {}%, hang-ups {}%, retries {}%, kill worker {}, redis loss {}, prefetch {}, delays up to {} µs, queue {}, clock jump {} ms, kill an API {}, Redis calls failing {}%, burst {}, connections dropped {}, backlog {}",
+            "apis {}, workers {}, products {:?}, held {:?}, pays {}%, buyers {}, repeats {}%, hang-ups {}%, retries {}%, kill worker {}, redis loss {}, prefetch {}, delays up to {} µs, queue {}, clock jump {} ms, kill an API {}, Redis calls failing {}%, burst {}, connections dropped {}, backlog {}, Redis delays up to {} µs",
             self.apis,
             self.workers,
             self.products,
@@ -206,7 +216,8 @@ impl fmt::Display for Options {
             self.redis_faults,
             self.burst,
             self.dropped_connections,
-            self.backlog
+            self.backlog,
+            self.redis_delay_micros
         )
     }
 }
@@ -325,7 +336,11 @@ enum Reached {
 /// its answer, `None` when the client hung up or gave up.
 async fn send(apis: Apis, first: usize, buy: Buy, events: Events) -> Answer {
     tokio::time::sleep(buy.at).await;
-    let gave_up = |buy: &Buy| Answer::hung_up(&buy.key, &buy.user, buy.product, buy.quantity);
+    // The client did not hear how an attempt ended: a `503`, a reset
+    // connection, a hang-up (its order may book all the same).
+    let mut unsure = false;
+    let gave_up =
+        |buy: &Buy| Answer::hung_up(&buy.key, &buy.user, buy.product, buy.quantity).unsure(true);
     for attempt in 0..4 {
         let Some(api) = live_api(&apis, first + attempt) else {
             return gave_up(&buy);
@@ -359,6 +374,7 @@ async fn send(apis: Apis, first: usize, buy: Buy, events: Events) -> Answer {
             }
             Reached::Reset => {
                 events.add(format!("reset {} {}", buy.key, buy.body()));
+                unsure = true;
                 if buy.retry && attempt < 3 {
                     tokio::time::sleep(Duration::from_millis(200)).await;
                     continue;
@@ -372,11 +388,13 @@ async fn send(apis: Apis, first: usize, buy: Buy, events: Events) -> Answer {
             status.as_u16(),
             buy.body()
         ));
+        unsure |= status == StatusCode::SERVICE_UNAVAILABLE;
         if status == StatusCode::SERVICE_UNAVAILABLE && buy.retry && attempt < 3 {
             tokio::time::sleep(Duration::from_millis(200)).await;
             continue;
         }
-        let mut answer = Answer::new(&buy.key, &buy.user, buy.product, buy.quantity, status, body);
+        let mut answer = Answer::new(&buy.key, &buy.user, buy.product, buy.quantity, status, body)
+            .unsure(unsure);
         if let (StatusCode::ACCEPTED, Some((action, after))) = (status, buy.ends) {
             tokio::time::sleep(after).await;
             let ended = match live_api(&apis, first) {
@@ -499,6 +517,10 @@ async fn sale(seed: u64, options: &Options, events: &Events) -> Result<(), Viola
         backends.accept_log.clone(),
         seed ^ 0x00AC_CE97,
         options.redis_faults,
+        Delays::new(
+            seed ^ 0x00DE_1A7,
+            Duration::from_micros(options.redis_delay_micros),
+        ),
         events.clone(),
     ));
     let order_queue = SimQueue::new(seed, options, &backends);
@@ -700,6 +722,12 @@ async fn sale(seed: u64, options: &Options, events: &Events) -> Result<(), Viola
         events.add(format!("heal: {id} started"));
     }
 
+    let faulted_keys = accept_log.faulted_keys();
+    let unknowns = || check::Unknowns {
+        redis_lost: options.redis_loss,
+        faulted_keys: &faulted_keys,
+    };
+
     // Converge: the queue drains, every admitted order settles, every
     // counter comes back to its product's stock.
     let started = tokio::time::Instant::now();
@@ -709,7 +737,14 @@ async fn sale(seed: u64, options: &Options, events: &Events) -> Result<(), Viola
         }
         if started.elapsed() > CONVERGE_WITHIN {
             // A broken invariant is the likelier root cause: report it.
-            check::books(&backends, order_queue.shared().as_ref(), &answers, events).await?;
+            check::books(
+                &backends,
+                order_queue.shared().as_ref(),
+                &answers,
+                &unknowns(),
+                events,
+            )
+            .await?;
             let (ready, held) = order_queue.depth();
             let mut counters = Vec::new();
             for (id, _, _) in &options.products {
@@ -751,7 +786,14 @@ async fn sale(seed: u64, options: &Options, events: &Events) -> Result<(), Viola
     for w in workers {
         let _ = w.task.await;
     }
-    check::books(&backends, order_queue.shared().as_ref(), &answers, events).await
+    check::books(
+        &backends,
+        order_queue.shared().as_ref(),
+        &answers,
+        &unknowns(),
+        events,
+    )
+    .await
 }
 
 /// The order queue a seed runs on.
