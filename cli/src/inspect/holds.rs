@@ -4,34 +4,9 @@ use super::*;
 
 /// Holds per product.
 pub async fn show(b: &BackendUrls, as_json: bool) -> Result<(), Failure> {
-    let ledger = backends::ledger(b).await?;
-    let rows: Vec<HoldsRow> = sqlx::query_as(
-        "SELECT p.id,
-                count(o.*) FILTER (WHERE o.status = 'held'),
-                COALESCE(SUM(o.quantity) FILTER (WHERE o.status = 'held'), 0)::bigint,
-                EXTRACT(EPOCH FROM min(o.held_until) FILTER (WHERE o.status = 'held') - now())::float8,
-                count(o.*) FILTER (WHERE o.status = 'held'
-                                     AND o.held_until < now() - interval '2 seconds'),
-                count(o.*) FILTER (WHERE o.status = 'paid'),
-                count(o.*) FILTER (WHERE o.status = 'cancelled'),
-                count(o.*) FILTER (WHERE o.status = 'expired')
-         FROM products p LEFT JOIN orders o ON o.product_id = p.id
-         WHERE p.hold_seconds IS NOT NULL GROUP BY p.id ORDER BY p.id",
-    )
-    .fetch_all(ledger.pool())
-    .await?;
+    let rows = backends::ledger(b).await?.holds_report().await?;
     if as_json {
-        let products: Vec<_> = rows
-            .iter()
-            .map(
-                |(id, orders, units, next, overdue, paid, cancelled, expired)| {
-                    json!({"productId": id, "heldOrders": orders, "heldUnits": units,
-                       "nextExpirySeconds": next, "overdue": overdue,
-                       "paid": paid, "cancelled": cancelled, "expired": expired})
-                },
-            )
-            .collect();
-        output::json(&json!({"holds": products}));
+        output::json(&json!({"holds": rows}));
     } else {
         let mut t = output::table(&[
             "product",
@@ -43,20 +18,23 @@ pub async fn show(b: &BackendUrls, as_json: bool) -> Result<(), Failure> {
             "cancelled",
             "expired",
         ]);
-        for (id, orders, units, next, overdue, paid, cancelled, expired) in &rows {
+        for r in &rows {
             t.add_row(vec![
-                Cell::new(id),
-                Cell::new(orders),
-                Cell::new(units),
-                Cell::new(next.map_or("-".to_owned(), |s| format!("in {s:.1} s"))),
-                output::verdict(*overdue == 0, "0", &overdue.to_string()),
-                Cell::new(paid),
-                Cell::new(cancelled),
-                Cell::new(expired),
+                Cell::new(r.product_id),
+                Cell::new(r.held_orders),
+                Cell::new(r.held_units),
+                Cell::new(
+                    r.next_expiry_seconds
+                        .map_or("-".to_owned(), |s| format!("in {s:.1} s")),
+                ),
+                output::verdict(r.overdue == 0, "0", &r.overdue.to_string()),
+                Cell::new(r.paid),
+                Cell::new(r.cancelled),
+                Cell::new(r.expired),
             ]);
         }
         println!("{t}");
-        let overdue: i64 = rows.iter().map(|r| r.4).sum();
+        let overdue: i64 = rows.iter().map(|r| r.overdue).sum();
         println!(
             "{} products with holds; {}",
             rows.len(),

@@ -3,27 +3,39 @@
 use super::*;
 use flashsale_engine::locks;
 
+/// A held lock beside its product's last fence.
+#[derive(serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+struct LockReport<'a> {
+    product_id: i64,
+    holder: &'a str,
+    token: i64,
+    ttl_ms: i64,
+    last_fence: i64,
+}
+
 /// Held product locks beside each product's last fence.
 pub async fn show(b: &BackendUrls, ns: &Namespace, as_json: bool) -> Result<(), Failure> {
     let redis = backends::redis(b).await?;
     let ledger = backends::ledger(b).await?;
     let locks = locks::held(&redis, ns).await?;
-    let fences: Vec<(i64, i64)> =
-        sqlx::query_as("SELECT id, lock_fence FROM products WHERE lock_fence > 0 ORDER BY id")
-            .fetch_all(ledger.pool())
-            .await?;
-    let fence_of = |id: i64| fences.iter().find(|f| f.0 == id).map(|f| f.1).unwrap_or(0);
+    let fences = ledger.fences().await?;
+    let fence_of = |id: i64| {
+        fences
+            .iter()
+            .find(|f| f.product_id == id)
+            .map_or(0, |f| f.last_fence)
+    };
     if as_json {
-        let locks: Vec<_> = locks
+        let locks: Vec<LockReport> = locks
             .iter()
-            .map(|l| {
-                json!({"productId": l.product_id, "holder": l.holder, "token": l.token,
-                            "ttlMs": l.ttl_ms, "lastFence": fence_of(l.product_id)})
+            .map(|l| LockReport {
+                product_id: l.product_id,
+                holder: &l.holder,
+                token: l.token,
+                ttl_ms: l.ttl_ms,
+                last_fence: fence_of(l.product_id),
             })
-            .collect();
-        let fences: Vec<_> = fences
-            .iter()
-            .map(|(id, f)| json!({"productId": id, "lastFence": f}))
             .collect();
         output::json(&json!({"locks": locks, "fences": fences}));
     } else {

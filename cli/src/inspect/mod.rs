@@ -76,10 +76,6 @@ pub enum Subject {
     Order { id: String },
 }
 
-/// A product's holds: id, held orders, held units, seconds to the next
-/// expiry, overdue holds, and orders paid, cancelled, expired.
-type HoldsRow = (i64, i64, i64, Option<f64>, i64, i64, i64, i64);
-
 /// A JSON object as a two-column table, one row per field (strings
 /// without their quotes).
 fn fields_table(map: &serde_json::Map<String, serde_json::Value>) -> comfy_table::Table {

@@ -3,6 +3,7 @@
 use super::*;
 use ::redis;
 use flashsale_engine::admission::AdmissionCounters;
+use flashsale_engine::ledger::OrderCounts;
 
 /// One product, in PostgreSQL and in Redis.
 pub async fn show(b: &BackendUrls, ns: &Namespace, as_json: bool, id: i64) -> Result<(), Failure> {
@@ -14,15 +15,7 @@ pub async fn show(b: &BackendUrls, ns: &Namespace, as_json: bool, id: i64) -> Re
             "product {id} does not exist"
         )));
     };
-    let (confirmed_orders, confirmed_units, rejected): (i64, i64, i64) = sqlx::query_as(
-        "SELECT COUNT(*) FILTER (WHERE status = 'confirmed'),
-                COALESCE(SUM(quantity) FILTER (WHERE status = 'confirmed'), 0)::bigint,
-                COUNT(*) FILTER (WHERE status = 'rejected')
-         FROM orders WHERE product_id = $1",
-    )
-    .bind(id)
-    .fetch_one(ledger.pool())
-    .await?;
+    let counts = ledger.order_counts(pid).await?;
     let mut conn = redis.clone();
     let (lock, fence_counter): (Option<String>, Option<i64>) = timed(
         redis::pipe()
@@ -36,21 +29,49 @@ pub async fn show(b: &BackendUrls, ns: &Namespace, as_json: bool, id: i64) -> Re
     let admission = RedisAcceptLog::new(redis.clone(), ns.clone())
         .admission(id)
         .await?;
-    let in_flight: i64 = admission.admitted.iter().map(|(_, q)| q).sum();
-    let view = json!({
-        "id": p.id, "name": p.name, "stock": p.stock, "seededStock": p.seeded_stock,
-        "admissionTokens": admission.tokens, "admittedUnsettled": admission.admitted.len(),
-        "admittedUnits": in_flight,
-        "maxPerOrder": p.max_per_order, "perUserLimit": p.per_user_limit,
-        "soldOut": p.stock == 0, "lockFence": p.lock_fence,
-        "confirmedOrders": confirmed_orders, "confirmedUnits": confirmed_units,
-        "rejectedOrders": rejected, "lockHeldBy": lock, "fenceCounter": fence_counter.unwrap_or(0),
-    });
+    let report = ProductReport {
+        id: p.id,
+        name: &p.name,
+        stock: p.stock,
+        seeded_stock: p.seeded_stock,
+        admission_tokens: admission.tokens,
+        admitted_unsettled: admission.admitted.len(),
+        admitted_units: admission.admitted.iter().map(|(_, q)| q).sum(),
+        max_per_order: p.max_per_order,
+        per_user_limit: p.per_user_limit,
+        sold_out: p.stock == 0,
+        lock_fence: p.lock_fence,
+        counts,
+        lock_held_by: lock,
+        fence_counter: fence_counter.unwrap_or(0),
+    };
     if as_json {
-        output::json(&json!({"product": view}));
+        output::json(&json!({"product": report}));
     } else {
+        let view = serde_json::to_value(&report)?;
         let empty = serde_json::Map::new();
         println!("{}", fields_table(view.as_object().unwrap_or(&empty)));
     }
     Ok(())
+}
+
+/// One product as PostgreSQL and Redis see it.
+#[derive(serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+struct ProductReport<'a> {
+    id: i64,
+    name: &'a str,
+    stock: i32,
+    seeded_stock: i32,
+    admission_tokens: Option<i64>,
+    admitted_unsettled: usize,
+    admitted_units: i64,
+    max_per_order: i32,
+    per_user_limit: Option<i32>,
+    sold_out: bool,
+    lock_fence: i64,
+    #[serde(flatten)]
+    counts: OrderCounts,
+    lock_held_by: Option<String>,
+    fence_counter: i64,
 }

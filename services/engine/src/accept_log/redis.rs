@@ -413,25 +413,48 @@ impl AcceptLog for RedisAcceptLog {
     }
 
     async fn pending_ages(&self, keys: &[String]) -> Result<Vec<Option<Duration>>, BackendFailed> {
-        let mut ages = Vec::with_capacity(keys.len());
-        let mut conn = self.redis.clone();
-        for chunk in keys.chunks(500) {
-            let mut pipe = redis::pipe();
-            for key in chunk {
-                pipe.cmd("PTTL").arg(self.ns.accept_key(key));
-            }
-            let left: Vec<i64> = timed(pipe.query_async(&mut conn))
+        let mut left: Vec<i64> = Vec::with_capacity(keys.len());
+        if self.redis.is_cluster() {
+            // A pipeline must stay within one hash slot on a cluster (the
+            // keys of a product's admitted orders are spread over all of
+            // them): one PTTL each, 64 in flight.
+            use futures_util::{StreamExt, TryStreamExt};
+            let names: Vec<String> = keys.iter().map(|k| self.ns.accept_key(k)).collect();
+            let redis = self.redis.clone();
+            left = futures_util::stream::iter(names)
+                .map(move |name| {
+                    let mut conn = redis.clone();
+                    async move {
+                        timed(redis::cmd("PTTL").arg(name).query_async::<i64>(&mut conn)).await
+                    }
+                })
+                .buffered(64)
+                .try_collect()
                 .await
                 .map_err(BackendFailed::redis)?;
-            // A queued record's TTL is a day: longer than any pending one.
-            let pending = PENDING_TTL.as_millis() as i64;
-            ages.extend(left.into_iter().map(|ms| {
+        } else {
+            let mut conn = self.redis.clone();
+            for chunk in keys.chunks(500) {
+                let mut pipe = redis::pipe();
+                for key in chunk {
+                    pipe.cmd("PTTL").arg(self.ns.accept_key(key));
+                }
+                let chunk_left: Vec<i64> = timed(pipe.query_async(&mut conn))
+                    .await
+                    .map_err(BackendFailed::redis)?;
+                left.extend(chunk_left);
+            }
+        }
+        // A queued record's TTL is a day: longer than any pending one.
+        let pending = PENDING_TTL.as_millis() as i64;
+        Ok(left
+            .into_iter()
+            .map(|ms| {
                 (0..=pending)
                     .contains(&ms)
                     .then(|| Duration::from_millis((pending - ms) as u64))
-            }));
-        }
-        Ok(ages)
+            })
+            .collect())
     }
 
     /// Withdraws this request's claim (the publish failed) and gives its

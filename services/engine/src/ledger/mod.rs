@@ -6,9 +6,11 @@
 
 mod memory;
 mod postgres;
+mod reports;
 
 pub use memory::MemoryLedger;
 pub use postgres::{BOOKED_KEYS, StockLedger, TRANSACTION_DEADLINE};
+pub use reports::{Fence, HoldsReport, OrderCounts};
 
 use crate::domain::{OrderStatus, OrderView, ProductId, QueuedOrder, RejectReason};
 use crate::locks::FencingToken;
