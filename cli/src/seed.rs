@@ -110,8 +110,8 @@ pub async fn run(b: &BackendUrls, args: &SeedArgs) -> Outcome {
             .iter()
             .filter(|p| ids.contains(&p.id))
         {
-            counters.drop_counter(p.id).await?;
             if let Ok(id) = ProductId::new(p.id) {
+                counters.drop_counter(id).await?;
                 admission::derive(&counters, &ledger, id, true).await?;
             }
             feed.announce(p.id, p.stock).await;
@@ -156,7 +156,9 @@ pub async fn run(b: &BackendUrls, args: &SeedArgs) -> Outcome {
             .iter()
             .filter(|p| created.binary_search(&p.id).is_ok())
         {
-            counters.reset(p.id, i64::from(p.stock)).await?;
+            counters
+                .reset(product_id(p.id)?, i64::from(p.stock))
+                .await?;
         }
     }
 
@@ -195,7 +197,9 @@ pub async fn run(b: &BackendUrls, args: &SeedArgs) -> Outcome {
             let counters = RedisAcceptLog::new(redis.clone(), ns.clone());
             let feed = StockFeed::new(redis, &ns);
             for p in &existing {
-                counters.reset(p.id, i64::from(p.stock)).await?;
+                counters
+                    .reset(product_id(p.id)?, i64::from(p.stock))
+                    .await?;
                 feed.announce(p.id, p.stock).await;
             }
         }
@@ -220,4 +224,10 @@ pub async fn run(b: &BackendUrls, args: &SeedArgs) -> Outcome {
         }
     }
     Ok(OK)
+}
+
+/// A product id as the ledger holds it (the table's check keeps it
+/// positive; a row that is not is reported, not skipped).
+fn product_id(id: i64) -> Result<ProductId, Failure> {
+    ProductId::new(id).map_err(|e| Failure::usage(format!("product {id} in the ledger: {e}")))
 }

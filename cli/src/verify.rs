@@ -10,7 +10,7 @@ use comfy_table::Cell;
 use flashsale_engine::accept_log::RedisAcceptLog;
 use flashsale_engine::admission::AdmissionCounters;
 use flashsale_engine::audit::{self, AuditReport, ProductBooks, QueueFacts};
-use flashsale_engine::{BackendUrls, heartbeat, queue};
+use flashsale_engine::{BackendUrls, ProductId, heartbeat, queue};
 use serde_json::json;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -144,14 +144,19 @@ async fn counter_warnings(
     products: &[ProductBooks],
 ) -> Result<Vec<CounterWarning>, Failure> {
     let log = RedisAcceptLog::new(backends::redis(b).await?, b.namespace());
-    let ids: Vec<i64> = products.iter().map(|p| p.id).collect();
+    // A row whose id is not a product id has no counter.
+    let products: Vec<(ProductId, &ProductBooks)> = products
+        .iter()
+        .filter_map(|p| Some((ProductId::new(p.id).ok()?, p)))
+        .collect();
+    let ids: Vec<ProductId> = products.iter().map(|(id, _)| *id).collect();
     let counters = log.tokens(&ids).await?;
     let mut warnings = Vec::new();
-    for (p, counter) in products.iter().zip(counters) {
+    for ((id, p), counter) in products.iter().zip(counters) {
         let Some(tokens) = counter.filter(|t| *t != p.stock) else {
             continue;
         };
-        let admission = log.admission(p.id).await?;
+        let admission = log.admission(*id).await?;
         let in_flight: i64 = admission.admitted.iter().map(|(_, q)| q).sum();
         if (tokens - p.stock).abs() > in_flight {
             warnings.push(CounterWarning {

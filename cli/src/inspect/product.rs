@@ -27,7 +27,7 @@ pub async fn show(b: &BackendUrls, ns: &Namespace, as_json: bool, id: i64) -> Re
     )
     .await?;
     let admission = RedisAcceptLog::new(redis.clone(), ns.clone())
-        .admission(id)
+        .admission(pid)
         .await?;
     let report = ProductReport {
         id: p.id,

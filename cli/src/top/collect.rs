@@ -10,7 +10,7 @@ use flashsale_engine::admission::AdmissionCounters;
 use flashsale_engine::audit::{self, QueueFacts};
 use flashsale_engine::ledger::{Ledger, StockLedger};
 use flashsale_engine::metrics::{ORDER_LATENCY, ORDER_REQUESTS, REQUEST_DURATION};
-use flashsale_engine::{BackendUrls, heartbeat, locks, postgres, queue, redis_conn};
+use flashsale_engine::{BackendUrls, ProductId, heartbeat, locks, postgres, queue, redis_conn};
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::time::{Duration, Instant};
@@ -247,12 +247,15 @@ async fn counters(
     counters: &dyn AdmissionCounters,
     products: &BTreeMap<i64, String>,
 ) -> Result<BTreeMap<i64, i64>, String> {
-    let ids: Vec<i64> = products.keys().copied().collect();
+    let ids: Vec<ProductId> = products
+        .keys()
+        .filter_map(|id| ProductId::new(*id).ok())
+        .collect();
     let tokens = counters.tokens(&ids).await.map_err(|e| e.to_string())?;
     Ok(ids
         .into_iter()
         .zip(tokens)
-        .filter_map(|(id, t)| Some((id, t?)))
+        .filter_map(|(id, t)| Some((id.get(), t?)))
         .collect())
 }
 

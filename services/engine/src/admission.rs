@@ -20,7 +20,7 @@
 
 use crate::accept_log::{AcceptState, AcceptStore};
 use crate::domain::ProductId;
-use crate::ledger::{Ledger, LedgerError};
+use crate::ledger::{Ledger, LedgerError, ProductRecord};
 use crate::metrics::ADMISSION_TOKENS;
 use crate::queue::rabbitmq::PUBLISH_BUDGET;
 use crate::redis_conn::REDIS_TIMEOUT;
@@ -46,15 +46,15 @@ pub struct Admission {
 #[async_trait::async_trait]
 pub trait AdmissionCounters: Send + Sync {
     /// The product's counter, admitted orders and version, at one instant.
-    async fn admission(&self, product: i64) -> Result<Admission, BackendFailed>;
+    async fn admission(&self, product: ProductId) -> Result<Admission, BackendFailed>;
     /// The counters of `products`, in order (`None`: no counter).
-    async fn tokens(&self, products: &[i64]) -> Result<Vec<Option<i64>>, BackendFailed>;
+    async fn tokens(&self, products: &[ProductId]) -> Result<Vec<Option<i64>>, BackendFailed>;
     /// Sets the counter to `tokens` and forgets the admitted orders in
     /// `settled`, only if nothing changed since `version` was read (and,
     /// unless `create`, only if the counter exists). Whether it did.
     async fn reconcile(
         &self,
-        product: i64,
+        product: ProductId,
         version: i64,
         settled: &[String],
         tokens: i64,
@@ -65,16 +65,16 @@ pub trait AdmissionCounters: Send + Sync {
     /// counter after it, if it exists.
     async fn release_admitted(
         &self,
-        product: i64,
+        product: ProductId,
         done: &[String],
         returned: &[String],
     ) -> Result<Option<i64>, BackendFailed>;
     /// Drops the counter, to be derived again (after `seed --restock`:
     /// adding to it could count units a reconciliation already saw).
-    async fn drop_counter(&self, product: i64) -> Result<(), BackendFailed>;
+    async fn drop_counter(&self, product: ProductId) -> Result<(), BackendFailed>;
     /// A fresh counter of `tokens`, nothing admitted (`seed --reset`, a new
     /// product).
-    async fn reset(&self, product: i64, tokens: i64) -> Result<(), BackendFailed>;
+    async fn reset(&self, product: ProductId, tokens: i64) -> Result<(), BackendFailed>;
 }
 
 /// An API process's heartbeat lives this long; it beats every second.
@@ -168,7 +168,7 @@ pub async fn derive(
     product: ProductId,
     create: bool,
 ) -> Result<Derived, AdmissionError> {
-    let snapshot = store.admission(product.get()).await?;
+    let snapshot = store.admission(product).await?;
     if !create && (snapshot.tokens.is_none() || snapshot.admitted.len() > RECONCILE_MAX_ADMITTED) {
         return Ok(Derived::Skipped);
     }
@@ -214,7 +214,7 @@ pub async fn derive(
     let settled: Vec<String> = settled.into_iter().map(|(k, _)| k).collect();
     let tokens = (i64::from(stock) - in_flight).max(0);
     let set = store
-        .reconcile(product.get(), snapshot.version, &settled, tokens, create)
+        .reconcile(product, snapshot.version, &settled, tokens, create)
         .await?;
     Ok(if set {
         Derived::Set { tokens, in_flight }
@@ -239,15 +239,20 @@ pub async fn reconcile_all(
     ledger: &dyn Ledger,
     every_product: bool,
 ) -> Result<usize, AdmissionError> {
-    let products = ledger.products().await?;
-    let ids: Vec<i64> = products.iter().map(|p| p.id).collect();
+    // A row whose id is not a product id has no counter either.
+    let products: Vec<(ProductId, ProductRecord)> = ledger
+        .products()
+        .await?
+        .into_iter()
+        .filter_map(|p| Some((ProductId::new(p.id).ok()?, p)))
+        .collect();
+    let ids: Vec<ProductId> = products.iter().map(|(id, _)| *id).collect();
     let counters = store.tokens(&ids).await?;
     let mut set = 0;
-    for (product, counter) in products.iter().zip(counters) {
+    for ((id, product), counter) in products.iter().zip(counters) {
         let Some(mut tokens) = counter else { continue };
         if (every_product || tokens != i64::from(product.stock))
-            && let Ok(id) = ProductId::new(product.id)
-            && let Derived::Set { tokens: now, .. } = derive(store, ledger, id, false).await?
+            && let Derived::Set { tokens: now, .. } = derive(store, ledger, *id, false).await?
         {
             if now != tokens {
                 tracing::info!(

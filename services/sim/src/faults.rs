@@ -6,11 +6,11 @@
 
 use crate::rng::SimRng;
 use crate::world::Events;
-use flashsale_engine::IdempotencyKey;
 use flashsale_engine::accept_log::{AcceptLog, AcceptRecord, AcceptStore, Admit};
 use flashsale_engine::admission::{Admission, AdmissionCounters};
 use flashsale_engine::queue::{Delivered, OrderQueue, QueueConsumer};
 use flashsale_engine::seams::{BackendFailed, Probe};
+use flashsale_engine::{IdempotencyKey, ProductId};
 use std::collections::BTreeSet;
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -337,7 +337,7 @@ impl AcceptLog for FlakyAcceptLog {
 
 #[async_trait::async_trait]
 impl AdmissionCounters for FlakyAcceptLog {
-    async fn admission(&self, product: i64) -> Result<Admission, BackendFailed> {
+    async fn admission(&self, product: ProductId) -> Result<Admission, BackendFailed> {
         self.call(
             || format!("admission {product}"),
             self.inner.admission(product),
@@ -345,7 +345,7 @@ impl AdmissionCounters for FlakyAcceptLog {
         .await
     }
 
-    async fn tokens(&self, products: &[i64]) -> Result<Vec<Option<i64>>, BackendFailed> {
+    async fn tokens(&self, products: &[ProductId]) -> Result<Vec<Option<i64>>, BackendFailed> {
         self.call(
             || format!("tokens {products:?}"),
             self.inner.tokens(products),
@@ -355,7 +355,7 @@ impl AdmissionCounters for FlakyAcceptLog {
 
     async fn reconcile(
         &self,
-        product: i64,
+        product: ProductId,
         version: i64,
         settled: &[String],
         tokens: i64,
@@ -371,7 +371,7 @@ impl AdmissionCounters for FlakyAcceptLog {
 
     async fn release_admitted(
         &self,
-        product: i64,
+        product: ProductId,
         done: &[String],
         returned: &[String],
     ) -> Result<Option<i64>, BackendFailed> {
@@ -382,7 +382,7 @@ impl AdmissionCounters for FlakyAcceptLog {
         .await
     }
 
-    async fn drop_counter(&self, product: i64) -> Result<(), BackendFailed> {
+    async fn drop_counter(&self, product: ProductId) -> Result<(), BackendFailed> {
         self.call(
             || format!("drop_counter {product}"),
             self.inner.drop_counter(product),
@@ -390,7 +390,7 @@ impl AdmissionCounters for FlakyAcceptLog {
         .await
     }
 
-    async fn reset(&self, product: i64, tokens: i64) -> Result<(), BackendFailed> {
+    async fn reset(&self, product: ProductId, tokens: i64) -> Result<(), BackendFailed> {
         self.call(
             || format!("reset {product} to {tokens}"),
             self.inner.reset(product, tokens),

@@ -462,6 +462,11 @@ fn start_worker(
     SimWorker { stop, task, stats }
 }
 
+/// A product id the seed drew (from 1 up, so always valid).
+fn product_id(id: i64) -> flashsale_engine::ProductId {
+    flashsale_engine::ProductId::new(id).unwrap_or_else(|_| unreachable!("ids start at 1"))
+}
+
 /// Where every seed's simulated clock starts.
 const EPOCH_SECONDS: i64 = 1_798_761_600; // 2027-01-01T00:00:00Z
 
@@ -508,7 +513,7 @@ async fn sale(seed: u64, options: &Options, events: &Events) -> Result<(), Viola
     for (id, stock, _) in &options.products {
         backends
             .accept_log
-            .reset(*id, i64::from(*stock))
+            .reset(product_id(*id), i64::from(*stock))
             .await
             .map_err(|e| Violation::new("setup", e.to_string()))?;
     }
@@ -748,7 +753,7 @@ async fn sale(seed: u64, options: &Options, events: &Events) -> Result<(), Viola
             let (ready, held) = order_queue.depth();
             let mut counters = Vec::new();
             for (id, _, _) in &options.products {
-                if let Ok(a) = backends.accept_log.admission(*id).await {
+                if let Ok(a) = backends.accept_log.admission(product_id(*id)).await {
                     counters.push(format!(
                         "{id}: tokens {:?}, admitted {:?}",
                         a.tokens, a.admitted
@@ -843,14 +848,10 @@ async fn converged(backends: &EmbeddedBackends, queue: &SimQueue, options: &Opti
         return false;
     }
     for (id, _, _) in &options.products {
-        let Ok(admission) = backends.accept_log.admission(*id).await else {
+        let Ok(admission) = backends.accept_log.admission(product_id(*id)).await else {
             return false;
         };
-        let Ok(Some(product)) = backends
-            .ledger
-            .product(flashsale_engine::ProductId::new(*id).unwrap_or_else(|_| unreachable!()))
-            .await
-        else {
+        let Ok(Some(product)) = backends.ledger.product(product_id(*id)).await else {
             return false;
         };
         if !admission.admitted.is_empty()

@@ -656,7 +656,7 @@ impl OrderBook {
     async fn give_back(&self, product: ProductId, done: &[String], returned: &[String]) {
         match self
             .admission
-            .release_admitted(product.get(), done, returned)
+            .release_admitted(product, done, returned)
             .await
         {
             Ok(Some(tokens)) => {

@@ -421,7 +421,8 @@ async fn a_counter_derives_over_claims_in_several_slots(clusters: &Clusters) {
     let ns = clusters.on(&env.backends()).namespace();
     let redis = redis_conn::connect(&clusters.redis_url).await.unwrap();
     let log = RedisAcceptLog::new(redis, ns.clone());
-    log.reset(1, 10).await.unwrap();
+    let product = flashsale_engine::ProductId::new(1).unwrap();
+    log.reset(product, 10).await.unwrap();
     let keys = ["claim-a", "claim-b", "claim-c"];
     let slots: HashSet<u16> = keys
         .iter()
@@ -438,7 +439,7 @@ async fn a_counter_derives_over_claims_in_several_slots(clusters: &Clusters) {
         let admitted = log.admit(&key, &record).await.unwrap();
         assert!(matches!(admitted, Admit::Claimed { .. }), "{admitted:?}");
     }
-    assert_eq!(log.admission(1).await.unwrap().tokens, Some(7));
+    assert_eq!(log.admission(product).await.unwrap().tokens, Some(7));
     let ledger = flashsale_engine::ledger::StockLedger::new(env.pool.clone());
     let derived = admission::derive(
         &log,

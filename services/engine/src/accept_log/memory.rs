@@ -3,7 +3,7 @@
 
 use super::{AcceptLog, AcceptRecord, AcceptState, Admit, PENDING_TTL, QUEUED_TTL};
 use crate::admission::{Admission, AdmissionCounters};
-use crate::domain::IdempotencyKey;
+use crate::domain::{IdempotencyKey, ProductId};
 use crate::seams::BackendFailed;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Mutex, MutexGuard};
@@ -203,7 +203,8 @@ impl AcceptLog for MemoryAcceptLog {
 
 #[async_trait::async_trait]
 impl AdmissionCounters for MemoryAcceptLog {
-    async fn admission(&self, product: i64) -> Result<Admission, BackendFailed> {
+    async fn admission(&self, product: ProductId) -> Result<Admission, BackendFailed> {
+        let product = product.get();
         let s = self.state();
         Ok(s.tokens
             .get(&product)
@@ -215,22 +216,23 @@ impl AdmissionCounters for MemoryAcceptLog {
             .unwrap_or_default())
     }
 
-    async fn tokens(&self, products: &[i64]) -> Result<Vec<Option<i64>>, BackendFailed> {
+    async fn tokens(&self, products: &[ProductId]) -> Result<Vec<Option<i64>>, BackendFailed> {
         let s = self.state();
         Ok(products
             .iter()
-            .map(|p| s.tokens.get(p).and_then(|t| t.counter))
+            .map(|p| s.tokens.get(&p.get()).and_then(|t| t.counter))
             .collect())
     }
 
     async fn reconcile(
         &self,
-        product: i64,
+        product: ProductId,
         version: i64,
         settled: &[String],
         tokens: i64,
         create: bool,
     ) -> Result<bool, BackendFailed> {
+        let product = product.get();
         let mut s = self.state();
         let t = s.tokens.entry(product).or_default();
         if t.version != version || (!create && t.counter.is_none()) {
@@ -245,10 +247,11 @@ impl AdmissionCounters for MemoryAcceptLog {
 
     async fn release_admitted(
         &self,
-        product: i64,
+        product: ProductId,
         done: &[String],
         returned: &[String],
     ) -> Result<Option<i64>, BackendFailed> {
+        let product = product.get();
         let mut s = self.state();
         let t = s.tokens.entry(product).or_default();
         for key in done {
@@ -261,7 +264,8 @@ impl AdmissionCounters for MemoryAcceptLog {
         Ok(t.counter)
     }
 
-    async fn drop_counter(&self, product: i64) -> Result<(), BackendFailed> {
+    async fn drop_counter(&self, product: ProductId) -> Result<(), BackendFailed> {
+        let product = product.get();
         let mut s = self.state();
         let t = s.tokens.entry(product).or_default();
         t.version += 1;
@@ -269,7 +273,8 @@ impl AdmissionCounters for MemoryAcceptLog {
         Ok(())
     }
 
-    async fn reset(&self, product: i64, tokens: i64) -> Result<(), BackendFailed> {
+    async fn reset(&self, product: ProductId, tokens: i64) -> Result<(), BackendFailed> {
+        let product = product.get();
         let mut s = self.state();
         let t = s.tokens.entry(product).or_default();
         t.version += 1;

@@ -16,7 +16,7 @@
 use super::{AcceptLog, AcceptRecord, AcceptState, Admit, PENDING_TTL, QUEUED_TTL};
 use crate::admission::{Admission, AdmissionCounters};
 use crate::config::Namespace;
-use crate::domain::IdempotencyKey;
+use crate::domain::{IdempotencyKey, ProductId};
 use crate::redis_conn::Redis;
 use crate::redis_conn::timed;
 use crate::seams::BackendFailed;
@@ -500,7 +500,8 @@ impl AcceptLog for RedisAcceptLog {
 
 #[async_trait::async_trait]
 impl AdmissionCounters for RedisAcceptLog {
-    async fn admission(&self, product: i64) -> Result<Admission, BackendFailed> {
+    async fn admission(&self, product: ProductId) -> Result<Admission, BackendFailed> {
+        let product = product.get();
         let mut conn = self.redis.clone();
         let (tokens, admitted, version): (Option<i64>, HashMap<String, i64>, Option<i64>) = timed(
             redis::pipe()
@@ -519,11 +520,11 @@ impl AdmissionCounters for RedisAcceptLog {
         })
     }
 
-    async fn tokens(&self, products: &[i64]) -> Result<Vec<Option<i64>>, BackendFailed> {
+    async fn tokens(&self, products: &[ProductId]) -> Result<Vec<Option<i64>>, BackendFailed> {
         let mut counters = Vec::with_capacity(products.len());
         let mut conn = self.redis.clone();
         for chunk in products.chunks(500) {
-            let names: Vec<String> = chunk.iter().map(|p| self.ns.tokens_key(*p)).collect();
+            let names: Vec<String> = chunk.iter().map(|p| self.ns.tokens_key(p.get())).collect();
             let raw: Vec<Option<i64>> =
                 timed(redis::cmd("MGET").arg(&names).query_async(&mut conn))
                     .await
@@ -535,12 +536,13 @@ impl AdmissionCounters for RedisAcceptLog {
 
     async fn reconcile(
         &self,
-        product: i64,
+        product: ProductId,
         version: i64,
         settled: &[String],
         tokens: i64,
         create: bool,
     ) -> Result<bool, BackendFailed> {
+        let product = product.get();
         let mut conn = self.redis.clone();
         let mut call = self.on_product(&RECONCILE, product);
         call.arg(version).arg(tokens).arg(u8::from(create));
@@ -555,10 +557,11 @@ impl AdmissionCounters for RedisAcceptLog {
 
     async fn release_admitted(
         &self,
-        product: i64,
+        product: ProductId,
         done: &[String],
         returned: &[String],
     ) -> Result<Option<i64>, BackendFailed> {
+        let product = product.get();
         let mut conn = self.redis.clone();
         let mut call = self.on_product(&RELEASE_ADMITTED, product);
         call.arg(done.len());
@@ -570,7 +573,8 @@ impl AdmissionCounters for RedisAcceptLog {
             .map_err(BackendFailed::redis)
     }
 
-    async fn drop_counter(&self, product: i64) -> Result<(), BackendFailed> {
+    async fn drop_counter(&self, product: ProductId) -> Result<(), BackendFailed> {
+        let product = product.get();
         let mut conn = self.redis.clone();
         timed(
             self.on_product(&RESET, product)
@@ -580,7 +584,8 @@ impl AdmissionCounters for RedisAcceptLog {
         .map_err(BackendFailed::redis)
     }
 
-    async fn reset(&self, product: i64, tokens: i64) -> Result<(), BackendFailed> {
+    async fn reset(&self, product: ProductId, tokens: i64) -> Result<(), BackendFailed> {
+        let product = product.get();
         let mut conn = self.redis.clone();
         let mut call = self.on_product(&RESET, product);
         call.arg(tokens);

@@ -656,7 +656,7 @@ fn key(k: &str) -> IdempotencyKey {
 /// The accept log's claims, on any implementation (product 1's counter
 /// holds 10 units).
 async fn accept_store_conforms(log: &dyn AcceptStore) {
-    log.reset(1, 10).await.unwrap();
+    log.reset(pid(1), 10).await.unwrap();
     let k1 = key("k1");
     let first = AcceptRecord::pending(&request("u1", 1), Utc::now());
     let second = AcceptRecord::pending(&request("u1", 1), Utc::now());
@@ -712,15 +712,18 @@ async fn admission_conforms(
         let record = AcceptRecord::pending(&request(k, units), Utc::now());
         async move { (store.admit(&key(k), &record).await.unwrap(), record) }
     };
-    let tokens = || async { store.tokens(&[1]).await.unwrap()[0] };
+    let tokens = || async { store.tokens(&[pid(1)]).await.unwrap()[0] };
     assert_eq!(admit("x0", 1).await.0, Admit::NoCounter);
     assert_eq!(
         store.get("x0").await.unwrap(),
         None,
         "nothing claimed without a counter"
     );
-    store.reset(1, 3).await.unwrap();
-    assert_eq!(store.tokens(&[1, 2]).await.unwrap(), vec![Some(3), None]);
+    store.reset(pid(1), 3).await.unwrap();
+    assert_eq!(
+        store.tokens(&[pid(1), pid(2)]).await.unwrap(),
+        vec![Some(3), None]
+    );
     let (a, a_rec) = admit("a", 2).await;
     assert_eq!(a, Admit::Claimed { left: 1 });
     // The same admission run again (a client re-sending after a lost
@@ -755,24 +758,33 @@ async fn admission_conforms(
     // one gives them back, once.
     assert_eq!(admit("e", 2).await.0, Admit::Claimed { left: 0 });
     assert_eq!(
-        store.release_admitted(1, &["c".into()], &[]).await.unwrap(),
+        store
+            .release_admitted(pid(1), &["c".into()], &[])
+            .await
+            .unwrap(),
         Some(0)
     );
     assert_eq!(
-        store.release_admitted(1, &[], &["e".into()]).await.unwrap(),
+        store
+            .release_admitted(pid(1), &[], &["e".into()])
+            .await
+            .unwrap(),
         Some(2)
     );
     assert_eq!(
-        store.release_admitted(1, &[], &["e".into()]).await.unwrap(),
+        store
+            .release_admitted(pid(1), &[], &["e".into()])
+            .await
+            .unwrap(),
         Some(2)
     );
-    let snapshot = store.admission(1).await.unwrap();
+    let snapshot = store.admission(pid(1)).await.unwrap();
     assert_eq!(snapshot.tokens, Some(2));
     assert!(snapshot.admitted.is_empty(), "{:?}", snapshot.admitted);
 
     // Derived from the ledger: stock 5 minus the units still in flight (a
     // queued order, a fresh claim), not a dead claim's.
-    store.reset(1, 3).await.unwrap();
+    store.reset(pid(1), 3).await.unwrap();
     let (_, q_rec) = admit("q", 1).await;
     store.mark_queued(&key("q"), &q_rec).await.unwrap();
     admit("p", 1).await;
@@ -792,7 +804,7 @@ async fn admission_conforms(
             in_flight: 2
         }
     );
-    let admitted = store.admission(1).await.unwrap().admitted;
+    let admitted = store.admission(pid(1)).await.unwrap().admitted;
     assert_eq!(
         admitted.len(),
         2,
@@ -800,11 +812,11 @@ async fn admission_conforms(
     );
 
     // A take between the read and the write: the write is refused.
-    let before = store.admission(1).await.unwrap();
+    let before = store.admission(pid(1)).await.unwrap();
     admit("r", 1).await;
     assert!(
         !store
-            .reconcile(1, before.version, &[], 99, false)
+            .reconcile(pid(1), before.version, &[], 99, false)
             .await
             .unwrap()
     );
@@ -812,7 +824,7 @@ async fn admission_conforms(
 
     // Dropped (a restock): no counter until derived again; a reconciliation
     // does not create one, a buy's derivation does.
-    store.drop_counter(1).await.unwrap();
+    store.drop_counter(pid(1)).await.unwrap();
     let derive = |create| admission::derive(store, ledger, pid(1), create);
     assert_eq!(derive(false).await.unwrap(), Derived::Skipped);
     assert_eq!(
@@ -971,7 +983,7 @@ async fn a_claim_of_an_api_whose_heartbeat_expired_is_not_in_flight() {
     let (redis, pool, ledger) = redis_and_a_ledger(&scratch).await;
     let ns = scratch.backends.namespace();
     let store = RedisAcceptLog::new(redis.clone(), ns.clone());
-    store.reset(1, 5).await.unwrap();
+    store.reset(pid(1), 5).await.unwrap();
     let beating = flashsale_engine::admission::ApiHeartbeat::start(redis, ns, "alive".into());
     tokio::time::sleep(Duration::from_millis(200)).await;
     for (k, instance) in [("by-alive", "alive"), ("by-gone", "gone")] {
