@@ -4,9 +4,15 @@
 //! product is seeded, stormed over loopback by `fsctl storm`'s load engine,
 //! drained and verified.
 
+mod chaos;
+mod drain;
+
+use chaos::StallingQueue;
+use drain::{checkout_summary, drain_and_audit};
+
 use crate::exit::{Failure, OK, Outcome, VIOLATION};
 use crate::output;
-use crate::storm::report::{Drain, StormReport, VerifySummary};
+use crate::storm::report::StormReport;
 use crate::storm::target::BuyTarget;
 use crate::storm::{self, StormPlan};
 use crate::token::Tokens;
@@ -17,14 +23,11 @@ use flashsale_engine::embedded::{EmbeddedBackends, Reach};
 use flashsale_engine::identity::{AuthConfig, Secret, Signer};
 use flashsale_engine::ledger::Ledger;
 use flashsale_engine::ledger::NewProduct;
-use flashsale_engine::queue::{Delivered, OrderQueue, QueueConsumer};
-use flashsale_engine::seams::BackendFailed;
 use flashsale_worker::{DEFAULT_PREFETCH, RunningWorker, Worker};
-use std::collections::HashSet;
 use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
 /// Longest wait for the accepted orders to resolve.
@@ -141,72 +144,6 @@ struct DemoWorker {
     alive: Arc<std::sync::atomic::AtomicBool>,
     /// Deliveries the `--chaos` victim held when it stalled.
     held: Arc<std::sync::atomic::AtomicUsize>,
-}
-
-/// `--chaos`: the queue as the victim worker sees it. Its first batch is
-/// taken (the deliveries are held, unacknowledged) and then the worker
-/// hangs there until the demo kills it, as a process killed mid-batch.
-struct StallingQueue {
-    inner: flashsale_engine::queue::MemoryQueue,
-    stalled: Arc<tokio::sync::Notify>,
-    held: Arc<std::sync::atomic::AtomicUsize>,
-}
-
-struct StallingConsumer {
-    inner: Box<dyn QueueConsumer>,
-    stalled: Arc<tokio::sync::Notify>,
-    held: Arc<std::sync::atomic::AtomicUsize>,
-}
-
-#[async_trait::async_trait]
-impl OrderQueue for StallingQueue {
-    async fn publish(
-        &self,
-        product: i64,
-        message_id: &str,
-        payload: &[u8],
-    ) -> Result<(), BackendFailed> {
-        self.inner.publish(product, message_id, payload).await
-    }
-    async fn consume(&self, prefetch: u16) -> Result<Box<dyn QueueConsumer>, BackendFailed> {
-        Ok(Box::new(StallingConsumer {
-            inner: self.inner.consume(prefetch).await?,
-            stalled: self.stalled.clone(),
-            held: self.held.clone(),
-        }))
-    }
-    async fn dead_letters(&self) -> Result<Vec<(String, Option<String>)>, BackendFailed> {
-        self.inner.dead_letters().await
-    }
-    async fn probe(&self) -> flashsale_engine::seams::Probe {
-        self.inner.probe().await
-    }
-}
-
-#[async_trait::async_trait]
-impl QueueConsumer for StallingConsumer {
-    async fn next_batch(&mut self) -> Result<Option<Vec<Delivered>>, BackendFailed> {
-        let batch = self.inner.next_batch().await?;
-        if let Some(b) = &batch {
-            self.held
-                .store(b.len(), std::sync::atomic::Ordering::SeqCst);
-            self.stalled.notify_one();
-            std::future::pending::<()>().await;
-        }
-        Ok(batch)
-    }
-    async fn ack_through(&mut self, tag: u64) -> Result<(), BackendFailed> {
-        self.inner.ack_through(tag).await
-    }
-    async fn dead_letter(&mut self, d: &Delivered, reason: &str) -> Result<(), BackendFailed> {
-        self.inner.dead_letter(d, reason).await
-    }
-    async fn cancel(&mut self) {
-        self.inner.cancel().await;
-    }
-    async fn close(self: Box<Self>) {
-        self.inner.close().await;
-    }
 }
 
 /// With `--auth`: the API wants HS256 tokens of a secret made up for this
@@ -497,108 +434,6 @@ async fn serve_until_ctrl_c(api: &str) {
     );
     println!("  curl -s {api}/products/1");
     let _ = tokio::signal::ctrl_c().await;
-}
-
-/// Waits for every accepted order to be booked or dead-lettered, then
-/// audits the embedded ledger with exactly those ids.
-async fn drain_and_audit(backends: &EmbeddedBackends, report: &mut StormReport, show: bool) {
-    let bar = output::spinner(show);
-    let started = Instant::now();
-    let accepted = report.accepted.clone();
-    let mut dead: HashSet<String> = HashSet::new();
-    let mut drained = false;
-    while started.elapsed() < DRAIN_TIMEOUT {
-        dead = backends
-            .queue
-            .dead_letters()
-            .await
-            .unwrap_or_default()
-            .into_iter()
-            .map(|(id, _)| id)
-            .collect();
-        let mut missing = 0;
-        for id in &accepted {
-            if !dead.contains(id) && backends.ledger.order(id).await.ok().flatten().is_none() {
-                missing += 1;
-            }
-        }
-        let (ready, held) = backends.queue.depth();
-        bar.set_message(format!(
-            "drain: {} of {} accepted orders resolved",
-            accepted.len() - missing,
-            accepted.len()
-        ));
-        // Nothing waits or is held: what is still missing is lost.
-        if missing == 0 || (ready == 0 && held == 0) {
-            drained = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    bar.finish_and_clear();
-    let audit = backends.ledger.audit(&accepted, &dead, drained);
-    let (mut confirmed, mut rejected) = (0, 0);
-    for id in &accepted {
-        if let Ok(Some(order)) = backends.ledger.order(id).await {
-            // Booked: confirmed, or held and then paid, cancelled or expired.
-            match order.status {
-                flashsale_engine::OrderStatus::Rejected => rejected += 1,
-                _ => confirmed += 1,
-            }
-        }
-    }
-    report.drain = Some(Drain {
-        seconds: started.elapsed().as_secs_f64(),
-        resolved: accepted.len() - audit.pending - audit.lost,
-        pending: audit.pending,
-        lost: audit.lost,
-        confirmed,
-        rejected,
-        source: "embedded",
-    });
-    report.verify = Some(VerifySummary {
-        ok: audit.ok,
-        violations: audit.violations.clone(),
-        invariants_checked: true,
-    });
-    report.books = Some(audit.products.clone());
-    report.audit = Some(audit);
-}
-
-/// With `--pay-ratio` (a checkout scenario): waits until the storm's holds
-/// have ended, then sums them up from the embedded ledger.
-async fn checkout_summary(
-    backends: &EmbeddedBackends,
-    plan: &StormPlan,
-    checkout: storm::checkout::Checkout,
-    report: &StormReport,
-) -> storm::checkout::CheckoutSummary {
-    let accepted: HashSet<&str> = report.accepted.iter().map(String::as_str).collect();
-    let started = Instant::now();
-    loop {
-        let (_, orders) = backends.ledger.snapshot();
-        let held = orders.iter().any(|o| {
-            o.status == flashsale_engine::OrderStatus::Held
-                && accepted.contains(o.order_id.as_str())
-        });
-        if !held || started.elapsed() >= DRAIN_TIMEOUT {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    let (products, orders) = backends.ledger.snapshot();
-    let stormed: Vec<_> = products
-        .into_iter()
-        .filter(|p| plan.mix.products.contains(&p.id))
-        .collect();
-    storm::checkout::tally(
-        checkout,
-        report.started_at,
-        report.pays,
-        &report.accepted,
-        &orders,
-        &stormed,
-    )
 }
 
 /// "100 of 100 units sold, 4,900 buyers told sold out, 0 lost, ledger exact".
