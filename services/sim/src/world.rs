@@ -523,7 +523,7 @@ async fn sale(seed: u64, options: &Options, events: &Events) -> Result<(), Viola
         seed ^ 0x00AC_CE97,
         options.redis_faults,
         Delays::new(
-            seed ^ 0x00DE_1A7,
+            seed ^ 0x000D_E1A7,
             Duration::from_micros(options.redis_delay_micros),
         ),
         events.clone(),
