@@ -5,7 +5,7 @@
 //! load a look-up costs PostgreSQL a share of one statement, not one each.
 
 use flashsale_engine::OrderView;
-use flashsale_engine::ledger::Ledger;
+use flashsale_engine::ledger::{Ledger, LedgerError};
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
@@ -21,7 +21,19 @@ pub const LOOKUP_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// What the ledger said of one key: its row, if any; `Err` when it did not
 /// answer.
-pub type Found = Result<Option<OrderView>, String>;
+pub type Found = Result<Option<OrderView>, Unanswered>;
+
+/// Why a key's look-up has no answer (shared by every ask of its batch).
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum Unanswered {
+    #[error("the ledger failed")]
+    Ledger(#[source] Arc<LedgerError>),
+    #[error("PostgreSQL did not answer within {0:?}")]
+    TimedOut(Duration),
+    /// The look-up task is gone (the process is stopping).
+    #[error("the key look-up has stopped")]
+    Stopped,
+}
 
 struct Ask {
     key: String,
@@ -50,11 +62,9 @@ impl BookedKeys {
             reply,
         };
         if self.asks.send(ask).is_err() {
-            return Err("the key look-up has stopped".into());
+            return Err(Unanswered::Stopped);
         }
-        answer
-            .await
-            .unwrap_or_else(|_| Err("the key look-up dropped the ask".into()))
+        answer.await.unwrap_or(Err(Unanswered::Stopped))
     }
 }
 
@@ -87,8 +97,8 @@ async fn answer(ledger: &dyn Ledger, batch: Vec<Ask>) {
             .into_iter()
             .map(|row| (row.order_id.clone(), row))
             .collect::<HashMap<_, _>>()),
-        Ok(Err(e)) => Err(e.to_string()),
-        Err(_) => Err("PostgreSQL did not answer in time".to_owned()),
+        Ok(Err(e)) => Err(Unanswered::Ledger(Arc::new(e))),
+        Err(_) => Err(Unanswered::TimedOut(LOOKUP_TIMEOUT)),
     };
     for ask in batch {
         let reply = match &found {
@@ -116,7 +126,7 @@ mod tests {
             })
             .collect();
         for ask in asks {
-            assert_eq!(ask.await.unwrap(), Ok(None));
+            assert!(matches!(ask.await.unwrap(), Ok(None)));
         }
     }
 }
