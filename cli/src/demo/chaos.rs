@@ -23,7 +23,7 @@ struct StallingConsumer {
 impl OrderQueue for StallingQueue {
     async fn publish(
         &self,
-        product: i64,
+        product: flashsale_engine::ProductId,
         message_id: &str,
         payload: &[u8],
     ) -> Result<(), BackendFailed> {

@@ -112,7 +112,11 @@ async fn embedded_collectors_read_the_demo_through_the_seams() {
         .apply_group(ProductId::new(1).unwrap(), FencingToken(1), &[order])
         .await
         .unwrap();
-    backends.queue.publish(1, "o2", b"{}").await.unwrap();
+    backends
+        .queue
+        .publish(ProductId::new(1).unwrap(), "o2", b"{}")
+        .await
+        .unwrap();
     let held = backends
         .locks
         .try_acquire(ProductId::new(1).unwrap())

@@ -20,6 +20,7 @@
 //! the RabbitMQ consumer does.
 
 use crate::rng::SimRng;
+use flashsale_engine::ProductId;
 use flashsale_engine::queue::{ChannelAcks, Delivered, MAX_BATCH, OrderQueue, QueueConsumer};
 use flashsale_engine::seams::{BackendFailed, Probe};
 use std::collections::{BTreeMap, VecDeque};
@@ -299,7 +300,7 @@ impl Broker {
 impl OrderQueue for Broker {
     async fn publish(
         &self,
-        product: i64,
+        product: ProductId,
         message_id: &str,
         payload: &[u8],
     ) -> Result<(), BackendFailed> {
@@ -308,7 +309,7 @@ impl OrderQueue for Broker {
         }
         {
             let mut s = self.state();
-            let p = product.unsigned_abs() as usize % s.partitions.len();
+            let p = product.get().unsigned_abs() as usize % s.partitions.len();
             s.partitions[p].push_back(Message {
                 id: message_id.to_owned(),
                 payload: payload.to_vec(),

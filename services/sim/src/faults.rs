@@ -89,7 +89,7 @@ pub struct SlowQueue {
 impl OrderQueue for SlowQueue {
     async fn publish(
         &self,
-        product: i64,
+        product: ProductId,
         message_id: &str,
         payload: &[u8],
     ) -> Result<(), BackendFailed> {

@@ -378,7 +378,7 @@ async fn publish_and_record(
         match serde_json::to_vec(&message) {
             Ok(payload) => state
                 .queue
-                .publish(request.product_id.get(), key.as_str(), &payload)
+                .publish(request.product_id, key.as_str(), &payload)
                 .await
                 .map_err(|e| ApiError::unavailable("RabbitMQ", e)),
             Err(e) => Err(ApiError::unavailable(

@@ -2,6 +2,7 @@
 //! ack-through, redelivery and dead-letter behaviour as on RabbitMQ.
 
 use super::{Delivered, MAX_BATCH, OrderQueue, QueueConsumer};
+use crate::domain::ProductId;
 use crate::seams::BackendFailed;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Mutex, MutexGuard};
@@ -67,7 +68,7 @@ impl OrderQueue for MemoryQueue {
     /// One queue in memory: the partitions are RabbitMQ's concern.
     async fn publish(
         &self,
-        _product: i64,
+        _product: ProductId,
         message_id: &str,
         payload: &[u8],
     ) -> Result<(), BackendFailed> {

@@ -19,6 +19,7 @@ pub use memory::{MemoryConsumer, MemoryQueue};
 pub use publisher::OrderPublisher;
 pub use rabbitmq::{QueueView, RabbitQueue, queues};
 
+use crate::domain::ProductId;
 use crate::heartbeat::WorkerView;
 use crate::seams::BackendFailed;
 
@@ -46,7 +47,7 @@ pub trait OrderQueue: Send + Sync {
     /// goes to `product`'s partition.
     async fn publish(
         &self,
-        product: i64,
+        product: ProductId,
         message_id: &str,
         payload: &[u8],
     ) -> Result<(), BackendFailed>;

@@ -13,6 +13,7 @@ use super::rabbitmq::{
     declare_queues, message_properties, publish_until, record_queue_stats,
 };
 use crate::config::{Namespace, mask_url};
+use crate::domain::ProductId;
 use lapin::options::ConfirmSelectOptions;
 use lapin::{Channel, Connection, Event};
 use std::sync::{Arc, RwLock, Weak};
@@ -109,7 +110,7 @@ impl OrderPublisher {
     /// [`PUBLISH_BUDGET`].
     pub async fn publish(
         &self,
-        product: i64,
+        product: ProductId,
         message_id: &str,
         payload: &[u8],
     ) -> Result<(), PublishError> {
@@ -130,7 +131,7 @@ impl OrderPublisher {
                 .await
                 .map_err(out_of_time)??,
         };
-        let queue = self.ns.queue_for(product);
+        let queue = self.ns.queue_for(product.get());
         let props = message_properties(message_id, None);
         let result = publish_until(&channel, &queue, payload, props, deadline).await;
         match &result {

@@ -5,6 +5,7 @@
 
 use super::{Delivered, OrderQueue, QueueConsumer};
 use crate::config::{Namespace, mask_url};
+use crate::domain::ProductId;
 use crate::seams::BackendFailed;
 use lapin::options::{BasicPublishOptions, QueueDeclareOptions};
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
@@ -353,7 +354,7 @@ async fn within_deadline<T>(
 impl OrderQueue for RabbitQueue {
     async fn publish(
         &self,
-        product: i64,
+        product: ProductId,
         message_id: &str,
         payload: &[u8],
     ) -> Result<(), BackendFailed> {

@@ -551,7 +551,7 @@ fn ids(ds: &[Delivered]) -> Vec<&str> {
 async fn queue_conforms(q: &dyn OrderQueue) {
     for i in 1..=5 {
         // Returns only once the message is held durably (the confirm).
-        q.publish(1, &format!("m{i}"), format!("body {i}").as_bytes())
+        q.publish(pid(1), &format!("m{i}"), format!("body {i}").as_bytes())
             .await
             .unwrap();
     }
@@ -596,7 +596,7 @@ async fn queue_conforms(q: &dyn OrderQueue) {
     // arrives while the first batch is still unacknowledged (the pipeline).
     let total = MAX_BATCH + 50;
     for i in 0..total {
-        q.publish(1, &format!("p{i}"), b"x").await.unwrap();
+        q.publish(pid(1), &format!("p{i}"), b"x").await.unwrap();
     }
     let mut c = q
         .consume(u16::try_from(2 * MAX_BATCH).unwrap())
