@@ -35,24 +35,8 @@ impl Failure {
 
     /// A backend failed: `e` and each of its causes, once.
     pub fn from_error(e: &(dyn std::error::Error + 'static)) -> Self {
-        Self::unreachable(with_causes(e))
+        Self::unreachable(flashsale_engine::telemetry::with_causes(e))
     }
-}
-
-/// `e: cause: cause…`, each cause once: one that the message before it
-/// already shows (an error that prints its source) is not repeated.
-pub fn with_causes(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut message = e.to_string();
-    let mut source = e.source();
-    while let Some(cause) = source {
-        let text = cause.to_string();
-        if !message.contains(&text) {
-            message.push_str(": ");
-            message.push_str(&text);
-        }
-        source = cause.source();
-    }
-    message
 }
 
 /// Each error a command can meet maps to its exit code here, explicitly: a
@@ -117,7 +101,7 @@ pub fn finish(outcome: Outcome) -> ExitCode {
 
 #[cfg(test)]
 mod tests {
-    use super::with_causes;
+    use flashsale_engine::telemetry::with_causes;
 
     /// An error over a refused connection, whose message shows its cause or not.
     #[derive(Debug)]

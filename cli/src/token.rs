@@ -35,9 +35,9 @@ impl SigningArgs {
     pub fn signer(&self, ttl: Duration) -> Result<Option<Signer>, Failure> {
         let mut signer = match (&self.jwt_secret, &self.jwt_key) {
             (Some(secret), _) => Signer::hs256(secret),
-            (None, Some(path)) => {
-                Signer::from_private_key(path).map_err(|e| Failure::usage(format!("{e:#}")))?
-            }
+            (None, Some(path)) => Signer::from_private_key(path).map_err(|e| {
+                Failure::usage(flashsale_engine::telemetry::with_causes(e.as_ref()))
+            })?,
             (None, None) => return Ok(None),
         };
         signer.issuer = self.jwt_issuer.clone();

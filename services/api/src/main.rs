@@ -13,7 +13,10 @@ async fn main() {
     }
     .await;
     if let Err(e) = result {
-        eprintln!("flashsale-api: {e:#}");
+        eprintln!(
+            "flashsale-api: {}",
+            flashsale_engine::telemetry::with_causes(e.as_ref())
+        );
         std::process::exit(1);
     }
 }

@@ -19,7 +19,10 @@ async fn main() {
     }
     .await;
     if let Err(e) = result {
-        eprintln!("flashsale-worker: {e:#}");
+        eprintln!(
+            "flashsale-worker: {}",
+            flashsale_engine::telemetry::with_causes(e.as_ref())
+        );
         std::process::exit(1);
     }
 }
