@@ -118,55 +118,24 @@ impl Options {
             backlog: false,
             redis_delay_micros: 0,
         }
-        .and_kill_api(&mut r)
-        .and_redis_faults(&mut r)
-        .and_burst(&mut r)
-        .and_uneven_delivery(&mut r)
-        .and_dropped_connections(&mut r)
-        .and_backlog(&mut r)
-        .and_redis_delays(&mut r)
+        .and_later_faults(&mut r)
     }
 
-    // Faults added later are drawn last, so that every earlier seed keeps
-    // the options it drew.
-    fn and_kill_api(mut self, r: &mut SimRng) -> Self {
+    /// The faults added after the first campaigns, drawn after every other
+    /// option and in the order they came, so that every earlier seed keeps
+    /// the options it drew (and the broker's two only on its seeds).
+    fn and_later_faults(mut self, r: &mut SimRng) -> Self {
         self.kill_api = self.apis >= 2 && r.chance(0.3);
-        self
-    }
-
-    fn and_redis_faults(mut self, r: &mut SimRng) -> Self {
         self.redis_faults = if r.chance(0.3) { r.between(1, 10) } else { 0 };
-        self
-    }
-
-    fn and_burst(mut self, r: &mut SimRng) -> Self {
         self.burst = r.chance(0.3);
-        self
-    }
-
-    fn and_redis_delays(mut self, r: &mut SimRng) -> Self {
-        self.redis_delay_micros = if r.chance(0.5) { r.between(1, 2000) } else { 0 };
-        self
-    }
-
-    fn and_backlog(mut self, r: &mut SimRng) -> Self {
-        self.backlog = r.chance(0.3);
-        self
-    }
-
-    fn and_dropped_connections(mut self, r: &mut SimRng) -> Self {
-        let drops = if r.chance(0.5) { r.between(1, 3) } else { 0 };
-        if self.broker.is_some() {
-            self.dropped_connections = drops;
-        }
-        self
-    }
-
-    fn and_uneven_delivery(mut self, r: &mut SimRng) -> Self {
         let uneven = r.chance(0.5);
+        let drops = if r.chance(0.5) { r.between(1, 3) } else { 0 };
         if let Some(b) = &mut self.broker {
             b.uneven = uneven && b.partitions > 1;
+            self.dropped_connections = drops;
         }
+        self.backlog = r.chance(0.3);
+        self.redis_delay_micros = if r.chance(0.5) { r.between(1, 2000) } else { 0 };
         self
     }
 }
