@@ -9,7 +9,8 @@ use clap::Args;
 use comfy_table::Cell;
 use flashsale_engine::accept_log::RedisAcceptLog;
 use flashsale_engine::admission::AdmissionCounters;
-use flashsale_engine::audit::{self, AuditReport, ProductBooks, QueueFacts};
+use flashsale_engine::audit::{AuditReport, ProductBooks, QueueFacts};
+use flashsale_engine::ledger::Ledger;
 use flashsale_engine::{BackendUrls, ProductId, heartbeat, queue};
 use serde_json::json;
 use std::path::PathBuf;
@@ -110,7 +111,7 @@ pub async fn run(b: &BackendUrls, args: &VerifyArgs) -> Outcome {
         }
         spinner.finish_and_clear();
     }
-    let report = audit::audit(ledger.pool(), accepted.as_deref(), &facts).await?;
+    let report = ledger.audit(accepted.as_deref(), &facts).await?;
     let warnings = counter_warnings(b, &report.products).await?;
     if args.json {
         let mut doc = serde_json::to_value(&report)?;

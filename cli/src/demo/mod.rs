@@ -387,22 +387,23 @@ async fn storm_and_drain(
                 report.chaos =
                     Some(serde_json::json!({"killedWorker": id, "heldDeliveries": held}));
             }
-            drain_and_audit(&backends, &mut report, show).await;
+            drain_and_audit(&backends, &mut report, show).await?;
             if let Some(checkout) = plan.checkout {
-                report.checkout = Some(checkout_summary(&backends, &plan, checkout, &report).await);
+                report.checkout =
+                    Some(checkout_summary(&backends, &plan, checkout, &report).await?);
             }
-            report
+            Ok::<_, Failure>(report)
         }
     };
     if !args.top {
         let report = job.await;
         stop.cancel();
-        return Ok(report);
+        return report;
     }
     let job = tokio::spawn(job);
     let shown = crate::top::run_embedded(sources, api).await;
     stop.cancel();
-    let report = job.await.map_err(|e| Failure::usage(e.to_string()))?;
+    let report = job.await.map_err(|e| Failure::usage(e.to_string()))??;
     shown?;
     println!("{}", closing_line(&report));
     Ok(report)

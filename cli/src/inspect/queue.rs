@@ -2,6 +2,23 @@
 
 use super::*;
 use flashsale_engine::queue;
+use serde::Serialize;
+
+/// The order queue and the DLQ (`--json`: `{"queue": ...}`).
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct QueueReport<'a> {
+    /// The order queue's name (its partitions' prefix).
+    queue: String,
+    ready: u64,
+    consumers: u64,
+    /// Deliveries the workers hold (the sum of their heartbeats' `inflight`).
+    inflight: u64,
+    dlq: u64,
+    dlq_consumers: u64,
+    drained: bool,
+    partitions: &'a [queue::PartitionView],
+}
 
 /// Each order queue, the DLQ and the deliveries workers hold.
 pub async fn show(b: &BackendUrls, ns: &Namespace, as_json: bool) -> Result<(), Failure> {
@@ -11,11 +28,17 @@ pub async fn show(b: &BackendUrls, ns: &Namespace, as_json: bool) -> Result<(), 
     let inflight = queue::held_by_workers(&workers);
     let drained = queue::is_drained(&q, &workers);
     if as_json {
-        output::json(&json!({"queue": {
-            "queue": ns.orders_queue(), "ready": q.orders_ready, "consumers": q.orders_consumers,
-            "inflight": inflight, "dlq": q.dlq_ready, "dlqConsumers": q.dlq_consumers,
-            "drained": drained, "partitions": q.partitions,
-        }}));
+        let report = QueueReport {
+            queue: ns.orders_queue(),
+            ready: q.orders_ready,
+            consumers: q.orders_consumers,
+            inflight,
+            dlq: q.dlq_ready,
+            dlq_consumers: q.dlq_consumers,
+            drained,
+            partitions: &q.partitions,
+        };
+        output::json(&json!({ "queue": report }));
     } else {
         let mut t = output::table(&["queue", "ready", "in flight", "consumers"]);
         if q.partitions.len() > 1 {

@@ -6,9 +6,8 @@
 //! many units were sold a second time.
 
 use super::target::BuyTarget;
-use crate::exit::Failure;
-use flashsale_engine::ledger::{Ledger, ProductRecord, StockLedger};
-use flashsale_engine::{OrderStatus, OrderView};
+use flashsale_engine::ledger::{Ledger, LedgerError, ProductRecord};
+use flashsale_engine::{OrderStatus, OrderView, ProductId};
 use rand::{Rng, SeedableRng};
 use serde::Serialize;
 use std::collections::{HashMap, HashSet};
@@ -128,28 +127,28 @@ async fn held(target: &BuyTarget, key: &str, buyer: &str) -> bool {
 /// After the drain: waits (up to `limit`) until none of `accepted` is held,
 /// then sums up how their holds ended and how many units sold twice.
 pub async fn summarize(
-    ledger: &StockLedger,
+    ledger: &dyn Ledger,
     checkout: Checkout,
     started_at: chrono::DateTime<chrono::Utc>,
     pays: (u64, u64),
     accepted: &[String],
     products: &[i64],
     limit: Duration,
-) -> Result<CheckoutSummary, Failure> {
+) -> Result<CheckoutSummary, LedgerError> {
     let started = Instant::now();
     loop {
-        let held: i64 = sqlx::query_scalar(
-            "SELECT count(*) FROM orders WHERE status = 'held' AND idempotency_key = ANY($1)",
-        )
-        .bind(accepted)
-        .fetch_one(ledger.pool())
-        .await?;
-        if held == 0 || started.elapsed() >= limit {
+        let orders = ledger.orders(accepted).await?;
+        let held = orders.iter().any(|o| o.status == OrderStatus::Held);
+        if !held || started.elapsed() >= limit {
             break;
         }
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
-    let orders = ledger.orders_of(products).await?;
+    let ids: Vec<ProductId> = products
+        .iter()
+        .filter_map(|&p| ProductId::new(p).ok())
+        .collect();
+    let orders = ledger.orders_of(&ids).await?;
     let stormed: Vec<ProductRecord> = ledger
         .products()
         .await?

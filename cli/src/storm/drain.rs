@@ -1,15 +1,16 @@
 //! After the storm: wait for every `202` to reach a final state, then run
 //! `fsctl verify`'s checks with exactly the storm's accepted ids (invariant
-//! 4). Reads PostgreSQL; when no database is reachable, asks the API
-//! (`GET /orders/{id}`, where a 404 is pending while the queue drains).
+//! 4). Reads the ledger (PostgreSQL, or `fsctl demo`'s embedded one); when
+//! no database is reachable, asks the API (`GET /orders/{id}`, where a 404
+//! is pending while the queue drains).
 
-use super::report::{Drain, VerifySummary};
+use super::report::{self, VerifySummary};
 use crate::backends;
 use crate::exit::Failure;
 use crate::verify;
 use flashsale_engine::BackendUrls;
-use flashsale_engine::audit::{self, AuditReport};
-use flashsale_engine::ledger::StockLedger;
+use flashsale_engine::audit::{AuditReport, QueueFacts};
+use flashsale_engine::ledger::{Ledger, LedgerError};
 use futures_util::{StreamExt, stream};
 use indicatif::ProgressBar;
 use std::time::{Duration, Instant};
@@ -21,7 +22,7 @@ const HTTP_LOOKUPS: usize = 32;
 
 /// The drain and the checks after it.
 pub struct DrainOutcome {
-    pub drain: Drain,
+    pub drain: report::Drain,
     pub verify: VerifySummary,
     /// The full audit, when PostgreSQL was reachable.
     pub audit: Option<AuditReport>,
@@ -38,73 +39,121 @@ pub async fn drain_and_verify(
 ) -> Result<DrainOutcome, Failure> {
     let bar = crate::output::spinner(show);
     let settled = match tokio::time::timeout(DATABASE_PROBE, backends::ledger(backends)).await {
-        Ok(Ok(ledger)) => through_postgres(backends, &ledger, accepted, timeout, &bar).await,
+        Ok(Ok(ledger)) => {
+            let rabbitmq = RabbitMq(backends);
+            let drain = Drain::new(&ledger, &rabbitmq, "postgresql");
+            Ok(drain.then_audit(accepted, timeout, &bar).await?)
+        }
         _ => Ok(over_http(api_url, client, accepted, timeout, &bar).await),
     };
     bar.finish_and_clear();
     settled
 }
 
-async fn through_postgres(
-    backends: &BackendUrls,
-    ledger: &StockLedger,
-    accepted: &[String],
-    timeout: Duration,
-    bar: &ProgressBar,
-) -> Result<DrainOutcome, Failure> {
-    let started = Instant::now();
-    for round in 0u32.. {
-        let (confirmed, rejected) = ledger.outcomes(accepted).await?;
-        let resolved = confirmed + rejected;
-        bar.set_message(format!(
-            "drain: {resolved} of {} accepted orders resolved ({:.1}s)",
-            accepted.len(),
-            started.elapsed().as_secs_f64()
-        ));
-        if resolved >= accepted.len() || started.elapsed() >= timeout {
-            break;
-        }
-        // Once nothing is in flight, a missing order is dead-lettered or lost.
-        if round % 5 == 4 && queue_drained(backends).await {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
+/// What a drain watches beside the ledger: the queue of the same engine.
+#[async_trait::async_trait]
+pub trait QueueWatch: Sync {
+    /// The queue at one look: drained or not, and its dead letters.
+    async fn facts(&self) -> QueueFacts;
+    /// Whether nothing is left in flight, for sure.
+    async fn drained(&self) -> bool {
+        self.facts().await.drained
     }
-    let seconds = started.elapsed().as_secs_f64();
-    let facts = verify::queue_facts(backends).await.unwrap_or_default();
-    let report = audit::audit(ledger.pool(), Some(accepted), &facts).await?;
-    let (confirmed, rejected) = ledger.outcomes(accepted).await?;
-    Ok(DrainOutcome {
-        drain: Drain {
-            seconds,
-            resolved: accepted.len() - report.pending - report.lost,
-            pending: report.pending,
-            lost: report.lost,
-            confirmed,
-            rejected,
-            source: "postgresql",
-        },
-        verify: VerifySummary {
-            ok: report.ok,
-            violations: report.violations.clone(),
-            invariants_checked: true,
-        },
-        audit: Some(report),
-    })
 }
 
-/// Drained at two looks [`DRAIN_CONFIRM`](flashsale_engine::queue::DRAIN_CONFIRM)
-/// apart: a delivery sent to a worker just after its last heartbeat shows
-/// in its next one.
-async fn queue_drained(backends: &BackendUrls) -> bool {
-    let drained = || async {
-        verify::queue_facts(backends)
-            .await
-            .is_ok_and(|facts| facts.drained)
-    };
-    drained().await && {
-        tokio::time::sleep(flashsale_engine::queue::DRAIN_CONFIRM).await;
-        drained().await
+/// The RabbitMQ queues and the workers' heartbeats.
+struct RabbitMq<'a>(&'a BackendUrls);
+
+#[async_trait::async_trait]
+impl QueueWatch for RabbitMq<'_> {
+    async fn facts(&self) -> QueueFacts {
+        verify::queue_facts(self.0).await.unwrap_or_default()
+    }
+
+    /// Drained at two looks [`DRAIN_CONFIRM`](flashsale_engine::queue::DRAIN_CONFIRM)
+    /// apart: a delivery sent to a worker just after its last heartbeat
+    /// shows in its next one.
+    async fn drained(&self) -> bool {
+        self.facts().await.drained && {
+            tokio::time::sleep(flashsale_engine::queue::DRAIN_CONFIRM).await;
+            self.facts().await.drained
+        }
+    }
+}
+
+/// The wait for a storm's accepted orders, over one engine's ledger and
+/// queue (PostgreSQL and RabbitMQ for `fsctl storm`, the embedded ones for
+/// `fsctl demo`), then the audit with exactly those ids (invariant 4).
+pub struct Drain<'a> {
+    ledger: &'a dyn Ledger,
+    queue: &'a dyn QueueWatch,
+    /// How often the ledger is asked; the queue, five times slower.
+    poll: Duration,
+    source: &'static str,
+}
+
+impl<'a> Drain<'a> {
+    pub fn new(ledger: &'a dyn Ledger, queue: &'a dyn QueueWatch, source: &'static str) -> Self {
+        Self {
+            ledger,
+            queue,
+            poll: Duration::from_millis(200),
+            source,
+        }
+    }
+
+    /// Asks the ledger every `poll` (200 ms unless told).
+    pub fn polling_every(self, poll: Duration) -> Self {
+        Self { poll, ..self }
+    }
+
+    /// Waits up to `timeout` for every order of `accepted` to have its row
+    /// (or for the queue to hold nothing more: a missing order is then
+    /// dead-lettered or lost), then audits.
+    pub async fn then_audit(
+        &self,
+        accepted: &[String],
+        timeout: Duration,
+        bar: &ProgressBar,
+    ) -> Result<DrainOutcome, LedgerError> {
+        let started = Instant::now();
+        for round in 0u32.. {
+            let (confirmed, rejected) = self.ledger.outcomes(accepted).await?;
+            let resolved = confirmed + rejected;
+            bar.set_message(format!(
+                "drain: {resolved} of {} accepted orders resolved ({:.1}s)",
+                accepted.len(),
+                started.elapsed().as_secs_f64()
+            ));
+            if resolved >= accepted.len() || started.elapsed() >= timeout {
+                break;
+            }
+            if round % 5 == 4 && self.queue.drained().await {
+                break;
+            }
+            tokio::time::sleep(self.poll).await;
+        }
+        let seconds = started.elapsed().as_secs_f64();
+        let facts = self.queue.facts().await;
+        let report = self.ledger.audit(Some(accepted), &facts).await?;
+        let (confirmed, rejected) = self.ledger.outcomes(accepted).await?;
+        Ok(DrainOutcome {
+            drain: report::Drain {
+                seconds,
+                resolved: accepted.len() - report.pending - report.lost,
+                pending: report.pending,
+                lost: report.lost,
+                confirmed,
+                rejected,
+                source: self.source,
+            },
+            verify: VerifySummary {
+                ok: report.ok,
+                violations: report.violations.clone(),
+                invariants_checked: true,
+            },
+            audit: Some(report),
+        })
     }
 }
 
@@ -166,7 +215,7 @@ async fn over_http(
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
     DrainOutcome {
-        drain: Drain {
+        drain: report::Drain {
             seconds: started.elapsed().as_secs_f64(),
             resolved: confirmed + rejected,
             pending: unresolved.len(),

@@ -7,7 +7,7 @@ use super::app::{ApiSample, Buckets, LedgerSample, RedisSample, Sample};
 use super::event::Event;
 use flashsale_engine::accept_log::RedisAcceptLog;
 use flashsale_engine::admission::AdmissionCounters;
-use flashsale_engine::audit::{self, QueueFacts};
+use flashsale_engine::audit::QueueFacts;
 use flashsale_engine::ledger::{Ledger, StockLedger};
 use flashsale_engine::metrics::{ORDER_LATENCY, ORDER_REQUESTS, REQUEST_DURATION};
 use flashsale_engine::{BackendUrls, ProductId, heartbeat, locks, postgres, queue, redis_conn};
@@ -109,7 +109,7 @@ pub fn start_embedded(
         let ledger = s.backends.ledger.clone();
         let accept_log = s.backends.accept_log.clone();
         async move {
-            let audit = ledger.audit(&[], &Default::default(), true);
+            let audit = ledger.audit_now(None, &QueueFacts::drained_with(Default::default()));
             let names = ledger
                 .snapshot()
                 .0
@@ -264,9 +264,10 @@ async fn books(
     accept_log: Option<&RedisAcceptLog>,
 ) -> Result<LedgerSample, String> {
     let e = |e: sqlx::Error| e.to_string();
-    let report = audit::audit(ledger.pool(), None, &QueueFacts::default())
+    let report = ledger
+        .audit(None, &QueueFacts::default())
         .await
-        .map_err(e)?;
+        .map_err(|e| e.to_string())?;
     let names = ledger
         .products()
         .await

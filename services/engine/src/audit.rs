@@ -56,6 +56,17 @@ pub struct QueueFacts {
     pub dlq_ids: HashSet<String>,
 }
 
+impl QueueFacts {
+    /// A queue with nothing left in flight, and these dead letters.
+    pub fn drained_with(dead_letters: HashSet<String>) -> Self {
+        Self {
+            drained: true,
+            dlq_count: dead_letters.len() as u64,
+            dlq_ids: dead_letters,
+        }
+    }
+}
+
 /// One product's totals, as any ledger can add them up.
 #[derive(Debug, Clone)]
 pub struct ProductTotals {

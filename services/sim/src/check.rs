@@ -4,6 +4,7 @@
 
 use crate::world::Events;
 use axum::http::StatusCode;
+use flashsale_engine::audit::QueueFacts;
 use flashsale_engine::embedded::EmbeddedBackends;
 use flashsale_engine::queue::OrderQueue;
 use flashsale_engine::{OrderStatus, OrderView};
@@ -149,7 +150,9 @@ pub async fn books(
         .filter(|a| a.status == Some(StatusCode::ACCEPTED))
         .map(|a| a.key.clone())
         .collect();
-    let report = backends.ledger.audit(&accepted, &dead, true);
+    let report = backends
+        .ledger
+        .audit_now(Some(&accepted), &QueueFacts::drained_with(dead.clone()));
     if let Some(v) = report.violations.first() {
         return Err(Violation::new(
             format!("invariant {}", v.invariant),

@@ -68,25 +68,24 @@ impl MemoryLedger {
     /// The contract's invariants over what the ledger holds (3, one row
     /// per order id, is the map's key), as `(invariant, detail)`.
     pub fn violations(&self) -> Vec<(u8, String)> {
-        self.audit(&[], &HashSet::new(), true)
-            .violations
-            .into_iter()
-            .map(|v| (v.invariant, v.detail))
-            .collect()
+        self.audit_now(
+            None,
+            &crate::audit::QueueFacts::drained_with(HashSet::new()),
+        )
+        .violations
+        .into_iter()
+        .map(|v| (v.invariant, v.detail))
+        .collect()
     }
 
-    /// The same report `fsctl verify` gives on PostgreSQL, judged by the
-    /// same code: invariants 1-5, and 4 for `accepted` (each has a row, or
-    /// sits in `dead_letters`).
-    pub fn audit(
+    /// [`Ledger::audit`] at once: the simulator and `fsctl top` judge the
+    /// books between steps of their own.
+    pub fn audit_now(
         &self,
-        accepted: &[String],
-        dead_letters: &HashSet<String>,
-        drained: bool,
+        accepted: Option<&[String]>,
+        queue: &crate::audit::QueueFacts,
     ) -> crate::audit::AuditReport {
-        use crate::audit::{
-            HOLD_GRACE, LedgerFacts, OverLimit, OverdueHold, ProductTotals, QueueFacts, judge,
-        };
+        use crate::audit::{HOLD_GRACE, LedgerFacts, OverLimit, OverdueHold, ProductTotals, judge};
         let books = self.books();
         let mut totals = Vec::with_capacity(books.products.len());
         let mut over_limit = Vec::new();
@@ -146,12 +145,8 @@ impl MemoryLedger {
                 overdue_holds,
                 booked: &booked,
             },
-            Some(accepted),
-            &QueueFacts {
-                drained,
-                dlq_count: dead_letters.len() as u64,
-                dlq_ids: dead_letters.clone(),
-            },
+            accepted,
+            queue,
         )
     }
 }
@@ -299,6 +294,16 @@ impl Ledger for MemoryLedger {
             .collect())
     }
 
+    async fn orders_of(&self, products: &[ProductId]) -> Result<Vec<OrderView>, LedgerError> {
+        Ok(self
+            .books()
+            .orders
+            .values()
+            .filter(|o| products.iter().any(|p| p.get() == o.product_id))
+            .cloned()
+            .collect())
+    }
+
     /// Memory holds any string: nothing is ever refused as data.
     async fn refused(
         &self,
@@ -418,6 +423,14 @@ impl Ledger for MemoryLedger {
             h.overdue += i64::from(late);
         }
         Ok(held.into_values().collect())
+    }
+
+    async fn audit(
+        &self,
+        accepted: Option<&[String]>,
+        queue: &crate::audit::QueueFacts,
+    ) -> Result<crate::audit::AuditReport, LedgerError> {
+        Ok(self.audit_now(accepted, queue))
     }
 
     async fn held_by(&self, product: ProductId, user: &str) -> Result<i64, LedgerError> {

@@ -12,6 +12,7 @@ pub use memory::MemoryLedger;
 pub use postgres::{BOOKED_KEYS, StockLedger, TRANSACTION_DEADLINE};
 pub use reports::{Fence, HoldsReport, OrderCounts};
 
+use crate::audit::{AuditReport, QueueFacts};
 use crate::domain::{OrderStatus, OrderView, ProductId, QueuedOrder, RejectReason};
 use crate::locks::FencingToken;
 use std::collections::{HashMap, HashSet};
@@ -216,6 +217,8 @@ pub trait Ledger: Send + Sync {
     async fn order(&self, order_id: &str) -> Result<Option<OrderView>, LedgerError>;
     /// The order rows of those of `keys` that have one, in any order.
     async fn orders(&self, keys: &[String]) -> Result<Vec<OrderView>, LedgerError>;
+    /// Every order of these products (a checkout's summary), in any order.
+    async fn orders_of(&self, products: &[ProductId]) -> Result<Vec<OrderView>, LedgerError>;
     /// The product's stock and which of `keys` have an order row, read in
     /// one snapshot (for the admission counter); `None`: unknown product.
     async fn stock_and_booked(
@@ -242,6 +245,24 @@ pub trait Ledger: Send + Sync {
     /// Units held now, per product with any, and how many of those holds
     /// are more than [`crate::audit::HOLD_GRACE`] past their expiry.
     async fn held_units(&self) -> Result<Vec<HeldUnits>, LedgerError>;
+    /// How many of `keys` have a row: (booked, that is confirmed, or held
+    /// and then paid, cancelled or expired; rejected).
+    async fn outcomes(&self, keys: &[String]) -> Result<(usize, usize), LedgerError> {
+        let orders = self.orders(keys).await?;
+        let rejected = orders
+            .iter()
+            .filter(|o| o.status == OrderStatus::Rejected)
+            .count();
+        Ok((orders.len() - rejected, rejected))
+    }
+    /// The contract's invariants over this ledger, judged by
+    /// [`crate::audit::judge`]: 1, 2, 3, 5 and 7, and 4 for `accepted`
+    /// (each has a row, or sits in the dead letters of `queue`).
+    async fn audit(
+        &self,
+        accepted: Option<&[String]>,
+        queue: &QueueFacts,
+    ) -> Result<AuditReport, LedgerError>;
 }
 
 /// What a group's orders come to, decided in arrival order.

@@ -14,6 +14,7 @@ use super::{
     Decisions, ExpiredHolds, FencedGroup, GroupReceipt, HeldUnits, HoldAction, HoldSettlement,
     JointOutcome, Ledger, LedgerError, NewProduct, OrderOutcome, ProductRecord, Refusal, decide,
 };
+use crate::audit::{AuditReport, QueueFacts};
 use crate::domain::{OrderStatus, OrderView, ProductId, QueuedOrder};
 use crate::locks::FencingToken;
 use chrono::{DateTime, Utc};
@@ -191,21 +192,6 @@ impl StockLedger {
         Ok(deleted)
     }
 
-    /// Every order of these products (`fsctl storm`'s checkout summary).
-    pub async fn orders_of(&self, products: &[i64]) -> Result<Vec<OrderView>, sqlx::Error> {
-        sqlx::query(concat!(
-            "SELECT ",
-            order_columns!(),
-            " FROM orders WHERE product_id = ANY($1)"
-        ))
-        .bind(products)
-        .fetch_all(&self.pool)
-        .await?
-        .iter()
-        .map(order_from_row)
-        .collect()
-    }
-
     /// Orders with a row: (booked: confirmed, or held and then paid,
     /// cancelled or expired; rejected).
     pub async fn totals(&self) -> Result<(u64, u64), sqlx::Error> {
@@ -225,27 +211,6 @@ impl StockLedger {
             .fetch_one(&self.pool)
             .await?;
         Ok(n as u64)
-    }
-
-    /// How many of these orders have a row: (booked, as in [`Self::totals`];
-    /// rejected).
-    pub async fn outcomes(&self, order_ids: &[String]) -> Result<(usize, usize), sqlx::Error> {
-        let (mut confirmed, mut rejected) = (0, 0);
-        for chunk in order_ids.chunks(10_000) {
-            let rows: Vec<(String, i64)> = sqlx::query_as(
-                "SELECT status, COUNT(*) FROM orders WHERE idempotency_key = ANY($1) GROUP BY status",
-            )
-            .bind(chunk)
-            .fetch_all(&self.pool)
-            .await?;
-            for (status, n) in rows {
-                match status.as_str() {
-                    "rejected" => rejected += n as usize,
-                    _ => confirmed += n as usize,
-                }
-            }
-        }
-        Ok((confirmed, rejected))
     }
 }
 
@@ -425,6 +390,21 @@ impl Ledger for StockLedger {
         rows.iter()
             .map(|r| order_from_row(r).map_err(LedgerError::from))
             .collect()
+    }
+
+    async fn orders_of(&self, products: &[ProductId]) -> Result<Vec<OrderView>, LedgerError> {
+        let ids: Vec<i64> = products.iter().map(|p| p.get()).collect();
+        sqlx::query(concat!(
+            "SELECT ",
+            order_columns!(),
+            " FROM orders WHERE product_id = ANY($1)"
+        ))
+        .bind(ids)
+        .fetch_all(&self.pool)
+        .await?
+        .iter()
+        .map(|r| order_from_row(r).map_err(LedgerError::from))
+        .collect()
     }
 
     /// The order row for a key, if the worker has written one.
@@ -608,6 +588,35 @@ impl Ledger for StockLedger {
         })
         .collect::<Result<_, sqlx::Error>>()
         .map_err(LedgerError::from)
+    }
+
+    /// Counted in PostgreSQL: a drain asks this of every accepted key
+    /// several times a second.
+    async fn outcomes(&self, keys: &[String]) -> Result<(usize, usize), LedgerError> {
+        let (mut confirmed, mut rejected) = (0, 0);
+        for chunk in keys.chunks(10_000) {
+            let rows: Vec<(String, i64)> = sqlx::query_as(
+                "SELECT status, COUNT(*) FROM orders WHERE idempotency_key = ANY($1) GROUP BY status",
+            )
+            .bind(chunk)
+            .fetch_all(&self.pool)
+            .await?;
+            for (status, n) in rows {
+                match status.as_str() {
+                    "rejected" => rejected += n as usize,
+                    _ => confirmed += n as usize,
+                }
+            }
+        }
+        Ok((confirmed, rejected))
+    }
+
+    async fn audit(
+        &self,
+        accepted: Option<&[String]>,
+        queue: &QueueFacts,
+    ) -> Result<AuditReport, LedgerError> {
+        Ok(crate::audit::audit(&self.pool, accepted, queue).await?)
     }
 
     async fn held_by(&self, product: ProductId, user: &str) -> Result<i64, LedgerError> {

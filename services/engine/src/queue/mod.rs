@@ -17,7 +17,7 @@ pub use consumer::OrderConsumer;
 pub use dead_letters::{DeadLetter, peek_dead_letters};
 pub use memory::{MemoryConsumer, MemoryQueue};
 pub use publisher::OrderPublisher;
-pub use rabbitmq::{QueueView, RabbitQueue, queues};
+pub use rabbitmq::{PartitionView, QueueView, RabbitQueue, queues};
 
 use crate::domain::ProductId;
 use crate::heartbeat::WorkerView;
