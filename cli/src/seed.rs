@@ -108,12 +108,10 @@ pub async fn run(b: &BackendUrls, args: &SeedArgs) -> Outcome {
             .products()
             .await?
             .iter()
-            .filter(|p| ids.contains(&p.id))
+            .filter(|p| ids.contains(&p.id.get()))
         {
-            if let Ok(id) = ProductId::new(p.id) {
-                counters.drop_counter(id).await?;
-                admission::derive(&counters, &ledger, id, true).await?;
-            }
+            counters.drop_counter(p.id).await?;
+            admission::derive(&counters, &ledger, p.id, true).await?;
             feed.announce(p.id, p.stock).await;
         }
         let missing = ids.len() as u64 - changed;
@@ -197,10 +195,9 @@ pub async fn run(b: &BackendUrls, args: &SeedArgs) -> Outcome {
             let counters = RedisAcceptLog::new(redis.clone(), ns.clone());
             let feed = StockFeed::new(redis, &ns);
             for p in &existing {
-                counters
-                    .reset(product_id(p.id)?, i64::from(p.stock))
-                    .await?;
-                feed.announce(p.id, p.stock).await;
+                let id = product_id(p.id)?;
+                counters.reset(id, i64::from(p.stock)).await?;
+                feed.announce(id, p.stock).await;
             }
         }
     }

@@ -59,7 +59,7 @@ pub async fn show(b: &BackendUrls, ns: &Namespace, as_json: bool, id: i64) -> Re
 #[derive(serde::Serialize)]
 #[serde(rename_all = "camelCase")]
 struct ProductReport<'a> {
-    id: i64,
+    id: ProductId,
     name: &'a str,
     stock: i32,
     seeded_stock: i32,

@@ -153,7 +153,7 @@ pub async fn summarize(
         .products()
         .await?
         .into_iter()
-        .filter(|p| products.contains(&p.id))
+        .filter(|p| products.contains(&p.id.get()))
         .collect();
     Ok(tally(
         checkout, started_at, pays, accepted, &orders, &stormed,
@@ -200,7 +200,7 @@ pub fn tally(
         }
     }
     for p in products {
-        let units = booked.get(&p.id).copied().unwrap_or(0);
+        let units = booked.get(&p.id.get()).copied().unwrap_or(0);
         summary.units_booked += units;
         summary.units_sold_again += (units - i64::from(p.seeded_stock)).max(0);
     }
@@ -231,7 +231,7 @@ mod tests {
     #[test]
     fn a_tally_counts_how_holds_ended_and_what_sold_twice() {
         let product = ProductRecord {
-            id: 1,
+            id: ProductId::new(1).expect("a product id"),
             name: "p".into(),
             stock: 0,
             seeded_stock: 3,

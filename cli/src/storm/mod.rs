@@ -185,7 +185,7 @@ async fn seed_scenario(b: &BackendUrls, scenario: &Scenario, quiet: bool) {
             let differing: Vec<String> = catalog
                 .iter()
                 .filter_map(|want| {
-                    let have = existing.iter().find(|p| p.id == want.id)?;
+                    let have = existing.iter().find(|p| p.id.get() == want.id)?;
                     let differs = have.stock < want.stock
                         || have.max_per_order != want.max_per_order
                         || have.per_user_limit != want.per_user_limit;

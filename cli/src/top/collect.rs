@@ -114,7 +114,7 @@ pub fn start_embedded(
                 .snapshot()
                 .0
                 .into_iter()
-                .map(|p| (p.id, p.name))
+                .map(|p| (p.id.get(), p.name))
                 .collect();
             let (confirmed_orders, rejected_orders) = ledger.totals();
             let expired_orders = ledger
@@ -273,7 +273,7 @@ async fn books(
         .await
         .map_err(|e| e.to_string())?
         .into_iter()
-        .map(|p| (p.id, p.name))
+        .map(|p| (p.id.get(), p.name))
         .collect();
     let (confirmed_orders, rejected_orders) = ledger.totals().await.map_err(e)?;
     let expired_orders = ledger.expired().await.map_err(e)?;

@@ -25,7 +25,7 @@ struct Entry {
     stock: AtomicI32,
 }
 
-type Snapshot = Arc<HashMap<i64, Entry>>;
+type Snapshot = Arc<HashMap<ProductId, Entry>>;
 type Shared = Arc<RwLock<Option<Snapshot>>>;
 
 /// What the catalog knows of a product.
@@ -84,7 +84,7 @@ impl Catalog {
     pub fn lookup(&self, id: ProductId) -> Lookup {
         match current(&self.snapshot) {
             None => Lookup::NotLoaded,
-            Some(map) => match map.get(&id.get()) {
+            Some(map) => match map.get(&id) {
                 Some(e) => Lookup::Found(ProductRecord {
                     stock: e.stock.load(Ordering::Relaxed),
                     ..e.record.clone()
@@ -96,7 +96,7 @@ impl Catalog {
 
     /// A stock this process changed itself (a cancel gave units back): seen
     /// at once here; the other processes see it at their next poll.
-    pub fn set_stock(&self, id: i64, stock: i32) {
+    pub fn set_stock(&self, id: ProductId, stock: i32) {
         if let Some(map) = current(&self.snapshot)
             && let Some(entry) = map.get(&id)
         {

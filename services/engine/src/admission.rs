@@ -20,7 +20,7 @@
 
 use crate::accept_log::{AcceptState, AcceptStore};
 use crate::domain::ProductId;
-use crate::ledger::{Ledger, LedgerError, ProductRecord};
+use crate::ledger::{Ledger, LedgerError};
 use crate::metrics::ADMISSION_TOKENS;
 use crate::queue::rabbitmq::PUBLISH_BUDGET;
 use crate::redis_conn::REDIS_TIMEOUT;
@@ -240,23 +240,19 @@ pub async fn reconcile_all(
     every_product: bool,
 ) -> Result<usize, AdmissionError> {
     // A row whose id is not a product id has no counter either.
-    let products: Vec<(ProductId, ProductRecord)> = ledger
-        .products()
-        .await?
-        .into_iter()
-        .filter_map(|p| Some((ProductId::new(p.id).ok()?, p)))
-        .collect();
-    let ids: Vec<ProductId> = products.iter().map(|(id, _)| *id).collect();
+    let products = ledger.products().await?;
+    let ids: Vec<ProductId> = products.iter().map(|p| p.id).collect();
     let counters = store.tokens(&ids).await?;
     let mut set = 0;
-    for ((id, product), counter) in products.iter().zip(counters) {
+    for (product, counter) in products.iter().zip(counters) {
         let Some(mut tokens) = counter else { continue };
         if (every_product || tokens != i64::from(product.stock))
-            && let Derived::Set { tokens: now, .. } = derive(store, ledger, *id, false).await?
+            && let Derived::Set { tokens: now, .. } =
+                derive(store, ledger, product.id, false).await?
         {
             if now != tokens {
                 tracing::info!(
-                    product = product.id,
+                    product = product.id.get(),
                     was = tokens,
                     now,
                     "admission counter reconciled"

@@ -39,7 +39,7 @@ pub async fn sweep(
         metrics::counter!(HOLD_OUTCOMES, "outcome" => "expired").increment(n as u64);
         for e in &expired {
             tracing::debug!(
-                product = e.product_id,
+                product = e.product_id.get(),
                 orders = e.orders.len(),
                 units = e.units,
                 "holds expired; units back on sale"
@@ -63,12 +63,9 @@ pub async fn sweep(
 /// count them twice (a reconciliation may have seen them already); a
 /// derivation is compare-and-set. Skipped mid-sale (too many orders in
 /// flight): the reconciliation takes over.
-pub async fn units_back(admission: &dyn AcceptStore, ledger: &dyn Ledger, product: i64) {
-    let Ok(id) = ProductId::new(product) else {
-        return;
-    };
-    if let Err(e) = crate::admission::derive(admission, ledger, id, false).await {
-        tracing::debug!(error = %e, product, "admission counter not derived after units came back");
+pub async fn units_back(admission: &dyn AcceptStore, ledger: &dyn Ledger, product: ProductId) {
+    if let Err(e) = crate::admission::derive(admission, ledger, product, false).await {
+        tracing::debug!(error = %e, product = product.get(), "admission counter not derived after units came back");
     }
 }
 

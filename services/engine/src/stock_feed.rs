@@ -5,6 +5,7 @@
 //! guarantee, the feed only makes it sooner.
 
 use crate::config::Namespace;
+use crate::domain::ProductId;
 use crate::redis_conn::Redis;
 use crate::redis_conn::{self, timed};
 use futures_util::{Stream, StreamExt};
@@ -25,7 +26,7 @@ impl StockFeed {
 
     /// Announces a product's stock after a commit; a failure only delays
     /// the catalogs until their next poll.
-    pub async fn announce(&self, product: i64, stock: i32) {
+    pub async fn announce(&self, product: ProductId, stock: i32) {
         let mut conn = self.redis.clone();
         let sent = timed(
             redis::cmd("PUBLISH")
@@ -44,11 +45,14 @@ impl StockFeed {
 pub async fn subscribe(
     url: &str,
     ns: &Namespace,
-) -> redis::RedisResult<impl Stream<Item = (i64, i32)> + use<>> {
+) -> redis::RedisResult<impl Stream<Item = (ProductId, i32)> + use<>> {
     let pubsub = redis_conn::subscribe(url, &ns.stock_channel()).await?;
     Ok(pubsub.into_on_message().filter_map(|msg| async move {
         let payload: String = msg.get_payload().ok()?;
         let (product, stock) = payload.split_once(':')?;
-        Some((product.parse().ok()?, stock.parse().ok()?))
+        Some((
+            ProductId::new(product.parse().ok()?).ok()?,
+            stock.parse().ok()?,
+        ))
     }))
 }

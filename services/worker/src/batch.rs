@@ -524,7 +524,7 @@ impl OrderBook {
         }
         let announce = async {
             if let (Some(feed), Some(0)) = (&self.feed, receipt.stock_after) {
-                feed.announce(group.product.get(), 0).await;
+                feed.announce(group.product, 0).await;
             }
             let changed = group
                 .orders

@@ -24,7 +24,7 @@ use flashsale_engine::domain::{InvalidField, buyer_named};
 use flashsale_engine::holds::units_back;
 use flashsale_engine::ledger::{HoldAction, HoldSettlement};
 use flashsale_engine::metrics::HOLD_OUTCOMES;
-use flashsale_engine::{IdempotencyKey, OrderStatus, OrderView, UserId};
+use flashsale_engine::{IdempotencyKey, OrderStatus, OrderView, ProductId, UserId};
 use futures_util::{Stream, StreamExt};
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -256,14 +256,9 @@ async fn settle_hold(
 /// the admission counter, its event streams woken.
 async fn ended(state: &AppState, order: &OrderView, stock_after: Option<i32>) {
     metrics::counter!(HOLD_OUTCOMES, "outcome" => order.status.as_str()).increment(1);
-    if let Some(stock) = stock_after {
-        state.catalog.set_stock(order.product_id, stock);
-        units_back(
-            state.accept_log.as_ref(),
-            state.ledger.as_ref(),
-            order.product_id,
-        )
-        .await;
+    if let (Some(stock), Ok(product)) = (stock_after, ProductId::new(order.product_id)) {
+        state.catalog.set_stock(product, stock);
+        units_back(state.accept_log.as_ref(), state.ledger.as_ref(), product).await;
     }
     state.events.announce([order.order_id.as_str()]).await;
 }

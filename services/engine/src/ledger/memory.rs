@@ -106,7 +106,7 @@ impl MemoryLedger {
         for p in books.products.values() {
             let (mut confirmed, mut held_units, mut rejected) = (0, 0, 0);
             let mut held: BTreeMap<&str, i64> = BTreeMap::new();
-            for o in books.orders.values().filter(|o| o.product_id == p.id) {
+            for o in books.orders.values().filter(|o| o.product_id == p.id.get()) {
                 match o.status {
                     OrderStatus::Confirmed | OrderStatus::Paid => confirmed += o.quantity,
                     OrderStatus::Held => held_units += o.quantity,
@@ -118,7 +118,7 @@ impl MemoryLedger {
                 }
             }
             totals.push(ProductTotals {
-                id: p.id,
+                id: p.id.get(),
                 seeded_stock: i64::from(p.seeded_stock),
                 stock: i64::from(p.stock),
                 confirmed_units: confirmed,
@@ -128,7 +128,7 @@ impl MemoryLedger {
             if let Some(limit) = p.per_user_limit {
                 over_limit.extend(held.into_iter().filter(|(_, u)| *u > i64::from(limit)).map(
                     |(user, units)| OverLimit {
-                        product_id: p.id,
+                        product_id: p.id.get(),
                         user_id: user.to_owned(),
                         units,
                         limit: i64::from(limit),
@@ -160,10 +160,11 @@ impl Ledger for MemoryLedger {
             if books.products.contains_key(&p.id) {
                 continue;
             }
+            let id = ProductId::new(p.id).map_err(|e| LedgerError::Refused(Box::new(e)))?;
             books.products.insert(
                 p.id,
                 ProductRecord {
-                    id: p.id,
+                    id,
                     name: p.name.clone(),
                     stock: p.stock,
                     seeded_stock: p.stock,
@@ -375,30 +376,30 @@ impl Ledger for MemoryLedger {
             .collect();
         due.sort();
         due.truncate(limit);
-        let mut by_product: BTreeMap<i64, ExpiredHolds> = BTreeMap::new();
+        let mut by_product: BTreeMap<i64, (Vec<String>, i64)> = BTreeMap::new();
         for (_, key) in due {
             let Some(order) = books.orders.get_mut(&key) else {
                 continue;
             };
             order.status = OrderStatus::Expired;
             order.settled_at = Some(now);
-            let (product, units) = (order.product_id, order.quantity);
-            let entry = by_product.entry(product).or_insert_with(|| ExpiredHolds {
-                product_id: product,
-                orders: Vec::new(),
-                units: 0,
-                stock_after: 0,
-            });
-            entry.orders.push(key);
-            entry.units += units;
+            let (orders, units) = by_product.entry(order.product_id).or_default();
+            *units += order.quantity;
+            orders.push(key);
         }
-        for e in by_product.values_mut() {
-            if let Some(p) = books.products.get_mut(&e.product_id) {
-                p.stock += e.units as i32;
-                e.stock_after = p.stock;
-            }
-        }
-        Ok(by_product.into_values().collect())
+        Ok(by_product
+            .into_iter()
+            .filter_map(|(product, (orders, units))| {
+                let p = books.products.get_mut(&product)?;
+                p.stock += units as i32;
+                Some(ExpiredHolds {
+                    product_id: p.id,
+                    orders,
+                    units,
+                    stock_after: p.stock,
+                })
+            })
+            .collect())
     }
 
     async fn held_units(&self) -> Result<Vec<HeldUnits>, LedgerError> {

@@ -93,7 +93,7 @@ pub struct Refusal {
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct ProductRecord {
-    pub id: i64,
+    pub id: ProductId,
     pub name: String,
     pub stock: i32,
     pub seeded_stock: i32,
@@ -170,7 +170,7 @@ pub struct HeldUnits {
 /// Holds one sweep expired, for one product.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ExpiredHolds {
-    pub product_id: i64,
+    pub product_id: ProductId,
     pub orders: Vec<String>,
     /// Units given back.
     pub units: i64,

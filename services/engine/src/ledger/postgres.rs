@@ -365,11 +365,12 @@ impl Ledger for StockLedger {
         let booked: Vec<String> = row.try_get("booked")?;
         Ok(Some((stock, booked.into_iter().collect())))
     }
-    /// Every product, for the API's catalog cache.
+    /// Every product, for the API's catalog cache. A row whose id is not
+    /// a product id (below 1: only a hand-made row can be) is no product.
     async fn products(&self) -> Result<Vec<ProductRecord>, LedgerError> {
         self.read(sqlx::query(
             "SELECT id, name, stock, seeded_stock, max_per_order, per_user_limit, hold_seconds, lock_fence
-             FROM products ORDER BY id",
+             FROM products WHERE id >= 1 ORDER BY id",
         ))
         .await?
         .iter()
@@ -556,15 +557,17 @@ impl Ledger for StockLedger {
         .await
         .map(|r| r.map_err(LedgerError::from));
         let rows = close_if_late(&mut conn, swept)?;
-        Ok(rows
-            .into_iter()
-            .map(|(product_id, orders, units, stock_after)| ExpiredHolds {
-                product_id,
-                orders,
-                units,
-                stock_after,
+        rows.into_iter()
+            .map(|(product, orders, units, stock_after)| {
+                Ok(ExpiredHolds {
+                    product_id: ProductId::new(product)
+                        .map_err(|e| LedgerError::Database(Box::new(e)))?,
+                    orders,
+                    units,
+                    stock_after,
+                })
             })
-            .collect())
+            .collect()
     }
 
     async fn held_units(&self) -> Result<Vec<HeldUnits>, LedgerError> {
@@ -651,8 +654,12 @@ fn order_from_row(r: &sqlx::postgres::PgRow) -> Result<OrderView, sqlx::Error> {
 }
 
 fn product_from_row(r: &sqlx::postgres::PgRow) -> Result<ProductRecord, sqlx::Error> {
+    let id: i64 = r.try_get("id")?;
     Ok(ProductRecord {
-        id: r.try_get("id")?,
+        id: ProductId::new(id).map_err(|e| sqlx::Error::ColumnDecode {
+            index: "id".into(),
+            source: Box::new(e),
+        })?,
         name: r.try_get("name")?,
         stock: r.try_get("stock")?,
         seeded_stock: r.try_get("seeded_stock")?,
