@@ -7,6 +7,7 @@ use flashsale_engine::accept_log::{
     AcceptLog, AcceptRecord, AcceptState, AcceptStore, Admit, MemoryAcceptLog, RedisAcceptLog,
 };
 use flashsale_engine::admission::{self, AdmissionCounters, Derived};
+use flashsale_engine::audit::QueueFacts;
 use flashsale_engine::config::{DEFAULT_AMQP_URL, DEFAULT_DATABASE_URL, DEFAULT_REDIS_URL};
 use flashsale_engine::ledger::Ledger;
 use flashsale_engine::ledger::MemoryLedger;
@@ -204,7 +205,54 @@ async fn ledger_conforms(l: &dyn Ledger) {
     assert_eq!(booked, ["a1".to_owned(), "a2".to_owned()].into());
     assert!(l.stock_and_booked(pid(404), &[]).await.unwrap().is_none());
 
+    drain_reads_conform(l).await;
     joint_apply_conforms(l).await;
+}
+
+/// What a drain reads (`fsctl storm`'s and `fsctl demo`'s one path): the
+/// outcomes of its keys, the orders of its products, and the audit with
+/// its accepted keys, over the books [`ledger_conforms`] wrote.
+async fn drain_reads_conform(l: &dyn Ledger) {
+    let keys: Vec<String> = ["a1", "a2", "a3", "a4", "b2", "nope"]
+        .map(String::from)
+        .into();
+    // a1, a3 booked; a2, a4 sold out and b2 over the per-user limit.
+    assert_eq!(l.outcomes(&keys).await.unwrap(), (2, 3));
+    let mut of_1: Vec<String> = l
+        .orders_of(&[pid(1)])
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|o| o.order_id)
+        .collect();
+    of_1.sort();
+    assert_eq!(of_1, ["a1", "a2", "a3", "a4"]);
+
+    let accepted: Vec<String> = vec!["a1".into(), "ghost".into()];
+    let drained = QueueFacts::drained_with(Default::default());
+    let report = l.audit(Some(&accepted), &drained).await.unwrap();
+    assert_eq!((report.lost, report.pending), (1, 0), "{report:?}");
+    assert!(!report.ok);
+    assert_eq!(
+        report
+            .violations
+            .iter()
+            .map(|v| v.invariant)
+            .collect::<Vec<_>>(),
+        [4]
+    );
+    let one = report.products.iter().find(|p| p.id == 1).unwrap();
+    assert_eq!(
+        (one.confirmed_units, one.stock, one.seeded_stock),
+        (3, 0, 3)
+    );
+
+    let dead_lettered = QueueFacts::drained_with(["ghost".to_owned()].into());
+    let report = l.audit(Some(&accepted), &dead_lettered).await.unwrap();
+    assert!(report.ok && report.lost == 0, "{report:?}");
+    let in_flight = QueueFacts::default();
+    let report = l.audit(Some(&accepted), &in_flight).await.unwrap();
+    assert_eq!((report.lost, report.pending), (0, 1), "{report:?}");
 }
 
 /// Several groups in one commit: the same rules as one by one; a group
