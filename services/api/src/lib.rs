@@ -150,6 +150,8 @@ pub struct Application {
     listener: TcpListener,
     router: Router,
     limits: HttpLimits,
+    /// The tasks of buys that outlive their client, waited for at the end.
+    process: process::Process,
 }
 
 /// Refuses to start with another `FLASHSALE_PARTITIONS` than the one
@@ -179,6 +181,7 @@ impl Application {
         let state = AppState::start(&config.backends, &config.limits, &config.access)?;
         Ok(Self {
             listener,
+            process: state.process.clone(),
             router: routes::router(state),
             limits: config.limits,
         })
@@ -194,9 +197,11 @@ impl Application {
             .await
             .map_err(|e| anyhow::anyhow!("cannot listen on {addr}: {e}"))?;
         let limits = HttpLimits::default();
+        let state = AppState::embedded(backends, &limits, access)?;
         Ok(Self {
             listener,
-            router: routes::router(AppState::embedded(backends, &limits, access)?),
+            process: state.process.clone(),
+            router: routes::router(state),
             limits,
         })
     }
@@ -205,7 +210,10 @@ impl Application {
         self.listener.local_addr()
     }
 
-    /// Serves until `shutdown` resolves, then finishes in-flight requests.
+    /// Serves until `shutdown` resolves, then finishes in-flight requests,
+    /// and the buys whose client hung up (each at most
+    /// [`serve::DRAIN_TIMEOUT`]): a graceful stop leaves no units taken and
+    /// unpublished, and no publish unmarked.
     pub async fn run_until(
         self,
         shutdown: impl Future<Output = ()> + Send + 'static,
@@ -217,7 +225,14 @@ impl Application {
             self.limits.connections(),
             shutdown,
         )
-        .await
+        .await?;
+        if !self.process.wind_down(serve::DRAIN_TIMEOUT).await {
+            tracing::warn!(
+                "buys whose client hung up still running after {:?}; ending them",
+                serve::DRAIN_TIMEOUT
+            );
+        }
+        Ok(())
     }
 }
 

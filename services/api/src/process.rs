@@ -3,10 +3,13 @@
 //! ledger. They outlive a client that hangs up, but not the process: in
 //! production the operating system ends them with it; in the simulator
 //! [`Process::kill`] does, so that a killed API is tried like a real one
-//! (units taken and never published, a publish never marked).
+//! (units taken and never published, a publish never marked). A graceful
+//! stop waits for them ([`Process::wind_down`]).
 
 use std::future::Future;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::watch;
 use tokio::task::{AbortHandle, JoinHandle};
 use tokio_util::sync::CancellationToken;
 
@@ -17,10 +20,30 @@ const PRUNE_AT: usize = 256;
 #[derive(Clone, Default)]
 pub struct Process(Arc<Inner>);
 
-#[derive(Default)]
 struct Inner {
     tasks: Mutex<Vec<AbortHandle>>,
     killed: CancellationToken,
+    /// Tasks started and not ended (finished, or aborted).
+    running: watch::Sender<usize>,
+}
+
+impl Default for Inner {
+    fn default() -> Self {
+        Self {
+            tasks: Mutex::default(),
+            killed: CancellationToken::new(),
+            running: watch::channel(0).0,
+        }
+    }
+}
+
+/// Counts a task as running until it is dropped, however it ends.
+struct Running(Arc<Inner>);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.0.running.send_modify(|n| *n -= 1);
+    }
 }
 
 impl Process {
@@ -30,7 +53,12 @@ impl Process {
         F: Future + Send + 'static,
         F::Output: Send + 'static,
     {
-        let handle = tokio::spawn(task);
+        self.0.running.send_modify(|n| *n += 1);
+        let running = Running(Arc::clone(&self.0));
+        let handle = tokio::spawn(async move {
+            let _running = running;
+            task.await
+        });
         let mut tasks = self.0.tasks.lock().unwrap_or_else(|p| p.into_inner());
         if self.0.killed.is_cancelled() {
             handle.abort();
@@ -51,6 +79,16 @@ impl Process {
         for task in tasks.drain(..) {
             task.abort();
         }
+    }
+
+    /// Waits, at most `within`, until no task runs (a buy whose client hung
+    /// up has published and marked its order, or given its units back);
+    /// false if some still ran.
+    pub async fn wind_down(&self, within: Duration) -> bool {
+        let mut running = self.0.running.subscribe();
+        tokio::time::timeout(within, running.wait_for(|n| *n == 0))
+            .await
+            .is_ok()
     }
 
     pub fn is_killed(&self) -> bool {
@@ -79,5 +117,27 @@ mod tests {
         let late = process.spawn(async { 7 });
         assert!(late.await.is_err_and(|e| e.is_cancelled()));
         process.killed().await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn winding_down_waits_for_the_running_tasks_at_most_so_long() {
+        let process = Process::default();
+        assert!(process.wind_down(Duration::ZERO).await);
+        let short = process.spawn(tokio::time::sleep(Duration::from_secs(5)));
+        let started = tokio::time::Instant::now();
+        assert!(process.wind_down(Duration::from_secs(10)).await);
+        assert_eq!(started.elapsed(), Duration::from_secs(5));
+        assert!(short.is_finished());
+        let long = process.spawn(tokio::time::sleep(Duration::from_secs(60)));
+        assert!(!process.wind_down(Duration::from_secs(10)).await);
+        assert!(!long.is_finished());
+        process.kill();
+        let killed = tokio::time::Instant::now();
+        assert!(process.wind_down(Duration::from_secs(1)).await);
+        assert_eq!(
+            killed.elapsed(),
+            Duration::ZERO,
+            "a killed task ends at once"
+        );
     }
 }
