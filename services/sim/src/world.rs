@@ -697,9 +697,20 @@ async fn sale(seed: u64, options: &Options, events: &Events) -> Result<(), Viola
     }
 
     let faulted_keys = accept_log.faulted_keys();
-    let unknowns = || check::Unknowns {
+    let unknowns = check::Unknowns {
         redis_lost: options.redis_loss,
         faulted_keys: &faulted_keys,
+    };
+    // The final books and answers, judged.
+    let books = async || {
+        check::books(
+            &backends,
+            order_queue.shared().as_ref(),
+            &answers,
+            &unknowns,
+            events,
+        )
+        .await
     };
 
     // Converge: the queue drains, every admitted order settles, every
@@ -711,14 +722,7 @@ async fn sale(seed: u64, options: &Options, events: &Events) -> Result<(), Viola
         }
         if started.elapsed() > CONVERGE_WITHIN {
             // A broken invariant is the likelier root cause: report it.
-            check::books(
-                &backends,
-                order_queue.shared().as_ref(),
-                &answers,
-                &unknowns(),
-                events,
-            )
-            .await?;
+            books().await?;
             let (ready, held) = order_queue.depth();
             let mut counters = Vec::new();
             for (id, _, _) in &options.products {
@@ -760,14 +764,7 @@ async fn sale(seed: u64, options: &Options, events: &Events) -> Result<(), Viola
     for w in workers {
         let _ = w.task.await;
     }
-    check::books(
-        &backends,
-        order_queue.shared().as_ref(),
-        &answers,
-        &unknowns(),
-        events,
-    )
-    .await
+    books().await
 }
 
 /// The order queue a seed runs on.
